@@ -1,0 +1,207 @@
+//! Wire types shared by every rbee daemon.
+//!
+//! One error body for every HTTP error (`{"error":{"code","message","request_id"}}`), the
+//! worker's inference request, and the SSE events a worker streams (`started` → `token`… →
+//! `end` | `error`, then `[DONE]`). Only serde lives here: no HTTP framework, no engine.
+
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the request id on every hop.
+pub const HEADER_REQUEST_ID: &str = "x-request-id";
+/// Absolute deadline in unix milliseconds, set by the queen, honoured by every hop.
+pub const HEADER_DEADLINE_MS: &str = "x-deadline-ms";
+/// Relative timeout in seconds a client may send to the queen.
+pub const HEADER_REQUEST_TIMEOUT: &str = "x-request-timeout";
+/// The SSE data line that closes every stream.
+pub const SSE_DONE: &str = "[DONE]";
+/// Largest request body any rbee daemon accepts.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Stable error codes; the HTTP status is chosen by the daemon that raises them.
+pub mod codes {
+    pub const INVALID_JSON: &str = "INVALID_JSON";
+    pub const INVALID_CONTENT_TYPE: &str = "INVALID_CONTENT_TYPE";
+    pub const INVALID_PARAMETER: &str = "INVALID_PARAMETER";
+    pub const CONTEXT_LENGTH_EXCEEDED: &str = "CONTEXT_LENGTH_EXCEEDED";
+    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
+    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
+    pub const ALL_SLOTS_BUSY: &str = "ALL_SLOTS_BUSY";
+    pub const MODEL_LOADING: &str = "MODEL_LOADING";
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+    pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
+    pub const INFERENCE_FAILED: &str = "INFERENCE_FAILED";
+    pub const INTERNAL: &str = "INTERNAL";
+}
+
+/// The one error body every daemon returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>, request_id: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                request_id: request_id.into(),
+            },
+        }
+    }
+}
+
+/// One chat message. Content is plain text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// `POST /v1/inference` on a worker. Exactly one of `prompt` and `messages` is given; every
+/// sampling field is optional and validated by the worker against its model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_window: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    StopSequence,
+    Cancelled,
+    Deadline,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::StopSequence => "stop_sequence",
+            StopReason::Cancelled => "cancelled",
+            StopReason::Deadline => "deadline",
+        }
+    }
+}
+
+/// Where the time of one generation went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Waiting for the engine thread.
+    pub queue_ms: f64,
+    /// Reading the prompt (prefill) up to the first sampled token.
+    pub prefill_ms: f64,
+    /// Generating every token after the first.
+    pub decode_ms: f64,
+    /// From request accepted to first token produced.
+    pub ttft_ms: f64,
+    pub total_ms: f64,
+}
+
+/// One event of a worker's token stream, one per SSE `data:` line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    Started {
+        request_id: String,
+        model: String,
+        prompt_tokens: u32,
+    },
+    Token {
+        /// Index of the generated token that completed this text (0-based).
+        index: u32,
+        text: String,
+    },
+    End {
+        stop_reason: StopReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        timings: Timings,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_has_the_one_shape() {
+        let body = ErrorBody::new(codes::ALL_SLOTS_BUSY, "busy", "r1");
+        let v = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error":{"code":"ALL_SLOTS_BUSY","message":"busy","request_id":"r1"}})
+        );
+    }
+
+    #[test]
+    fn events_are_tagged_by_type() {
+        let e = StreamEvent::Token {
+            index: 3,
+            text: "hi".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"token","index":3,"text":"hi"}"#
+        );
+        let end: StreamEvent = serde_json::from_str(
+            r#"{"type":"end","stop_reason":"max_tokens","prompt_tokens":1,"completion_tokens":2,
+               "timings":{"queue_ms":0,"prefill_ms":1,"decode_ms":2,"ttft_ms":1,"total_ms":3}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            end,
+            StreamEvent::End {
+                stop_reason: StopReason::MaxTokens,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unknown_request_fields_are_rejected() {
+        let r: Result<InferenceRequest, _> =
+            serde_json::from_str(r#"{"prompt":"x","max_token":3}"#);
+        assert!(r.unwrap_err().to_string().contains("max_token"));
+    }
+}

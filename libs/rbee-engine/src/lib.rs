@@ -1,0 +1,47 @@
+//! Candle inference for GGUF llama-family models, with no network code.
+//!
+//! [`Engine::load`] reads a GGUF file (weights, tokenizer, chat template) onto a device and
+//! starts one dedicated inference thread that owns the model. Callers render and tokenize a
+//! prompt with [`Engine::prepare`] (any thread), then [`Engine::submit`] a [`GenerationJob`];
+//! the thread runs one job at a time with a fresh KV state and reports through the job's sink.
+//! Nothing here runs on an async runtime.
+
+mod detok;
+mod engine;
+mod model;
+mod qmatmul;
+mod sampling;
+mod stop;
+mod template;
+mod tokenizer;
+
+pub use detok::Utf8Stream;
+pub use engine::{
+    DeviceSpec, Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions,
+    ModelInfo, Prompt, StopReason,
+};
+pub use model::{KvState, LlamaModel, ModelConfig};
+pub use qmatmul::Q41Matrix;
+pub use sampling::{Sampler, SamplingParams, apply_repetition_penalty, argmax};
+pub use stop::{StopMatcher, StopScan};
+pub use template::{CHATML, ChatTemplate, Message};
+pub use tokenizer::Tokenizer;
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model: {0}")]
+    Model(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("context length exceeded: {needed} positions needed, the limit is {limit}")]
+    ContextOverflow { needed: usize, limit: usize },
+    #[error("the inference thread has stopped")]
+    Stopped,
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}

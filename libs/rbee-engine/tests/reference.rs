@@ -1,0 +1,101 @@
+//! The engine against llama.cpp's reference on the default model: token ids, prompt lengths
+//! (chat template) and greedy answers.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use rbee_engine::{
+    Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions, Prompt,
+    SamplingParams, StopReason,
+};
+use rbee_test_harness::{reference, test_model};
+
+fn engine() -> Engine {
+    Engine::load(&test_model(), &LoadOptions::default()).expect("model loads")
+}
+
+fn chat(case_messages: &[serde_json::Value]) -> Prompt {
+    Prompt::Chat(
+        case_messages
+            .iter()
+            .map(|m| {
+                (
+                    m["role"].as_str().unwrap().to_owned(),
+                    m["content"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn run(engine: &Engine, prompt: &Prompt, params: GenerationParams) -> (String, GenerationSummary) {
+    let tokens = engine.prepare(prompt).unwrap();
+    let (tx, rx) = mpsc::channel();
+    engine
+        .submit(GenerationJob {
+            prompt_tokens: tokens,
+            params,
+            cancel: Arc::new(AtomicBool::new(false)),
+            deadline: None,
+            accepted_at: Instant::now(),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+            on_done: None,
+        })
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        match rx.recv().unwrap() {
+            GenEvent::Text { text: t, .. } => text.push_str(&t),
+            GenEvent::FirstToken => {}
+            GenEvent::Finished(s) => return (text, s),
+            GenEvent::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+}
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        stop: vec![],
+    }
+}
+
+#[test]
+fn tokenizer_and_greedy_answers_match_llama_cpp() {
+    let engine = engine();
+    let reference = reference();
+    for case in &reference.tokenization {
+        let ids = engine.prepare(&Prompt::Text(case.text.clone())).unwrap();
+        assert_eq!(ids, case.ids, "token ids for {:?}", case.text);
+        if !case.text.contains("<|") {
+            // Special tokens are never rendered in output, so only plain text round-trips.
+            assert_eq!(engine.tokenizer().decode(&ids), case.text, "round trip");
+        }
+    }
+    for case in &reference.greedy_chat {
+        let prompt = chat(&case.messages);
+        let prompt_len = engine.prepare(&prompt).unwrap().len();
+        assert_eq!(prompt_len as u32, case.usage.prompt_tokens, "prompt tokens");
+        let (text, summary) = run(&engine, &prompt, greedy(case.max_tokens as usize));
+        println!("{:?} -> {text:?} {:?}", case.messages, summary.stop_reason);
+        assert_eq!(text, case.text, "greedy answer to {:?}", case.messages);
+        let expected = if case.finish_reason == "stop" {
+            StopReason::Eos
+        } else {
+            StopReason::MaxTokens
+        };
+        assert_eq!(summary.stop_reason, expected);
+        assert_eq!(
+            summary.completion_tokens as u32,
+            case.usage.completion_tokens
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! The `llm-worker-rbee` daemon as a library: HTTP API over one loaded model.
+//!
+//! [`serve`] takes a bound listener, loads the model off the async runtime (the port answers
+//! `/health` with `loading` meanwhile), reports readiness to the hive's ready URL, and serves
+//! one generation at a time as an SSE stream until shutdown. The binary only parses flags,
+//! sets up logging and signals, and calls [`serve`].
+
+mod error;
+mod metrics;
+mod server;
+pub mod validate;
+
+pub use error::ApiError;
+pub use metrics::WorkerMetrics;
+pub use server::{Shutdown, WorkerConfig, router_routes, serve};
+
+/// Errors that stop the worker (exit non-zero).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("loading the model failed: {0}")]
+    Load(#[from] rbee_engine::EngineError),
+    #[error("the ready call to {url} failed: {reason}")]
+    Ready { url: String, reason: String },
+    #[error("serving failed: {0}")]
+    Io(#[from] std::io::Error),
+}

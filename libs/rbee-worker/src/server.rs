@@ -1,0 +1,926 @@
+//! Routes, handlers, the generation slot and graceful shutdown.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, post};
+use axum::{Extension, Json, Router};
+use futures_util::Stream;
+use rbee_api::{
+    HEADER_DEADLINE_MS, HEADER_REQUEST_ID, InferenceRequest, MAX_BODY_BYTES, SSE_DONE,
+    StopReason as WireStopReason, StreamEvent, Timings, codes,
+};
+use rbee_auth::Token;
+use rbee_engine::{
+    Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions, StopReason,
+};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{Instrument, error, info, warn};
+
+use crate::WorkerError;
+use crate::error::ApiError;
+use crate::metrics::WorkerMetrics;
+use crate::validate::{fit_to_context, validate};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    pub model: PathBuf,
+    pub load: LoadOptions,
+    /// None is dev mode (loopback only; the binary enforces that).
+    pub token: Option<Token>,
+    /// Re-read on SIGHUP so tokens rotate without a restart.
+    pub token_file: Option<PathBuf>,
+    pub ready_url: Option<String>,
+    /// How long in-flight streams may run on after shutdown starts.
+    pub grace: Duration,
+}
+
+/// A graceful-shutdown trigger shared by signal handlers and `POST /v1/shutdown`.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        // An Err means the sender is gone, which never happens while `self` lives.
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+struct AppState {
+    cfg: WorkerConfig,
+    address: SocketAddr,
+    token: RwLock<Option<Token>>,
+    engine: OnceLock<Engine>,
+    slot: Arc<Semaphore>,
+    draining: AtomicBool,
+    started: Instant,
+    metrics: WorkerMetrics,
+    inflight: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    shutdown: Shutdown,
+    fatal: Mutex<Option<WorkerError>>,
+}
+
+type Shared = Arc<AppState>;
+
+#[derive(Clone, Debug)]
+struct RequestId(String);
+
+struct RouteSpec {
+    method: &'static str,
+    path: &'static str,
+    public: bool,
+    handler: MethodRouter<Shared>,
+}
+
+fn routes() -> Vec<RouteSpec> {
+    vec![
+        RouteSpec {
+            method: "GET",
+            path: "/health",
+            public: true,
+            handler: get(health),
+        },
+        RouteSpec {
+            method: "GET",
+            path: "/metrics",
+            public: true,
+            handler: get(metrics),
+        },
+        RouteSpec {
+            method: "POST",
+            path: "/v1/inference",
+            public: false,
+            handler: post(inference),
+        },
+        RouteSpec {
+            method: "DELETE",
+            path: "/v1/inference/{request_id}",
+            public: false,
+            handler: delete(cancel),
+        },
+        RouteSpec {
+            method: "POST",
+            path: "/v1/shutdown",
+            public: false,
+            handler: post(shutdown),
+        },
+    ]
+}
+
+/// Every route as (method, path, public), from the same list the router is built from, so
+/// tests can walk it and a new route cannot skip authentication unnoticed.
+pub fn router_routes() -> Vec<(&'static str, &'static str, bool)> {
+    routes()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.public))
+        .collect()
+}
+
+fn router(state: Shared) -> Router {
+    let mut public = Router::new();
+    let mut protected = Router::new();
+    for r in routes() {
+        if r.public {
+            public = public.route(r.path, r.handler);
+        } else {
+            protected = protected.route(r.path, r.handler);
+        }
+    }
+    let protected =
+        protected.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    public
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Serves until shutdown. Returns an error when the model cannot load or readiness cannot be
+/// reported, so the binary exits non-zero and the hive sees why.
+pub async fn serve(
+    cfg: WorkerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), WorkerError> {
+    let address = listener.local_addr()?;
+    let grace = cfg.grace;
+    let state: Shared = Arc::new(AppState {
+        token: RwLock::new(cfg.token.clone()),
+        cfg,
+        address,
+        engine: OnceLock::new(),
+        slot: Arc::new(Semaphore::new(1)),
+        draining: AtomicBool::new(false),
+        started: Instant::now(),
+        metrics: WorkerMetrics::new(),
+        inflight: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
+        fatal: Mutex::new(None),
+    });
+    info!(%address, worker_id = %state.cfg.worker_id, "listening");
+    tokio::spawn(load_and_report(state.clone()));
+    tokio::spawn(reload_on_sighup(state.clone()));
+
+    let drain_state = state.clone();
+    let drain = async move {
+        drain_state.shutdown.wait().await;
+        drain_state.draining.store(true, Ordering::SeqCst);
+        let busy = !drain_state.inflight_is_empty();
+        info!(
+            busy,
+            grace_s = grace.as_secs_f64(),
+            "shutting down: refusing new work"
+        );
+        let st = drain_state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            st.cancel_all("grace window over");
+        });
+    };
+    let app = router(state.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    let hard_stop = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.wait().await;
+            tokio::time::sleep(grace + Duration::from_secs(5)).await;
+        }
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = hard_stop => warn!("connections still open after the grace window; exiting anyway"),
+    }
+    let fatal = state.fatal.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match fatal {
+        Some(e) => Err(e),
+        None => {
+            info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+impl AppState {
+    fn inflight_is_empty(&self) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    fn cancel_all(&self, why: &str) {
+        let map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, flag) in map.iter() {
+            info!(request_id = %id, why, "cancelling generation");
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn fail(&self, err: WorkerError) {
+        error!(error = %err, "fatal");
+        *self.fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+        self.shutdown.trigger();
+    }
+
+    fn current_token(&self) -> Option<Token> {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+async fn load_and_report(state: Shared) {
+    let path = state.cfg.model.clone();
+    let opts = state.cfg.load.clone();
+    info!(model = %path.display(), device = %opts.device, "loading model");
+    let loaded = tokio::task::spawn_blocking(move || Engine::load(&path, &opts)).await;
+    let engine = match loaded {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => return state.fail(WorkerError::Load(e)),
+        Err(e) => {
+            return state.fail(WorkerError::Load(rbee_engine::EngineError::Model(format!(
+                "loader task failed: {e}"
+            ))));
+        }
+    };
+    let info = engine.info().clone();
+    state.metrics.model_load_seconds.set(&[], info.load_seconds);
+    state
+        .metrics
+        .context_length
+        .set(&[], info.context_length as f64);
+    info!(
+        model = %info.name,
+        context_length = info.context_length,
+        weights = %info.file_type,
+        compute = %info.compute_type,
+        load_seconds = info.load_seconds,
+        "model loaded"
+    );
+    let _ = state.engine.set(engine);
+    if let Some(url) = state.cfg.ready_url.clone()
+        && let Err(reason) = report_ready(&state, &url, &info).await
+    {
+        state.fail(WorkerError::Ready { url, reason });
+    }
+}
+
+async fn report_ready(
+    state: &AppState,
+    url: &str,
+    info: &rbee_engine::ModelInfo,
+) -> Result<(), String> {
+    let body = json!({
+        "worker_id": state.cfg.worker_id,
+        "address": state.address.to_string(),
+        "pid": std::process::id(),
+        "model": info.name,
+        "model_path": info.path,
+        "device": info.device,
+        "context_length": info.context_length,
+        "load_seconds": info.load_seconds,
+    });
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+        }
+        let mut req = client.post(url).json(&body);
+        if let Some(t) = state.current_token() {
+            req = req.bearer_auth(t.expose());
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {
+                info!(url, "reported ready");
+                return Ok(());
+            }
+            Ok(r) => last = format!("HTTP {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+        warn!(url, attempt, error = %last, "ready call failed");
+    }
+    Err(last)
+}
+
+async fn reload_on_sighup(state: Shared) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; token reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(path) = state.cfg.token_file.clone() else {
+            info!("SIGHUP: no token file configured, nothing to reload");
+            continue;
+        };
+        match rbee_auth::load_token_file(&path) {
+            Ok(t) => {
+                info!(fingerprint = %t.fingerprint(), "SIGHUP: token reloaded");
+                *state.token.write().unwrap_or_else(|e| e.into_inner()) = Some(t);
+            }
+            Err(e) => error!(error = %e, "SIGHUP: token reload failed, keeping the old token"),
+        }
+    }
+}
+
+/// Accepts a sane `X-Request-Id` or makes one; logs under it and echoes it back.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(HEADER_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned);
+    let id = given.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(HEADER_REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn require_token(
+    State(st): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = st.current_token() else {
+        return next.run(req).await; // dev mode
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(rbee_auth::bearer_from_header);
+    if presented.is_some_and(|p| token.matches(p)) {
+        return next.run(req).await;
+    }
+    st.metrics.auth_failures.inc(&[]);
+    warn!(
+        path = %req.uri().path(),
+        presented = presented.is_some(),
+        "authentication failed"
+    );
+    ApiError::unauthorized()
+        .with_request_id(&rid.0)
+        .into_response()
+}
+
+async fn not_found(Extension(rid): Extension<RequestId>, req: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        codes::NOT_FOUND,
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+    .with_request_id(&rid.0)
+    .into_response()
+}
+
+async fn method_not_allowed(Extension(rid): Extension<RequestId>, req: Request) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        codes::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+    .with_request_id(&rid.0)
+    .into_response()
+}
+
+async fn health(State(st): State<Shared>) -> Response {
+    let engine = st.engine.get();
+    let status = if st.draining.load(Ordering::SeqCst) {
+        "draining"
+    } else if engine.is_some() {
+        "ready"
+    } else {
+        "loading"
+    };
+    let info = engine.map(|e| e.info());
+    let body = json!({
+        "status": status,
+        "worker_id": st.cfg.worker_id,
+        "model": info.map(|i| i.name.clone()),
+        "model_path": st.cfg.model,
+        "device": st.cfg.load.device.to_string(),
+        "context_length": info.map(|i| i.context_length),
+        "trained_context_length": info.map(|i| i.trained_context_length),
+        "weights": info.map(|i| i.file_type.clone()),
+        "busy": st.slot.available_permits() == 0,
+        "uptime_seconds": st.started.elapsed().as_secs_f64(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(st): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, rbee_metrics::CONTENT_TYPE)],
+        st.metrics.registry.render(),
+    )
+        .into_response()
+}
+
+async fn shutdown(State(st): State<Shared>, Extension(rid): Extension<RequestId>) -> Response {
+    info!(request_id = %rid.0, "shutdown requested over the API");
+    st.shutdown.trigger();
+    (StatusCode::ACCEPTED, Json(json!({"status": "draining"}))).into_response()
+}
+
+async fn cancel(
+    State(st): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Path(target): Path<String>,
+) -> Response {
+    let flag = st
+        .inflight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&target)
+        .cloned();
+    match flag {
+        Some(f) => {
+            f.store(true, Ordering::SeqCst);
+            info!(target = %target, "generation cancelled over the API");
+            Json(json!({"request_id": target, "cancelled": true})).into_response()
+        }
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            format!("no generation in flight with request id {target:?}"),
+        )
+        .with_request_id(&rid.0)
+        .into_response(),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Parses JSON, naming the offending field (`messages[0].role`) when a value has the wrong type.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = if path.is_empty() || path == "." {
+            format!("invalid request body: {inner}")
+        } else {
+            format!("invalid request body: `{path}`: {inner}")
+        };
+        ApiError::bad_request(codes::INVALID_JSON, msg)
+    })
+}
+
+/// `X-Deadline-Ms` (absolute unix ms) as an Instant; Err(message) when malformed.
+fn parse_deadline(headers: &HeaderMap) -> Result<Option<(Instant, i64)>, String> {
+    let Some(v) = headers.get(HEADER_DEADLINE_MS) else {
+        return Ok(None);
+    };
+    let ms: i64 = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| "`X-Deadline-Ms` must be unix time in milliseconds".to_owned())?;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let left = ms - now_ms;
+    let at = Instant::now() + Duration::from_millis(left.max(0) as u64);
+    Ok(Some((at, left)))
+}
+
+async fn inference(
+    State(st): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let rid = rid.0;
+    let accepted_at = Instant::now();
+    match start_inference(&st, &rid, &headers, body, accepted_at).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let outcome = if e.status == StatusCode::SERVICE_UNAVAILABLE {
+                "rejected"
+            } else if e.status == StatusCode::GATEWAY_TIMEOUT {
+                "deadline"
+            } else if e.status.is_client_error() {
+                "invalid"
+            } else {
+                "error"
+            };
+            st.metrics.requests.inc(&[outcome]);
+            info!(request_id = %rid, code = e.code, status = e.status.as_u16(), "inference refused");
+            e.with_request_id(&rid).into_response()
+        }
+    }
+}
+
+async fn start_inference(
+    st: &Shared,
+    rid: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    accepted_at: Instant,
+) -> Result<Response, ApiError> {
+    if st.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable(
+            codes::SHUTTING_DOWN,
+            "the worker is shutting down",
+            5,
+        ));
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                format!("request body must be at most {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::bad_request(codes::INVALID_JSON, format!("cannot read the body: {e}"))
+        }
+    })?;
+    if !is_json(headers) {
+        return Err(ApiError::bad_request(
+            codes::INVALID_CONTENT_TYPE,
+            "`Content-Type` must be application/json",
+        ));
+    }
+    let req: InferenceRequest = parse_body(&body)?;
+    let deadline = match parse_deadline(headers)
+        .map_err(|m| ApiError::bad_request(codes::INVALID_PARAMETER, m))?
+    {
+        Some((_, left)) if left <= 0 => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                codes::DEADLINE_EXCEEDED,
+                format!(
+                    "the deadline passed {} ms before the worker got the request",
+                    -left
+                ),
+            ));
+        }
+        Some((at, _)) => Some(at),
+        None => None,
+    };
+    let Some(engine) = st.engine.get().cloned() else {
+        return Err(ApiError::unavailable(
+            codes::MODEL_LOADING,
+            "the model is still loading",
+            2,
+        ));
+    };
+    let ctx = engine.info().context_length;
+    let valid = validate(req, ctx, rand::random::<u64>())
+        .map_err(|e| ApiError::bad_request(codes::INVALID_PARAMETER, e.message))?;
+
+    let permit = st.slot.clone().try_acquire_owned().map_err(|_| {
+        ApiError::unavailable(
+            codes::ALL_SLOTS_BUSY,
+            "the worker's one generation slot is busy; retry shortly",
+            1,
+        )
+    })?;
+    st.metrics.busy.set(&[], 1.0);
+
+    let prompt = valid.prompt.clone();
+    let tokenizing = engine.clone();
+    let tokens = tokio::task::spawn_blocking(move || tokenizing.prepare(&prompt))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+                e.to_string(),
+            )
+        })
+        .and_then(|r| {
+            r.map_err(|e| match e {
+                rbee_engine::EngineError::Template(m) => ApiError::bad_request(
+                    codes::INVALID_PARAMETER,
+                    format!("`messages` rejected by the model's chat template: {m}"),
+                ),
+                other => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    codes::INTERNAL,
+                    other.to_string(),
+                ),
+            })
+        });
+    let tokens = match tokens {
+        Ok(t) => t,
+        Err(e) => {
+            st.metrics.busy.set(&[], 0.0);
+            return Err(e);
+        }
+    };
+    let max_tokens = match fit_to_context(tokens.len(), valid.max_tokens, ctx) {
+        Ok(n) => n,
+        Err(e) => {
+            st.metrics.busy.set(&[], 0.0);
+            return Err(ApiError::bad_request(
+                codes::CONTEXT_LENGTH_EXCEEDED,
+                e.message,
+            ));
+        }
+    };
+
+    let prompt_tokens = tokens.len();
+    let cancel = Arc::new(AtomicBool::new(false));
+    st.inflight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(rid.to_owned(), cancel.clone());
+    let (tx, rx) = mpsc::unbounded_channel::<GenEvent>();
+    let sink = metered_sink(st.metrics.clone(), accepted_at, rid.to_owned(), tx);
+    let release = SlotRelease {
+        _permit: permit,
+        metrics: st.metrics.clone(),
+    };
+    let job = GenerationJob {
+        prompt_tokens: tokens,
+        params: GenerationParams {
+            max_tokens,
+            sampling: valid.sampling,
+            stop: valid.stop,
+        },
+        cancel: cancel.clone(),
+        deadline,
+        accepted_at,
+        sink,
+        on_done: Some(Box::new(release)),
+    };
+    let guard = InflightGuard {
+        state: st.clone(),
+        request_id: rid.to_owned(),
+        cancel,
+        finished: false,
+    };
+    if let Err(e) = engine.submit(job) {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INFERENCE_FAILED,
+            e.to_string(),
+        ));
+    }
+    info!(request_id = %rid, prompt_tokens, max_tokens, "generation queued");
+    let started = StreamEvent::Started {
+        request_id: rid.to_owned(),
+        model: engine.info().name.clone(),
+        prompt_tokens: prompt_tokens as u32,
+    };
+    let stream = event_stream(started, rx, guard);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Releases the generation slot when the inference thread drops the finished job.
+struct SlotRelease {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: WorkerMetrics,
+}
+
+impl Drop for SlotRelease {
+    fn drop(&mut self) {
+        self.metrics.busy.set(&[], 0.0);
+    }
+}
+
+/// Cancels the generation when the client's stream goes away before the end.
+struct InflightGuard {
+    state: Shared,
+    request_id: String,
+    cancel: Arc<AtomicBool>,
+    finished: bool,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            info!(request_id = %self.request_id, "client went away: cancelling generation");
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        self.state
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.request_id);
+    }
+}
+
+/// Records metrics on the inference thread (so they count even when the client is gone),
+/// then forwards the event to the HTTP stream.
+fn metered_sink(
+    m: WorkerMetrics,
+    accepted_at: Instant,
+    request_id: String,
+    tx: mpsc::UnboundedSender<GenEvent>,
+) -> Box<dyn FnMut(GenEvent) -> bool + Send> {
+    let mut last_token: Option<Instant> = None;
+    Box::new(move |ev| {
+        match &ev {
+            GenEvent::FirstToken => {
+                let now = Instant::now();
+                m.time_to_first_token
+                    .observe(&[], now.duration_since(accepted_at).as_secs_f64());
+                last_token = Some(now);
+            }
+            GenEvent::Text { .. } => {
+                let now = Instant::now();
+                if let Some(prev) = last_token.replace(now) {
+                    let gap = now.duration_since(prev).as_secs_f64();
+                    if gap > 0.0 {
+                        m.inter_token.observe(&[], gap);
+                    }
+                }
+            }
+            GenEvent::Finished(s) => {
+                let reason = wire_reason(s.stop_reason);
+                m.requests.inc(&[reason.as_str()]);
+                m.prompt_tokens.inc_by(&[], s.prompt_tokens as f64);
+                m.generated_tokens.inc_by(&[], s.completion_tokens as f64);
+                m.request_duration.observe(&[], s.total_seconds);
+                if s.stop_reason == StopReason::Cancelled {
+                    m.cancellations.inc(&[]);
+                }
+                info!(
+                    request_id = %request_id,
+                    stop_reason = reason.as_str(),
+                    prompt_tokens = s.prompt_tokens,
+                    completion_tokens = s.completion_tokens,
+                    ttft_ms = s.time_to_first_token.unwrap_or(0.0) * 1e3,
+                    decode_tps = tokens_per_second(s),
+                    "generation finished"
+                );
+            }
+            GenEvent::Failed(e) => {
+                m.requests.inc(&["error"]);
+                error!(request_id = %request_id, error = %e, "generation failed");
+            }
+        }
+        tx.send(ev).is_ok()
+    })
+}
+
+fn tokens_per_second(s: &GenerationSummary) -> f64 {
+    if s.decode_seconds > 0.0 && s.completion_tokens > 1 {
+        (s.completion_tokens - 1) as f64 / s.decode_seconds
+    } else {
+        0.0
+    }
+}
+
+fn wire_reason(r: StopReason) -> WireStopReason {
+    match r {
+        StopReason::Eos => WireStopReason::Eos,
+        StopReason::MaxTokens => WireStopReason::MaxTokens,
+        StopReason::StopSequence => WireStopReason::StopSequence,
+        StopReason::Cancelled => WireStopReason::Cancelled,
+        StopReason::Deadline => WireStopReason::Deadline,
+    }
+}
+
+fn sse_json(ev: &StreamEvent) -> Event {
+    match serde_json::to_string(ev) {
+        Ok(s) => Event::default().data(s),
+        Err(e) => Event::default().data(format!(
+            r#"{{"type":"error","code":"INTERNAL","message":"cannot encode event: {e}"}}"#
+        )),
+    }
+}
+
+enum Phase {
+    Start(StreamEvent),
+    Running,
+    Done,
+    Closed,
+}
+
+/// `started` → `token`… → `end` | `error` → `[DONE]`. A stream that loses its engine without
+/// a result ends with an `error` event, never a silent truncation.
+fn event_stream(
+    started: StreamEvent,
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    guard: InflightGuard,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures_util::stream::unfold(
+        (Phase::Start(started), rx, guard),
+        |(phase, mut rx, mut guard)| async move {
+            match phase {
+                Phase::Start(ev) => Some((Ok(sse_json(&ev)), (Phase::Running, rx, guard))),
+                Phase::Running => loop {
+                    let ev = match rx.recv().await {
+                        Some(GenEvent::FirstToken) => continue,
+                        Some(GenEvent::Text { index, text }) => StreamEvent::Token {
+                            index: index as u32,
+                            text,
+                        },
+                        Some(GenEvent::Finished(s)) => {
+                            guard.finished = true;
+                            end_event(&s)
+                        }
+                        Some(GenEvent::Failed(e)) => {
+                            guard.finished = true;
+                            StreamEvent::Error {
+                                code: codes::INFERENCE_FAILED.into(),
+                                message: e.to_string(),
+                            }
+                        }
+                        None => {
+                            guard.finished = true;
+                            StreamEvent::Error {
+                                code: codes::INFERENCE_FAILED.into(),
+                                message: "the inference thread ended without a result".into(),
+                            }
+                        }
+                    };
+                    let next = if matches!(ev, StreamEvent::Token { .. }) {
+                        Phase::Running
+                    } else {
+                        Phase::Done
+                    };
+                    break Some((Ok(sse_json(&ev)), (next, rx, guard)));
+                },
+                Phase::Done => Some((
+                    Ok(Event::default().data(SSE_DONE)),
+                    (Phase::Closed, rx, guard),
+                )),
+                Phase::Closed => None,
+            }
+        },
+    )
+}
+
+fn end_event(s: &GenerationSummary) -> StreamEvent {
+    let ms = |x: f64| (x * 1e6).round() / 1e3;
+    StreamEvent::End {
+        stop_reason: wire_reason(s.stop_reason),
+        prompt_tokens: s.prompt_tokens as u32,
+        completion_tokens: s.completion_tokens as u32,
+        timings: Timings {
+            queue_ms: ms(s.queue_seconds),
+            prefill_ms: ms(s.prefill_seconds),
+            decode_ms: ms(s.decode_seconds),
+            ttft_ms: ms(s.time_to_first_token.unwrap_or(0.0)),
+            total_ms: ms(s.total_seconds),
+        },
+    }
+}

@@ -1,0 +1,359 @@
+//! Turns a client's `InferenceRequest` into engine parameters, or a 400 that names the field,
+//! the limit and the value given.
+
+use rbee_api::InferenceRequest;
+use rbee_engine::{Prompt, SamplingParams};
+
+/// Roles the chat endpoint accepts.
+pub const ROLES: &[&str] = &["system", "user", "assistant"];
+pub const MAX_STOP_SEQUENCES: usize = 8;
+pub const MAX_STOP_BYTES: usize = 128;
+pub const MAX_MESSAGES: usize = 1024;
+/// `max_tokens` when the client gives none (capped by the room left in the context).
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: &str, message: String) -> ValidationError {
+    ValidationError {
+        field: field.to_owned(),
+        message,
+    }
+}
+
+/// A request that passed validation; `max_tokens` is settled once the prompt is tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub prompt: Prompt,
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+pub fn validate(
+    req: InferenceRequest,
+    context_length: usize,
+    random_seed: u64,
+) -> Result<ValidRequest, ValidationError> {
+    let prompt = match (req.prompt, req.messages) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "prompt",
+                "`prompt` and `messages` are mutually exclusive; give one".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "prompt",
+                "one of `prompt` or `messages` is required".into(),
+            ));
+        }
+        (Some(p), None) => {
+            if p.is_empty() {
+                return Err(invalid("prompt", "`prompt` must not be empty".into()));
+            }
+            Prompt::Text(p)
+        }
+        (None, Some(msgs)) => {
+            if msgs.is_empty() {
+                return Err(invalid(
+                    "messages",
+                    "`messages` must hold at least one message".into(),
+                ));
+            }
+            if msgs.len() > MAX_MESSAGES {
+                return Err(invalid(
+                    "messages",
+                    format!(
+                        "`messages` must hold at most {MAX_MESSAGES} messages; given: {}",
+                        msgs.len()
+                    ),
+                ));
+            }
+            for (i, m) in msgs.iter().enumerate() {
+                if !ROLES.contains(&m.role.as_str()) {
+                    return Err(invalid(
+                        "messages",
+                        format!(
+                            "`messages[{i}].role` must be one of {}; given: {:?}",
+                            ROLES.join(", "),
+                            truncate(&m.role)
+                        ),
+                    ));
+                }
+            }
+            if msgs.iter().all(|m| m.content.is_empty()) {
+                return Err(invalid(
+                    "messages",
+                    "`messages` must not all be empty".into(),
+                ));
+            }
+            Prompt::Chat(msgs.into_iter().map(|m| (m.role, m.content)).collect())
+        }
+    };
+
+    let max_tokens = match req.max_tokens {
+        Some(0) => {
+            return Err(invalid(
+                "max_tokens",
+                "`max_tokens` must be >= 1; given: 0".into(),
+            ));
+        }
+        Some(n) if n as usize > context_length => {
+            return Err(invalid(
+                "max_tokens",
+                format!(
+                    "`max_tokens` must be <= {context_length} (the context length); given: {n}"
+                ),
+            ));
+        }
+        Some(n) => Some(n as usize),
+        None => None,
+    };
+
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid(
+            "temperature",
+            format!("`temperature` must be in [0, 2]; given: {temperature}"),
+        ));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid(
+            "top_p",
+            format!("`top_p` must be in (0, 1]; given: {top_p}"),
+        ));
+    }
+    let min_p = req.min_p.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&min_p) {
+        return Err(invalid(
+            "min_p",
+            format!("`min_p` must be in [0, 1); given: {min_p}"),
+        ));
+    }
+    let repetition_penalty = req.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        return Err(invalid(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be in (0, 10]; given: {repetition_penalty}"),
+        ));
+    }
+    let repetition_window = req.repetition_window.unwrap_or(64) as usize;
+    if repetition_window > context_length {
+        return Err(invalid(
+            "repetition_window",
+            format!(
+                "`repetition_window` must be <= {context_length} (the context length); given: {repetition_window}"
+            ),
+        ));
+    }
+    let stop = req.stop.unwrap_or_default();
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(invalid(
+            "stop",
+            format!(
+                "`stop` may hold at most {MAX_STOP_SEQUENCES} sequences; given: {}",
+                stop.len()
+            ),
+        ));
+    }
+    for (i, s) in stop.iter().enumerate() {
+        if s.is_empty() {
+            return Err(invalid("stop", format!("`stop[{i}]` must not be empty")));
+        }
+        if s.len() > MAX_STOP_BYTES {
+            return Err(invalid(
+                "stop",
+                format!(
+                    "`stop[{i}]` must be at most {MAX_STOP_BYTES} bytes; given: {} bytes",
+                    s.len()
+                ),
+            ));
+        }
+    }
+    Ok(ValidRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k: req.top_k.unwrap_or(0) as usize,
+            min_p: min_p as f32,
+            repetition_penalty: repetition_penalty as f32,
+            repetition_window,
+            seed: req.seed.unwrap_or(random_seed),
+        },
+        stop,
+    })
+}
+
+/// Settles `max_tokens` against the prompt: prompt + max_tokens must fit the context, never
+/// silently trimmed.
+pub fn fit_to_context(
+    prompt_tokens: usize,
+    max_tokens: Option<usize>,
+    context_length: usize,
+) -> Result<usize, ValidationError> {
+    let room = context_length.saturating_sub(prompt_tokens);
+    match max_tokens {
+        Some(n) if prompt_tokens + n > context_length => Err(invalid(
+            "max_tokens",
+            format!(
+                "prompt ({prompt_tokens} tokens) + `max_tokens` ({n}) must be <= {context_length} (the context length)"
+            ),
+        )),
+        Some(n) => Ok(n),
+        None if room == 0 => Err(invalid(
+            "prompt",
+            format!(
+                "the prompt ({prompt_tokens} tokens) leaves no room in the context of {context_length} tokens"
+            ),
+        )),
+        None => Ok(room.min(DEFAULT_MAX_TOKENS)),
+    }
+}
+
+/// Client strings echoed in errors are cut short so an error never carries a huge payload.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rbee_api::ChatMessage;
+
+    const CTX: usize = 8192;
+
+    fn prompt(p: &str) -> InferenceRequest {
+        InferenceRequest {
+            prompt: Some(p.into()),
+            ..InferenceRequest::default()
+        }
+    }
+
+    fn err(req: InferenceRequest) -> ValidationError {
+        validate(req, CTX, 1).unwrap_err()
+    }
+
+    #[test]
+    fn a_plain_prompt_gets_defaults() {
+        let v = validate(prompt("hi"), CTX, 99).unwrap();
+        assert_eq!(v.prompt, Prompt::Text("hi".into()));
+        assert_eq!(v.sampling.temperature, 1.0);
+        assert_eq!(v.sampling.seed, 99);
+        assert_eq!(v.max_tokens, None);
+    }
+
+    #[test]
+    fn prompt_and_messages_are_exclusive_and_one_is_required() {
+        let mut both = prompt("x");
+        both.messages = Some(vec![]);
+        assert!(err(both).message.contains("mutually exclusive"));
+        assert!(
+            err(InferenceRequest::default())
+                .message
+                .contains("is required")
+        );
+    }
+
+    #[test]
+    fn empty_prompt_is_refused() {
+        assert_eq!(err(prompt("")).field, "prompt");
+    }
+
+    #[test]
+    fn bad_role_names_index_and_value() {
+        let req = InferenceRequest {
+            messages: Some(vec![
+                ChatMessage {
+                    role: "user".into(),
+                    content: "a".into(),
+                },
+                ChatMessage {
+                    role: "robot".into(),
+                    content: "b".into(),
+                },
+            ]),
+            ..InferenceRequest::default()
+        };
+        let e = err(req);
+        assert!(
+            e.message.contains("messages[1].role") && e.message.contains("robot"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn max_tokens_bounds() {
+        let mut r = prompt("x");
+        r.max_tokens = Some(0);
+        assert!(err(r.clone()).message.contains(">= 1; given: 0"));
+        r.max_tokens = Some(9000);
+        let e = err(r);
+        assert!(
+            e.message.contains("<= 8192") && e.message.contains("9000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sampling_ranges() {
+        type Setter = fn(&mut InferenceRequest);
+        let cases: Vec<(Setter, &str)> = vec![
+            (|r| r.temperature = Some(2.5), "temperature"),
+            (|r| r.temperature = Some(-0.1), "temperature"),
+            (|r| r.top_p = Some(0.0), "top_p"),
+            (|r| r.top_p = Some(1.5), "top_p"),
+            (|r| r.min_p = Some(1.0), "min_p"),
+            (|r| r.repetition_penalty = Some(0.0), "repetition_penalty"),
+            (|r| r.repetition_window = Some(100_000), "repetition_window"),
+        ];
+        for (set, field) in cases {
+            let mut r = prompt("x");
+            set(&mut r);
+            let e = err(r);
+            assert_eq!(e.field, field);
+            assert!(e.message.contains("given"), "{e}");
+        }
+    }
+
+    #[test]
+    fn stop_sequence_limits() {
+        let mut r = prompt("x");
+        r.stop = Some(vec!["a".into(); 9]);
+        assert!(err(r.clone()).message.contains("at most 8"));
+        r.stop = Some(vec!["".into()]);
+        assert!(err(r.clone()).message.contains("stop[0]"));
+        r.stop = Some(vec!["x".repeat(200)]);
+        assert!(err(r).message.contains("200 bytes"));
+    }
+
+    #[test]
+    fn context_fit_is_never_trimmed() {
+        assert_eq!(fit_to_context(10, Some(5), 20), Ok(5));
+        assert!(fit_to_context(10, Some(11), 20).is_err());
+        assert_eq!(fit_to_context(10, None, 20), Ok(10));
+        assert_eq!(fit_to_context(10, None, 10_000), Ok(DEFAULT_MAX_TOKENS));
+        assert!(fit_to_context(20, None, 20).is_err());
+    }
+
+    #[test]
+    fn long_values_are_truncated_in_messages() {
+        assert!(truncate(&"é".repeat(100)).len() < 80);
+    }
+}

