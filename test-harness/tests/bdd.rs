@@ -129,7 +129,10 @@ async fn stream_order(w: &mut RbeeWorld) {
         .collect();
     assert_eq!(kinds.first().map(String::as_str), Some("started"));
     assert_eq!(&kinds[kinds.len() - 2..], ["end", "[DONE]"]);
-    assert!(kinds[1..kinds.len() - 2].iter().all(|k| k == "token"), "{kinds:?}");
+    assert!(
+        kinds[1..kinds.len() - 2].iter().all(|k| k == "token"),
+        "{kinds:?}"
+    );
     assert!(kinds.len() > 3, "{kinds:?}");
 }
 
@@ -140,7 +143,10 @@ async fn answer_is(w: &mut RbeeWorld, expected: String) {
 
 #[then(expr = "the stop reason is {string}")]
 async fn stop_reason_is(w: &mut RbeeWorld, expected: String) {
-    assert_eq!(end_event(&w.events).unwrap()["stop_reason"], expected.as_str());
+    assert_eq!(
+        end_event(&w.events).unwrap()["stop_reason"],
+        expected.as_str()
+    );
 }
 
 #[then(expr = "{int} tokens were generated")]
