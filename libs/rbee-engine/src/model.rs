@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::EngineError;
+use crate::qmatmul::Q41Matrix;
 
 /// Quantized types that candle has no fast CPU dot-product kernel for; on CPU they are
 /// repacked to Q8_0 at load (more bytes, much faster, numerically at least as precise).
@@ -38,23 +39,107 @@ pub struct ModelConfig {
     pub compute_type: String,
 }
 
+/// Linear layers that read the same input, run as one matmul when the kernel allows (Q/K/V,
+/// gate/up): one activation quantization and one parallel region instead of several.
+enum Projections {
+    /// Rows of every projection stacked into one Q4_1 matrix; `splits` are the row counts.
+    FusedQ41 {
+        w: Q41Matrix,
+        splits: Vec<usize>,
+    },
+    Separate(Vec<QMatMul>),
+}
+
+impl Projections {
+    fn new(
+        tensors: Vec<QTensor>,
+        cpu: bool,
+        repack: &mut dyn FnMut(QTensor) -> Result<QMatMul, EngineError>,
+    ) -> Result<Self, EngineError> {
+        let fusable = cpu
+            && tensors.iter().all(|t| t.dtype() == GgmlDType::Q4_1)
+            && tensors
+                .windows(2)
+                .all(|w| w[0].shape().dims().get(1) == w[1].shape().dims().get(1));
+        if fusable {
+            let mut bytes = Vec::new();
+            let mut splits = Vec::with_capacity(tensors.len());
+            let mut cols = 0;
+            for t in &tensors {
+                let (rows, c) = t.shape().dims2()?;
+                cols = c;
+                splits.push(rows);
+                bytes.extend_from_slice(&t.data()?);
+            }
+            let rows = splits.iter().sum();
+            return Ok(Self::FusedQ41 {
+                w: Q41Matrix::from_raw(&bytes, rows, cols)?,
+                splits,
+            });
+        }
+        Ok(Self::Separate(
+            tensors.into_iter().map(repack).collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// One output per projection, each shaped like `x` with the last dim replaced.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, EngineError> {
+        match self {
+            Self::Separate(ms) => Ok(ms.iter().map(|m| m.forward(x)).collect::<Result<_, _>>()?),
+            Self::FusedQ41 { w, splits } => {
+                let dims = x.dims().to_vec();
+                let cols = w.cols();
+                let m = x.elem_count() / cols.max(1);
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; m * w.rows()];
+                w.matmul(&xv, m, &mut out)?;
+                let mut parts: Vec<Vec<f32>> =
+                    splits.iter().map(|n| Vec::with_capacity(n * m)).collect();
+                for row in out.chunks_exact(w.rows()) {
+                    let mut at = 0;
+                    for (part, n) in parts.iter_mut().zip(splits) {
+                        part.extend_from_slice(&row[at..at + n]);
+                        at += n;
+                    }
+                }
+                parts
+                    .into_iter()
+                    .zip(splits)
+                    .map(|(p, &n)| {
+                        let mut shape = dims.clone();
+                        if let Some(last) = shape.last_mut() {
+                            *last = n;
+                        }
+                        Ok(Tensor::from_vec(p, shape, x.device())?)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn forward_one(&self, x: &Tensor) -> Result<Tensor, EngineError> {
+        self.forward(x)?
+            .pop()
+            .ok_or_else(|| EngineError::Model("projection with no output".into()))
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    /// Q, K, V.
+    qkv: Projections,
+    wo: Projections,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    /// Gate, up.
+    gate_up: Projections,
+    down: Projections,
 }
 
 pub struct LlamaModel {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Projections,
     cos: Tensor,
     sin: Tensor,
     cfg: ModelConfig,
@@ -156,28 +241,29 @@ impl LlamaModel {
             };
             Ok(QMatMul::from_qtensor(t)?)
         };
+        // Q4_1 on CPU takes our kernel, unless asked to repack to Q8_0.
+        let cpu_q41 = cpu && !repack_on_cpu;
         let tok_embd = qt("token_embd.weight")?;
         let embed = tok_embd.dequantize(device)?;
         let vocab = embed.dim(0)?;
         let output = match qt("output.weight") {
-            Ok(t) => linear(t)?,
+            Ok(t) => Projections::new(vec![t], cpu_q41, &mut linear)?,
             // Tied embeddings (SmolLM2): the output head is the embedding matrix.
-            Err(_) => linear(tok_embd)?,
+            Err(_) => Projections::new(vec![tok_embd], cpu_q41, &mut linear)?,
         };
         let norm = qt("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let qkv = vec![qt(&p("attn_q"))?, qt(&p("attn_k"))?, qt(&p("attn_v"))?];
+            let gate_up = vec![qt(&p("ffn_gate"))?, qt(&p("ffn_up"))?];
             layers.push(Layer {
                 attn_norm: qt(&p("attn_norm"))?.dequantize(device)?,
-                wq: linear(qt(&p("attn_q"))?)?,
-                wk: linear(qt(&p("attn_k"))?)?,
-                wv: linear(qt(&p("attn_v"))?)?,
-                wo: linear(qt(&p("attn_output"))?)?,
+                qkv: Projections::new(qkv, cpu_q41, &mut linear)?,
+                wo: Projections::new(vec![qt(&p("attn_output"))?], cpu_q41, &mut linear)?,
                 ffn_norm: qt(&p("ffn_norm"))?.dequantize(device)?,
-                gate: linear(qt(&p("ffn_gate"))?)?,
-                up: linear(qt(&p("ffn_up"))?)?,
-                down: linear(qt(&p("ffn_down"))?)?,
+                gate_up: Projections::new(gate_up, cpu_q41, &mut linear)?,
+                down: Projections::new(vec![qt(&p("ffn_down"))?], cpu_q41, &mut linear)?,
             });
         }
         let rope_dim = md_usize(&content, &key("rope.dimension_count")).unwrap_or(head_dim);
@@ -259,9 +345,12 @@ impl LlamaModel {
         let eps = self.cfg.rms_eps as f32;
         for (layer, cache) in self.layers.iter().zip(state.caches.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
+            let mut qkv = layer.qkv.forward(&h)?.into_iter();
+            let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+                return Err(EngineError::Model(
+                    "attention projections incomplete".into(),
+                ));
+            };
             let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k
                 .reshape((1, seq, nkv, hd))?
@@ -292,11 +381,15 @@ impl LlamaModel {
                 .reshape((1, nh, seq, hd))?
                 .transpose(1, 2)?
                 .reshape((1, seq, nh * hd))?;
-            x = (x + layer.wo.forward(&y)?)?;
+            x = (x + layer.wo.forward_one(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = layer.gate.forward(&h)?.silu()?;
-            let u = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(g * u)?)?)?;
+            let mut gu = layer.gate_up.forward(&h)?.into_iter();
+            let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
+                return Err(EngineError::Model(
+                    "feed-forward projections incomplete".into(),
+                ));
+            };
+            x = (x + layer.down.forward_one(&(g.silu()? * u)?)?)?;
         }
         state.pos += seq;
         if !want_logits {
@@ -304,7 +397,7 @@ impl LlamaModel {
         }
         let last = x.narrow(1, seq - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        let logits = self.output.forward(&last)?;
+        let logits = self.output.forward_one(&last)?;
         let logits = logits
             .flatten_all()?
             .to_dtype(DType::F32)?
