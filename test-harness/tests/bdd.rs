@@ -106,7 +106,7 @@ async fn long_generation(w: &mut RbeeWorld) {
         .post(
             &reqwest::Client::new(),
             "/v1/inference",
-            &json!({"prompt": "Write a long story.", "max_tokens": 500}),
+            &json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "temperature": 0, "max_tokens": 1000}),
         )
         .send()
         .await

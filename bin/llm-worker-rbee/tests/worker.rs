@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 const WORKER: &str = env!("CARGO_BIN_EXE_llm-worker-rbee");
+/// A raw prompt the model keeps continuing (counting) rather than ending: generations from it
+/// outlast any step of a test.
+const ENDLESS: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,";
 
 fn opts() -> WorkerOptions {
     WorkerOptions::new(WORKER.into(), test_model())
@@ -351,7 +354,7 @@ async fn every_invalid_input_is_a_400_naming_the_field() {
 async fn a_second_request_while_busy_gets_503_with_retry_after() {
     let w = worker().await;
     let c = client();
-    let long = json!({"prompt": "Write a long story.", "max_tokens": 400, "temperature": 0});
+    let long = json!({"prompt": ENDLESS, "temperature": 0, "max_tokens": 400});
     let first = w.post(&c, "/v1/inference", &long).send().await.unwrap();
     let mut reader = SseReader::new(first);
     let started = reader.next().await.unwrap().unwrap();
@@ -401,7 +404,7 @@ async fn wait_until_free(w: &WorkerProcess, limit: Duration) -> Duration {
 async fn client_disconnect_stops_generation_within_a_second() {
     let w = worker().await;
     let c = client();
-    let long = json!({"prompt": "Write a long story.", "max_tokens": 1000, "temperature": 0});
+    let long = json!({"prompt": ENDLESS, "temperature": 0, "max_tokens": 1000});
     let resp = w.post(&c, "/v1/inference", &long).send().await.unwrap();
     let mut reader = SseReader::new(resp);
     let _started = reader.next().await.unwrap();
@@ -432,7 +435,7 @@ async fn client_disconnect_stops_generation_within_a_second() {
 async fn cancel_by_request_id() {
     let w = worker().await;
     let c = client();
-    let long = json!({"prompt": "Write a long story.", "max_tokens": 1000});
+    let long = json!({"prompt": ENDLESS, "temperature": 0, "max_tokens": 1000});
     let resp = w
         .post(&c, "/v1/inference", &long)
         .header("x-request-id", "cancel-me-1")
@@ -478,7 +481,7 @@ fn unix_ms() -> u128 {
 async fn deadlines_stop_generation() {
     let w = worker().await;
     let c = client();
-    let long = json!({"prompt": "Write a long story.", "max_tokens": 1000});
+    let long = json!({"prompt": ENDLESS, "temperature": 0, "max_tokens": 1000});
     let resp = w
         .post(&c, "/v1/inference", &long)
         .header("x-deadline-ms", (unix_ms() + 1500).to_string())
@@ -516,7 +519,7 @@ async fn deadlines_stop_generation() {
 async fn sigterm_mid_stream_ends_the_stream_and_exits_zero() {
     let mut w = worker_with(&["--grace-seconds", "1"]).await;
     let c = client();
-    let long = json!({"prompt": "Write a long story.", "max_tokens": 1000});
+    let long = json!({"prompt": ENDLESS, "temperature": 0, "max_tokens": 1000});
     let resp = w.post(&c, "/v1/inference", &long).send().await.unwrap();
     let mut reader = SseReader::new(resp);
     let _started = reader.next().await.unwrap();
