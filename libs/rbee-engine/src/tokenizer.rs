@@ -272,6 +272,13 @@ impl Tokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The tokenizer in Hugging Face `tokenizer.json` form (what `load` accepts beside a model).
+    pub fn to_tokenizer_json(&self) -> Result<String, EngineError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| tok_err(format!("serializing tokenizer.json: {e}")))
+    }
+
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.contains(&id)
     }

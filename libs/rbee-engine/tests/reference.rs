@@ -99,3 +99,62 @@ fn tokenizer_and_greedy_answers_match_llama_cpp() {
         );
     }
 }
+
+#[test]
+fn a_tokenizer_json_beside_the_model_is_used_and_agrees() {
+    let gguf = engine();
+    let dir = rbee_test_harness::temp_dir("tokjson");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        gguf.tokenizer().to_tokenizer_json().unwrap(),
+    )
+    .unwrap();
+    let model = dir.join("model.gguf");
+    std::os::unix::fs::symlink(test_model(), &model).unwrap();
+    let beside = Engine::load(&model, &LoadOptions::default()).unwrap();
+    for case in &reference().tokenization {
+        let ids = beside.prepare(&Prompt::Text(case.text.clone())).unwrap();
+        assert_eq!(ids, case.ids, "token ids for {:?}", case.text);
+    }
+    let case = &reference().greedy_chat[0];
+    let (text, summary) = run(&beside, &chat(&case.messages), greedy(24));
+    assert_eq!(text, case.text);
+    assert_eq!(summary.stop_reason, StopReason::Eos);
+}
+
+#[test]
+fn cancellation_and_deadline_stop_the_loop() {
+    let engine = engine();
+    let prompt = Prompt::Text("1, 2, 3, 4, 5, 6,".into());
+    let tokens = engine.prepare(&prompt).unwrap();
+    let submit = |cancel: bool, deadline: Option<Instant>| {
+        let (tx, rx) = mpsc::channel();
+        engine
+            .submit(GenerationJob {
+                prompt_tokens: tokens.clone(),
+                params: greedy(500),
+                cancel: Arc::new(AtomicBool::new(cancel)),
+                deadline,
+                accepted_at: Instant::now(),
+                sink: Box::new(move |e| tx.send(e).is_ok()),
+                on_done: None,
+            })
+            .unwrap();
+        loop {
+            if let GenEvent::Finished(s) = rx.recv().unwrap() {
+                return s;
+            }
+        }
+    };
+    let s = submit(true, None);
+    assert_eq!(
+        (s.stop_reason, s.completion_tokens),
+        (StopReason::Cancelled, 0)
+    );
+    let s = submit(
+        false,
+        Some(Instant::now() + std::time::Duration::from_millis(200)),
+    );
+    assert_eq!(s.stop_reason, StopReason::Deadline);
+    assert!(s.completion_tokens < 500);
+}
