@@ -215,6 +215,7 @@ impl WorkerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", opts.binary.display()))?;
@@ -300,6 +301,18 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A test killed hard (timeout, SIGKILL) must not leave its daemons running.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
 }
 
