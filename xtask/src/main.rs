@@ -2,6 +2,8 @@
 //!
 //! - `fetch-model [--dir DIR]`: the default model into the cache, verified; prints its path.
 //! - `demo [--max-tokens N] "PROMPT"`: fetches the model, starts a worker, streams the answer.
+//! - `test [ARGS]`: fetches the model, runs `cargo test --workspace` (all of it, even after a
+//!   failure) and closes with one `N passed, M failed` line over every runner.
 //! - `bench worker [--threads N]`: load time, prompt and decode speed, TTFT, peak RSS, and the
 //!   same figures from llama.cpp's `llama-bench` when one is available, with ratios.
 
@@ -20,6 +22,7 @@ use sha2::{Digest, Sha256};
 const USAGE: &str = "usage: cargo xtask <command>
   fetch-model [--dir DIR]           download + verify the default model, print its path
   demo [--max-tokens N] \"PROMPT\"    stream an answer from a local worker
+  test [CARGO TEST ARGS]            fetch the model, run every test, print one summary line
   bench worker [--threads N]        worker speed, beside llama-bench when available";
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         "demo" => demo(rest),
+        "test" => test(rest),
         "bench" => match rest.first().map(String::as_str) {
             Some("worker") => bench_worker(&rest[1..]),
             _ => bail!("{USAGE}"),
@@ -159,6 +163,80 @@ fn fetch_model(dir: &Path) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&tmp);
     eprintln!("verified sha256 {got}");
     Ok(target)
+}
+
+/// `cargo test --workspace --no-fail-fast`, echoed, then one closing line that sums the
+/// libtest results and the cucumber scenarios.
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    fetch_model(&model_dir())?;
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            let (p, f) = count_results(&strip_ansi(&line));
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    println!("\n{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Drops ANSI colour sequences (cucumber colours its summary on some terminals).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// (passed, failed) from a libtest `test result:` line or a cucumber `N scenarios (...)` line.
+fn count_results(line: &str) -> (u64, u64) {
+    let number_before = |text: &str, word: &str| -> u64 {
+        text.split([';', ',', '('])
+            .filter_map(|part| part.trim().strip_suffix(word))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum()
+    };
+    let line = line.trim().trim_end_matches(')');
+    if let Some(rest) = line.strip_prefix("test result: ") {
+        let rest = rest.trim_start_matches("ok.").trim_start_matches("FAILED.");
+        return (number_before(rest, "passed"), number_before(rest, "failed"));
+    }
+    if line.contains(" scenario") && line.contains('(') {
+        let inner = line.split_once('(').map_or("", |(_, r)| r);
+        return (
+            number_before(inner, "passed"),
+            number_before(inner, "failed"),
+        );
+    }
+    (0, 0)
 }
 
 fn workspace_root() -> PathBuf {
@@ -411,4 +489,29 @@ fn llama_bench(model: &Path, threads: usize) -> anyhow::Result<Option<(f64, f64)
     let pp = speed(&|r| r["n_prompt"].as_u64() == Some(128) && r["n_gen"].as_u64() == Some(0));
     let tg = speed(&|r| r["n_gen"].as_u64() == Some(128) && r["n_prompt"].as_u64() == Some(0));
     Ok(Some((pp, tg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{count_results, strip_ansi};
+
+    #[test]
+    fn libtest_and_cucumber_summaries_are_counted() {
+        assert_eq!(
+            count_results("test result: ok. 16 passed; 0 failed; 0 ignored; 0 measured"),
+            (16, 0)
+        );
+        assert_eq!(
+            count_results("test result: FAILED. 14 passed; 2 failed; 0 ignored"),
+            (14, 2)
+        );
+        assert_eq!(count_results("6 scenarios (6 passed)"), (6, 0));
+        assert_eq!(count_results("7 scenarios (5 passed, 2 failed)"), (5, 2));
+        assert_eq!(count_results("29 steps (29 passed)"), (0, 0));
+        assert_eq!(count_results("running 3 tests"), (0, 0));
+        assert_eq!(
+            count_results(&strip_ansi("\u{1b}[32m6 scenarios (6 passed)\u{1b}[0m")),
+            (6, 0)
+        );
+    }
 }
