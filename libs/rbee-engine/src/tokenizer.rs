@@ -159,15 +159,12 @@ impl Tokenizer {
                 _ => byte_level_decode(t),
             })
             .collect();
-        let bos = meta_u32(content, "tokenizer.ggml.bos_token_id");
-        let eos = meta_u32(content, "tokenizer.ggml.eos_token_id");
-        let add_bos = meta(content, "tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        let mut end_of_generation: HashSet<u32> = eos.into_iter().collect();
-        if let Some(eot) = meta_u32(content, "tokenizer.ggml.eot_token_id") {
-            end_of_generation.insert(eot);
-        }
+        let SpecialIds {
+            bos,
+            eos,
+            add_bos,
+            mut end_of_generation,
+        } = special_ids(content);
         for (id, tok) in tokens.iter().enumerate() {
             if types.get(id).copied() == Some(TOKEN_TYPE_CONTROL)
                 && END_OF_GENERATION_NAMES.contains(&tok.as_str())
@@ -216,12 +213,12 @@ impl Tokenizer {
                 }
             })
             .collect();
-        let bos = meta_u32(content, "tokenizer.ggml.bos_token_id");
-        let eos = meta_u32(content, "tokenizer.ggml.eos_token_id");
-        let add_bos = meta(content, "tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        let mut end_of_generation: HashSet<u32> = eos.into_iter().collect();
+        let SpecialIds {
+            bos,
+            eos,
+            add_bos,
+            mut end_of_generation,
+        } = special_ids(content);
         for name in END_OF_GENERATION_NAMES {
             if let Some(id) = inner.token_to_id(name).filter(|id| special.contains(id)) {
                 end_of_generation.insert(id);
@@ -293,6 +290,30 @@ impl Tokenizer {
 
     pub fn eos_text(&self) -> &str {
         &self.eos_text
+    }
+}
+
+/// BOS/EOS and end-of-generation ids as the GGUF metadata declares them.
+struct SpecialIds {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    end_of_generation: HashSet<u32>,
+}
+
+fn special_ids(content: &gguf_file::Content) -> SpecialIds {
+    let eos = meta_u32(content, "tokenizer.ggml.eos_token_id");
+    let mut end_of_generation: HashSet<u32> = eos.into_iter().collect();
+    if let Some(eot) = meta_u32(content, "tokenizer.ggml.eot_token_id") {
+        end_of_generation.insert(eot);
+    }
+    SpecialIds {
+        bos: meta_u32(content, "tokenizer.ggml.bos_token_id"),
+        eos,
+        add_bos: meta(content, "tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false),
+        end_of_generation,
     }
 }
 
