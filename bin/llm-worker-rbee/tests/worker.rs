@@ -703,3 +703,63 @@ async fn token_from_the_hive_environment_works_and_dev_mode_is_loud() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn sighup_rotates_the_token_without_a_restart() {
+    let dir = rbee_test_harness::temp_dir("rotate");
+    let path = rbee_test_harness::write_token_file(&dir, TOKEN);
+    let mut o = opts();
+    o.extra_args = vec!["--token-file".into(), path.to_str().unwrap().into()];
+    let mut w = WorkerProcess::start(o).await.unwrap();
+    let pid = w.pid();
+    let new_token = "rotated-token-0123456789abcdef";
+    rbee_test_harness::write_token_file(&dir, new_token);
+    w.signal(libc::SIGHUP);
+    let c = client();
+    let hi = json!({"prompt": "Hi", "max_tokens": 1});
+    let t0 = Instant::now();
+    loop {
+        w.token = Some(new_token.into());
+        let status = w
+            .post(&c, "/v1/inference", &hi)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "new token not accepted: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.token = Some(TOKEN.into());
+    let old = w.post(&c, "/v1/inference", &hi).send().await.unwrap();
+    assert_eq!(old.status(), 401, "the old token is retired");
+    assert_eq!(w.pid(), pid);
+    assert!(
+        w.wait_exit(Duration::from_millis(10)).await.is_none(),
+        "no restart"
+    );
+    assert!(w.stderr().contains("token reloaded"), "{}", w.stderr());
+}
+
+#[test]
+fn an_unreachable_ready_url_makes_the_worker_exit_1() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let model = test_model();
+    let url = format!("http://127.0.0.1:{port}/ready");
+    let (code, log) = run_to_exit(
+        &["--model", model.to_str().unwrap(), "--ready-url", &url],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("ready call"), "{log}");
+}
