@@ -513,6 +513,30 @@ async fn deadlines_stop_generation() {
         .await
         .unwrap();
     assert_eq!(error_of(bad).await.0, 400);
+    for extreme in [i64::MAX.to_string(), i64::MIN.to_string()] {
+        let resp = w
+            .post(
+                &c,
+                "/v1/inference",
+                &json!({"prompt": "Hi", "max_tokens": 1}),
+            )
+            .header("x-deadline-ms", extreme.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status() == 200 || resp.status() == 504,
+            "{extreme}: {}",
+            resp.status()
+        );
+        let _ = resp.bytes().await;
+    }
+    let alive = w.post(
+        &c,
+        "/v1/inference",
+        &json!({"prompt": "Hi", "max_tokens": 1}),
+    );
+    assert_eq!(alive.send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]

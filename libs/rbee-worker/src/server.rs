@@ -540,9 +540,11 @@ fn parse_deadline(headers: &HeaderMap) -> Result<Option<(Instant, i64)>, String>
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let left = ms - now_ms;
-    let at = Instant::now() + Duration::from_millis(left.max(0) as u64);
-    Ok(Some((at, left)))
+    let left = ms.saturating_sub(now_ms);
+    // A deadline too far away to represent is no deadline at all.
+    Ok(Instant::now()
+        .checked_add(Duration::from_millis(left.max(0) as u64))
+        .map(|at| (at, left)))
 }
 
 async fn inference(
@@ -613,7 +615,7 @@ async fn start_inference(
                 codes::DEADLINE_EXCEEDED,
                 format!(
                     "the deadline passed {} ms before the worker got the request",
-                    -left
+                    left.unsigned_abs()
                 ),
             ));
         }
