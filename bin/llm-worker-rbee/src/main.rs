@@ -88,7 +88,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, token)) {
+    let result = runtime.block_on(run(args, token));
+    // A model still loading on a blocking thread must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -147,8 +150,8 @@ fn check_config(args: &Args, token: Option<&Token>) -> anyhow::Result<()> {
     if args.threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
-    if !(args.grace_seconds.is_finite() && args.grace_seconds >= 0.0) {
-        anyhow::bail!("--grace-seconds must be a non-negative number");
+    if !(0.0..=3600.0).contains(&args.grace_seconds) {
+        anyhow::bail!("--grace-seconds must be between 0 and 3600");
     }
     if !matches!(args.log_format.as_str(), "text" | "json") {
         anyhow::bail!("--log-format must be text or json");

@@ -269,7 +269,11 @@ impl Engine {
 
 fn inference_thread(model: LlamaModel, shared: Arc<Shared>, rx: mpsc::Receiver<GenerationJob>) {
     while let Ok(mut job) = rx.recv() {
-        let result = generate(&model, &shared.tokenizer, &mut job);
+        // A panic inside candle must fail this job, not kill the thread for every later one.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            generate(&model, &shared.tokenizer, &mut job)
+        }))
+        .unwrap_or_else(|_| Err(EngineError::Model("inference panicked".into())));
         let event = match result {
             Ok(summary) => GenEvent::Finished(summary),
             Err(e) => {

@@ -37,6 +37,9 @@ impl Default for SamplingParams {
     }
 }
 
+/// Temperatures below this sample greedily.
+pub const MIN_TEMPERATURE: f32 = 1e-4;
+
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -59,7 +62,9 @@ impl Sampler {
         if p.repetition_penalty != 1.0 && p.repetition_window > 0 {
             apply_repetition_penalty(logits, history, p.repetition_penalty, p.repetition_window);
         }
-        if p.temperature <= 0.0 {
+        // Below this, 1/temperature overflows towards inf and the softmax turns to NaN; such a
+        // temperature means greedy anyway.
+        if p.temperature < MIN_TEMPERATURE {
             return argmax(logits);
         }
         let inv_t = 1.0 / p.temperature;
@@ -169,6 +174,12 @@ mod tests {
     #[test]
     fn greedy_takes_the_largest_logit() {
         let mut s = Sampler::new(params(0.0));
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9, -3.0], &[]), 1);
+    }
+
+    #[test]
+    fn a_vanishing_temperature_is_greedy_not_nan() {
+        let mut s = Sampler::new(params(1e-30));
         assert_eq!(s.sample(&mut [0.1, 2.0, 1.9, -3.0], &[]), 1);
     }
 

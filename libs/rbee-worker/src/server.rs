@@ -86,6 +86,8 @@ struct AppState {
     engine: OnceLock<Engine>,
     slot: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Set when the shutdown grace window has run out: new generations are cancelled at once.
+    grace_over: AtomicBool,
     started: Instant,
     metrics: WorkerMetrics,
     inflight: Mutex<HashMap<String, Arc<AtomicBool>>>,
@@ -186,6 +188,7 @@ pub async fn serve(
         engine: OnceLock::new(),
         slot: Arc::new(Semaphore::new(1)),
         draining: AtomicBool::new(false),
+        grace_over: AtomicBool::new(false),
         started: Instant::now(),
         metrics: WorkerMetrics::new(),
         inflight: Mutex::new(HashMap::new()),
@@ -209,6 +212,7 @@ pub async fn serve(
         let st = drain_state.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
+            st.grace_over.store(true, Ordering::SeqCst);
             st.cancel_all("grace window over");
         });
     };
@@ -641,6 +645,12 @@ async fn start_inference(
         )
     })?;
     st.metrics.busy.set(&[], 1.0);
+    // Owns the permit from here on, so every way out (errors, a client that leaves while the
+    // prompt is tokenized) resets the busy gauge with it.
+    let release = SlotRelease {
+        _permit: permit,
+        metrics: st.metrics.clone(),
+    };
 
     let prompt = valid.prompt.clone();
     let tokenizing = engine.clone();
@@ -690,12 +700,12 @@ async fn start_inference(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(rid.to_owned(), cancel.clone());
+    // Registered after the grace window's sweep: cancel it now rather than never.
+    if st.grace_over.load(Ordering::SeqCst) {
+        cancel.store(true, Ordering::SeqCst);
+    }
     let (tx, rx) = mpsc::unbounded_channel::<GenEvent>();
     let sink = metered_sink(st.metrics.clone(), accepted_at, rid.to_owned(), tx);
-    let release = SlotRelease {
-        _permit: permit,
-        metrics: st.metrics.clone(),
-    };
     let job = GenerationJob {
         prompt_tokens: tokens,
         params: GenerationParams {
@@ -760,11 +770,18 @@ impl Drop for InflightGuard {
             info!(request_id = %self.request_id, "client went away: cancelling generation");
             self.cancel.store(true, Ordering::SeqCst);
         }
-        self.state
+        let mut map = self
+            .state
             .inflight
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.request_id);
+            .unwrap_or_else(|e| e.into_inner());
+        // A later request may have reused the id; only remove our own entry.
+        if map
+            .get(&self.request_id)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cancel))
+        {
+            map.remove(&self.request_id);
+        }
     }
 }
 
