@@ -168,7 +168,8 @@ pub struct GenerationJob {
     pub deadline: Option<Instant>,
     pub accepted_at: Instant,
     pub sink: EventSink,
-    /// Dropped on the inference thread once the job is over (e.g. a slot permit).
+    /// Dropped on the inference thread once the job is over, before the final event is sent
+    /// (e.g. a slot permit).
     pub on_done: Option<Box<dyn Send>>,
 }
 
@@ -281,8 +282,10 @@ fn inference_thread(model: LlamaModel, shared: Arc<Shared>, rx: mpsc::Receiver<G
                 GenEvent::Failed(e)
             }
         };
-        (job.sink)(event);
+        // Release first: a client that has read the final event may send its next request at
+        // once, and must find the worker free.
         drop(job.on_done.take());
+        (job.sink)(event);
     }
 }
 
