@@ -347,12 +347,8 @@ pub enum SseData {
 
 /// Reads an SSE response incrementally.
 pub struct SseReader {
-    stream: futures_util::stream::BoxStream<'static, reqwest::Result<bytes_alias::Bytes>>,
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<axum::body::Bytes>>,
     buf: String,
-}
-
-mod bytes_alias {
-    pub use axum::body::Bytes;
 }
 
 impl SseReader {

@@ -793,23 +793,30 @@ fn metered_sink(
     request_id: String,
     tx: mpsc::UnboundedSender<GenEvent>,
 ) -> Box<dyn FnMut(GenEvent) -> bool + Send> {
-    let mut last_token: Option<Instant> = None;
+    // (when, token index) of the last event seen, for per-token latency.
+    let mut last: Option<(Instant, usize)> = None;
     Box::new(move |ev| {
         match &ev {
             GenEvent::FirstToken => {
                 let now = Instant::now();
                 m.time_to_first_token
                     .observe(&[], now.duration_since(accepted_at).as_secs_f64());
-                last_token = Some(now);
+                last = Some((now, 0));
             }
-            GenEvent::Text { .. } => {
+            GenEvent::Text { index, .. } => {
                 let now = Instant::now();
-                if let Some(prev) = last_token.replace(now) {
-                    let gap = now.duration_since(prev).as_secs_f64();
-                    if gap > 0.0 {
-                        m.inter_token.observe(&[], gap);
+                if let Some((prev, prev_index)) = last
+                    && *index > prev_index
+                {
+                    // Text held back by stop matching arrives for several tokens at once:
+                    // spread the gap over them so every token is counted once.
+                    let tokens = *index - prev_index;
+                    let each = now.duration_since(prev).as_secs_f64() / tokens as f64;
+                    for _ in 0..tokens {
+                        m.inter_token.observe(&[], each);
                     }
                 }
+                last = Some((now, *index));
             }
             GenEvent::Finished(s) => {
                 let reason = wire_reason(s.stop_reason);
