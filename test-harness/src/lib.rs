@@ -5,6 +5,8 @@
 //! Failing loudly is the point of test support, so panicking helpers are allowed here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod hub;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -415,4 +417,297 @@ pub fn end_event(events: &[SseData]) -> Option<&Value> {
         SseData::Event(v) if v["type"] == "end" => Some(v),
         _ => None,
     })
+}
+
+/// How to start an `rbee-hive` for a test.
+#[derive(Debug, Clone)]
+pub struct HiveOptions {
+    /// API token (through a 0600 file); None is dev mode.
+    pub token: Option<String>,
+    /// Model directories; default: the directory of the test model.
+    pub model_dirs: Vec<PathBuf>,
+    /// Worker binary; default: this workspace's `llm-worker-rbee`.
+    pub worker_binary: Option<PathBuf>,
+    /// Extra `RBEE_HIVE_*` (or other) environment.
+    pub env: Vec<(String, String)>,
+    pub extra_args: Vec<String>,
+    /// Written to `hive.toml`, after the harness's own top-level keys (so only tables here).
+    pub config_tables: String,
+}
+
+impl Default for HiveOptions {
+    fn default() -> Self {
+        let model = test_model();
+        Self {
+            token: None,
+            model_dirs: vec![model.parent().unwrap().to_path_buf()],
+            worker_binary: None,
+            env: Vec::new(),
+            extra_args: Vec::new(),
+            config_tables: String::new(),
+        }
+    }
+}
+
+impl HiveOptions {
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    /// Sets `RBEE_HIVE_<key>` (use `__` between table and key).
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env
+            .push((format!("RBEE_HIVE_{key}"), value.to_string()));
+        self
+    }
+}
+
+/// A running `rbee-hive`; killed (with its workers, by PDEATHSIG) when dropped.
+pub struct HiveProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub base_url: String,
+    pub token: Option<String>,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// A port range nobody else in this test run uses (workers of parallel hives must not meet).
+fn worker_port_range() -> (u16, u16) {
+    static N: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 64 + (n % 4) * 16;
+    (base, base + 15)
+}
+
+fn toml_str(s: &str) -> String {
+    format!("{:?}", s)
+}
+
+impl HiveProcess {
+    /// Starts the hive and waits (up to 20 s) until it listens.
+    pub async fn start(opts: HiveOptions) -> anyhow::Result<Self> {
+        let dir = temp_dir("hive");
+        let worker = opts
+            .worker_binary
+            .clone()
+            .unwrap_or_else(|| workspace_binary("llm-worker-rbee"));
+        let (pmin, pmax) = worker_port_range();
+        let dirs: Vec<String> = opts
+            .model_dirs
+            .iter()
+            .map(|d| toml_str(&d.display().to_string()))
+            .collect();
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\nmodel_dirs = [{}]\naudit_log = {}\n",
+            dirs.join(", "),
+            toml_str(&dir.join("audit.log").display().to_string())
+        );
+        if let Some(t) = &opts.token {
+            let tf = write_token_file(&dir.join("secrets"), t);
+            toml.push_str(&format!(
+                "token_file = {}\n",
+                toml_str(&tf.display().to_string())
+            ));
+        }
+        toml.push_str(&format!(
+            "\n[workers]\nbinary = {}\nport_min = {pmin}\nport_max = {pmax}\n\n",
+            toml_str(&worker.display().to_string())
+        ));
+        toml.push_str(&opts.config_tables);
+        let config_path = dir.join("hive.toml");
+        std::fs::write(&config_path, toml)?;
+        let mut cmd = Command::new(workspace_binary("rbee-hive"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .args(&opts.extra_args)
+            .env_remove("RBEE_HIVE_TOKEN")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().context("spawning rbee-hive")?;
+        let stderr = capture_stderr(&mut child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let log = stderr.lock().unwrap().clone();
+            if let Some(addr) = log
+                .lines()
+                .find(|l| l.contains("hive listening"))
+                .and_then(|l| l.split("address=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                break addr;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("rbee-hive exited before listening ({status}):\n{log}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("rbee-hive not listening within 20 s:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok(Self {
+            child,
+            addr,
+            base_url: format!("http://{addr}"),
+            token: opts.token,
+            dir,
+            config_path,
+            stderr,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    pub fn get(&self, client: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        self.auth(client.get(self.url(path)))
+    }
+
+    pub fn delete(&self, client: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        self.auth(client.delete(self.url(path)))
+    }
+
+    pub fn post(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: &Value,
+    ) -> reqwest::RequestBuilder {
+        self.auth(client.post(self.url(path)).json(body))
+    }
+
+    /// `POST /v1/workers`; returns the new worker's id.
+    pub async fn spawn_worker(
+        &self,
+        client: &reqwest::Client,
+        model: &str,
+    ) -> anyhow::Result<String> {
+        let resp = self
+            .post(
+                client,
+                "/v1/workers",
+                &serde_json::json!({ "model": model }),
+            )
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if status != reqwest::StatusCode::ACCEPTED {
+            bail!("spawn answered {status}: {body}");
+        }
+        Ok(body["id"].as_str().context("spawn without id")?.to_owned())
+    }
+
+    /// Polls `GET /v1/workers/{id}` until `pred` holds (returns that view) or `timeout`.
+    pub async fn wait_worker(
+        &self,
+        client: &reqwest::Client,
+        id: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            let resp = self
+                .get(client, &format!("/v1/workers/{id}"))
+                .send()
+                .await?;
+            last = resp.json().await?;
+            if pred(&last) {
+                return Ok(last);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "worker {id} did not reach the expected state in {timeout:?}; last: {last}\nhive log:\n{}",
+            self.stderr()
+        )
+    }
+
+    /// Spawns the test model and waits until it is ready; returns the worker's view.
+    pub async fn ready_worker(&self, client: &reqwest::Client) -> anyhow::Result<Value> {
+        let id = self
+            .spawn_worker(client, &format!("file:{MODEL_FILE}"))
+            .await?;
+        self.wait_worker(client, &id, Duration::from_secs(120), |v| {
+            v["state"] == "ready"
+        })
+        .await
+    }
+
+    /// The value of one metric series from `/metrics` (labels as written, e.g. `{state="ready"}`).
+    pub async fn metric(&self, client: &reqwest::Client, series: &str) -> anyhow::Result<f64> {
+        let text = self.get(client, "/metrics").send().await?.text().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+}
+
+impl Drop for HiveProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a process exists (and is not a zombie we could still reap).
+pub fn process_alive(pid: i32) -> bool {
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        return state.is_some_and(|s| s != "Z" && s != "X");
+    }
+    false
 }

@@ -33,6 +33,12 @@ pub mod codes {
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const INFERENCE_FAILED: &str = "INFERENCE_FAILED";
     pub const INTERNAL: &str = "INTERNAL";
+    pub const INSUFFICIENT_RESOURCES: &str = "INSUFFICIENT_RESOURCES";
+    pub const MODEL_NOT_FOUND: &str = "MODEL_NOT_FOUND";
+    pub const MODEL_IN_USE: &str = "MODEL_IN_USE";
+    pub const INVALID_MODEL_REF: &str = "INVALID_MODEL_REF";
+    pub const WORKER_NOT_READY: &str = "WORKER_NOT_READY";
+    pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
 }
 
 /// The one error body every daemon returns.
@@ -158,6 +164,52 @@ pub enum StreamEvent {
         code: String,
         message: String,
     },
+}
+
+/// A GPU as a hive reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// `cuda:N` or `metal:0`: the device string a spawn request names.
+    pub device: String,
+    pub name: String,
+    pub vram_total_bytes: u64,
+    pub vram_free_bytes: u64,
+}
+
+/// A node's capacity, as `GET /v1/resources` and heartbeats carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeResources {
+    pub cpu_cores: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub gpus: Vec<GpuInfo>,
+    /// Free space where downloads land.
+    pub model_disk_free_bytes: u64,
+}
+
+/// One worker in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatWorker {
+    pub id: String,
+    /// The model reference the worker was spawned with.
+    pub model: String,
+    pub device: String,
+    /// `starting`, `ready`, `stopping`, `backoff` or `failed`.
+    pub state: String,
+    pub busy: bool,
+}
+
+/// What a hive POSTs to the queen's `/v1/hives/heartbeat` every few seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiveHeartbeat {
+    pub hive_id: String,
+    /// Where the queen reaches this hive.
+    pub url: String,
+    pub version: String,
+    pub resources: NodeResources,
+    pub workers: Vec<HeartbeatWorker>,
+    /// Model references on disk (`hf:org/repo:file` or `file:path`).
+    pub models: Vec<String>,
 }
 
 #[cfg(test)]

@@ -190,6 +190,54 @@ fn credential_path_in(dir: &Path, name: &str) -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
+/// Where a resolved token came from, for logs (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenOrigin {
+    File(PathBuf),
+    Credential(PathBuf),
+    Env(String),
+}
+
+impl std::fmt::Display for TokenOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenOrigin::File(p) => write!(f, "file {}", p.display()),
+            TokenOrigin::Credential(p) => write!(f, "systemd credential {}", p.display()),
+            TokenOrigin::Env(v) => write!(f, "environment variable {v}"),
+        }
+    }
+}
+
+/// The one token lookup every daemon uses: an explicit file (mode 0600), else the systemd
+/// credential `credential` (`$CREDENTIALS_DIRECTORY/<credential>`), else a value the caller
+/// took from an environment variable at start (`(name, value)`; the caller warns and removes
+/// the variable so children do not inherit it). `Ok(None)` when none is configured.
+pub fn resolve_token(
+    file: Option<&Path>,
+    credential: &str,
+    env: Option<(&str, &str)>,
+) -> Result<Option<(Token, TokenOrigin)>, AuthError> {
+    if let Some(path) = file {
+        return Ok(Some((
+            load_token_file(path)?,
+            TokenOrigin::File(path.to_path_buf()),
+        )));
+    }
+    if let Some(path) = credential_path(credential) {
+        return Ok(Some((
+            load_token_file(&path)?,
+            TokenOrigin::Credential(path),
+        )));
+    }
+    match env {
+        Some((name, value)) => Ok(Some((
+            Token::new(value, name)?,
+            TokenOrigin::Env(name.to_owned()),
+        ))),
+        None => Ok(None),
+    }
+}
+
 /// Extracts the token from an `Authorization` header value of the form
 /// `Bearer <token>`. The scheme is case-insensitive and may be followed by
 /// one or more spaces. Other schemes, an empty token, or a token with

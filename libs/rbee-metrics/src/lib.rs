@@ -290,6 +290,18 @@ impl Handle {
         inner.families.get(index)?.get(label_values).map(f)
     }
 
+    fn remove(&self, label_values: &[&str]) {
+        let Some(index) = self.index else { return };
+        let mut inner = lock(&self.inner);
+        if let Some(fam) = inner.families.get_mut(index) {
+            fam.series.retain(|(k, _)| {
+                !k.iter()
+                    .map(String::as_str)
+                    .eq(label_values.iter().copied())
+            });
+        }
+    }
+
     fn read_scalar(&self, label_values: &[&str]) -> f64 {
         self.read(label_values, |v| match v {
             Value::Scalar(x) => *x,
@@ -365,6 +377,11 @@ impl Gauge {
     /// The current value; 0 for an untouched label set.
     pub fn get(&self, label_values: &[&str]) -> f64 {
         self.0.read_scalar(label_values)
+    }
+
+    /// Drops one series, e.g. a worker's when the worker is gone.
+    pub fn remove(&self, label_values: &[&str]) {
+        self.0.remove(label_values);
     }
 }
 

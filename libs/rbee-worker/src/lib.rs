@@ -5,13 +5,12 @@
 //! one generation at a time as an SSE stream until shutdown. The binary only parses flags,
 //! sets up logging and signals, and calls [`serve`].
 
-mod error;
 mod metrics;
 mod server;
 pub mod validate;
 
-pub use error::ApiError;
 pub use metrics::WorkerMetrics;
+pub use rbee_http::ApiError;
 pub use server::{Shutdown, WorkerConfig, router_routes, serve};
 
 /// Errors that stop the worker (exit non-zero).

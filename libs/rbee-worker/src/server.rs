@@ -6,21 +6,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use futures_util::Stream;
 use rbee_api::{
-    HEADER_DEADLINE_MS, HEADER_REQUEST_ID, InferenceRequest, MAX_BODY_BYTES, SSE_DONE,
-    StopReason as WireStopReason, StreamEvent, Timings, codes,
+    InferenceRequest, MAX_BODY_BYTES, SSE_DONE, StopReason as WireStopReason, StreamEvent, Timings,
+    codes,
 };
 use rbee_auth::Token;
 use rbee_engine::{
@@ -28,12 +28,14 @@ use rbee_engine::{
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tracing::{Instrument, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::WorkerError;
-use crate::error::ApiError;
 use crate::metrics::WorkerMetrics;
 use crate::validate::{fit_to_context, validate};
+use rbee_http::{
+    ApiError, RequestId, Route, build_router, is_json, parse_deadline, parse_json, presented_bearer,
+};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -97,43 +99,33 @@ struct AppState {
 
 type Shared = Arc<AppState>;
 
-#[derive(Clone, Debug)]
-struct RequestId(String);
-
-struct RouteSpec {
-    method: &'static str,
-    path: &'static str,
-    public: bool,
-    handler: MethodRouter<Shared>,
-}
-
-fn routes() -> Vec<RouteSpec> {
+fn routes() -> Vec<Route<Shared>> {
     vec![
-        RouteSpec {
+        Route {
             method: "GET",
             path: "/health",
             public: true,
             handler: get(health),
         },
-        RouteSpec {
+        Route {
             method: "GET",
             path: "/metrics",
             public: true,
             handler: get(metrics),
         },
-        RouteSpec {
+        Route {
             method: "POST",
             path: "/v1/inference",
             public: false,
             handler: post(inference),
         },
-        RouteSpec {
+        Route {
             method: "DELETE",
             path: "/v1/inference/{request_id}",
             public: false,
             handler: delete(cancel),
         },
-        RouteSpec {
+        Route {
             method: "POST",
             path: "/v1/shutdown",
             public: false,
@@ -152,24 +144,12 @@ pub fn router_routes() -> Vec<(&'static str, &'static str, bool)> {
 }
 
 fn router(state: Shared) -> Router {
-    let mut public = Router::new();
-    let mut protected = Router::new();
-    for r in routes() {
-        if r.public {
-            public = public.route(r.path, r.handler);
-        } else {
-            protected = protected.route(r.path, r.handler);
-        }
-    }
-    let protected =
-        protected.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    public
-        .merge(protected)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(request_id))
-        .with_state(state)
+    let auth_state = state.clone();
+    build_router(routes(), move |protected| {
+        protected.route_layer(middleware::from_fn_with_state(auth_state, require_token))
+    })
+    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    .with_state(state)
 }
 
 /// Serves until shutdown. Returns an error when the model cannot load or readiness cannot be
@@ -364,29 +344,6 @@ async fn reload_on_sighup(state: Shared) {
     }
 }
 
-/// Accepts a sane `X-Request-Id` or makes one; logs under it and echoes it back.
-async fn request_id(mut req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(HEADER_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| {
-            !s.is_empty()
-                && s.len() <= 128
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        })
-        .map(str::to_owned);
-    let id = given.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
-    req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut resp = next.run(req).instrument(span).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(HEADER_REQUEST_ID, v);
-    }
-    resp
-}
-
 async fn require_token(
     State(st): State<Shared>,
     Extension(rid): Extension<RequestId>,
@@ -396,11 +353,7 @@ async fn require_token(
     let Some(token) = st.current_token() else {
         return next.run(req).await; // dev mode
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(rbee_auth::bearer_from_header);
+    let presented = presented_bearer(req.headers());
     if presented.is_some_and(|p| token.matches(p)) {
         return next.run(req).await;
     }
@@ -413,26 +366,6 @@ async fn require_token(
     ApiError::unauthorized()
         .with_request_id(&rid.0)
         .into_response()
-}
-
-async fn not_found(Extension(rid): Extension<RequestId>, req: Request) -> Response {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        codes::NOT_FOUND,
-        format!("no route for {} {}", req.method(), req.uri().path()),
-    )
-    .with_request_id(&rid.0)
-    .into_response()
-}
-
-async fn method_not_allowed(Extension(rid): Extension<RequestId>, req: Request) -> Response {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        codes::METHOD_NOT_ALLOWED,
-        format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    )
-    .with_request_id(&rid.0)
-    .into_response()
 }
 
 async fn health(State(st): State<Shared>) -> Response {
@@ -507,50 +440,6 @@ async fn cancel(
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-}
-
-/// Parses JSON, naming the offending field (`messages[0].role`) when a value has the wrong type.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let msg = if path.is_empty() || path == "." {
-            format!("invalid request body: {inner}")
-        } else {
-            format!("invalid request body: `{path}`: {inner}")
-        };
-        ApiError::bad_request(codes::INVALID_JSON, msg)
-    })
-}
-
-/// `X-Deadline-Ms` (absolute unix ms) as an Instant; Err(message) when malformed.
-fn parse_deadline(headers: &HeaderMap) -> Result<Option<(Instant, i64)>, String> {
-    let Some(v) = headers.get(HEADER_DEADLINE_MS) else {
-        return Ok(None);
-    };
-    let ms: i64 = v
-        .to_str()
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| "`X-Deadline-Ms` must be unix time in milliseconds".to_owned())?;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let left = ms.saturating_sub(now_ms);
-    // A deadline too far away to represent is no deadline at all.
-    Ok(Instant::now()
-        .checked_add(Duration::from_millis(left.max(0) as u64))
-        .map(|at| (at, left)))
-}
-
 async fn inference(
     State(st): State<Shared>,
     Extension(rid): Extension<RequestId>,
@@ -609,7 +498,7 @@ async fn start_inference(
             "`Content-Type` must be application/json",
         ));
     }
-    let req: InferenceRequest = parse_body(&body)?;
+    let req: InferenceRequest = parse_json(&body)?;
     let deadline = match parse_deadline(headers)
         .map_err(|m| ApiError::bad_request(codes::INVALID_PARAMETER, m))?
     {

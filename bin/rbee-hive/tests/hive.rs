@@ -1,0 +1,1188 @@
+//! The hive with real worker processes and the real model: supervision, the API, shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rbee_test_harness::{
+    HiveOptions, HiveProcess, MODEL_FILE, SseData, SseReader, end_event, joined_text,
+    process_alive, reference, temp_dir, workspace_binary, write_token_file,
+};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "hive-test-token-0123456789";
+const MODEL_REF: &str = "file:SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+fn worker_pid(v: &Value) -> i32 {
+    v["pid"].as_i64().expect("pid") as i32
+}
+
+fn kill(pid: i32, sig: i32) {
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+#[tokio::test]
+async fn spawn_ready_infer_through_the_hive_and_stop() {
+    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    let t0 = Instant::now();
+    let id = hive.spawn_worker(&c, MODEL_REF).await.unwrap();
+    let returned_in = t0.elapsed();
+    let ready = hive
+        .wait_worker(&c, &id, Duration::from_secs(120), |v| v["state"] == "ready")
+        .await
+        .unwrap();
+    println!(
+        "spawn returned in {:?}; spawn-to-ready {} s (observed {:?})",
+        returned_in,
+        ready["spawn_to_ready_seconds"],
+        t0.elapsed()
+    );
+    assert!(
+        returned_in < Duration::from_secs(2),
+        "spawn must return at once"
+    );
+    assert_eq!(ready["context_length"], 8192);
+    assert!(ready["memory_rss_bytes"].as_u64().unwrap() > 50 << 20);
+    let pid = worker_pid(&ready);
+    assert!(process_alive(pid));
+    // The worker's token is not on its command line.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("TOKEN"));
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("RBEE_HIVE_"),
+        "the hive's environment is not inherited"
+    );
+
+    // The greedy chat reference answer, through the hive, with our request id.
+    let case = &reference().greedy_chat[0];
+    let resp = hive
+        .post(
+            &c,
+            &format!("/v1/workers/{id}/inference"),
+            &json!({"messages": case.messages, "max_tokens": case.max_tokens, "temperature": 0}),
+        )
+        .header("x-request-id", "through-the-hive-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "through-the-hive-1");
+    let events = SseReader::new(resp).collect().await.unwrap();
+    assert_eq!(joined_text(&events), case.text);
+    let end = end_event(&events).unwrap();
+    assert_eq!(end["completion_tokens"], case.usage.completion_tokens);
+    assert!(matches!(events.last(), Some(SseData::Done)));
+    let started = match &events[0] {
+        SseData::Event(v) => v.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(started["request_id"], "through-the-hive-1");
+
+    // Worker errors pass through in the one JSON shape.
+    let bad = hive
+        .post(
+            &c,
+            &format!("/v1/workers/{id}/inference"),
+            &json!({"prompt": "x", "temperature": 9}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "INVALID_PARAMETER");
+
+    let view: Value = hive
+        .get(&c, &format!("/v1/workers/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["requests_total"], 2);
+
+    let t1 = Instant::now();
+    let stopped = hive
+        .delete(&c, &format!("/v1/workers/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200);
+    let stopped: Value = stopped.json().await.unwrap();
+    println!("API stop took {:?}: {}", t1.elapsed(), stopped["stop"]);
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["stop"]["outcome"], "graceful");
+    assert!(!process_alive(pid), "worker process gone after DELETE");
+    let gone = hive
+        .get(&c, &format!("/v1/workers/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    assert_eq!(
+        hive.metric(&c, "rbee_hive_workers_graceful_shutdown_total")
+            .await
+            .unwrap(),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn every_protected_route_needs_the_token() {
+    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    let routes = rbee_hive_core::server::router_routes();
+    assert!(routes.len() >= 15);
+    for (method, path, public) in routes {
+        let concrete = path
+            .replace("{id}", "w-00000000")
+            .replace("{request_id}", "r1");
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        for auth in [
+            None,
+            Some("Bearer wrong-token-0123456789"),
+            Some("Basic abc"),
+        ] {
+            let mut req = c.request(m.clone(), hive.url(&concrete));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = req.send().await.unwrap();
+            if public {
+                assert_ne!(resp.status(), 401, "{method} {path} is public");
+            } else {
+                assert_eq!(resp.status(), 401, "{method} {path} with {auth:?}");
+                assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+                let body: Value = resp.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+                assert!(!body.to_string().contains("wrong-token"));
+            }
+        }
+    }
+    // With the token: 404 in the JSON shape for an unknown worker.
+    let resp = hive.get(&c, "/v1/workers/w-00000000").send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "NOT_FOUND");
+    assert!(body["error"]["request_id"].as_str().unwrap().len() >= 16);
+    assert!(
+        hive.metric(&c, "rbee_hive_auth_failures_total")
+            .await
+            .unwrap()
+            >= 30.0,
+        "auth failures are counted"
+    );
+    // Auth failures are audited, without the token.
+    let audit = std::fs::read_to_string(hive.audit_log()).unwrap();
+    assert!(audit.contains("auth.failure"));
+    assert!(!audit.contains("wrong-token"));
+}
+
+#[tokio::test]
+async fn configuration_errors_exit_64_and_name_the_field() {
+    let hive_bin = workspace_binary("rbee-hive");
+    let dir = temp_dir("hive-config");
+    // Token file readable by others.
+    let tf = write_token_file(&dir, TOKEN);
+    std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(&hive_bin)
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&tf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+
+    // Non-loopback without a token.
+    let out = Command::new(&hive_bin)
+        .args(["--listen", "0.0.0.0:0"])
+        .env_remove("RBEE_HIVE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without a token"));
+
+    // check-config: a bad field is named with its line; a typo'd env var by name.
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:7835\"\n[workers]\nkeep_alive = 5\n",
+    )
+    .unwrap();
+    let out = Command::new(&hive_bin)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("workers.keep_alive") && err.contains(":3"),
+        "{err}"
+    );
+
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "listen = \"127.0.0.1:7835\"\n[workers]\nkeep_alive_seconds = 60\nport_min = 9000\nport_max = 9010\n",
+    )
+    .unwrap();
+    let out = Command::new(&hive_bin)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workers.keep_alive_seconds <- file"));
+
+    let out = Command::new(&hive_bin)
+        .arg("check-config")
+        .arg(&good)
+        .env("RBEE_HIVE_WORKERS__MAX_WORKRES", "3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RBEE_HIVE_WORKERS__MAX_WORKRES"));
+
+    // Validation collects every problem.
+    let invalid = dir.join("invalid.toml");
+    std::fs::write(
+        &invalid,
+        "[workers]\nport_min = 9100\nport_max = 9000\nmax_workers = 0\n[shutdown]\ndrain_seconds = 60\n",
+    )
+    .unwrap();
+    let out = Command::new(&hive_bin)
+        .arg("check-config")
+        .arg(&invalid)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["workers.port_min", "workers.max_workers", "shutdown"] {
+        assert!(err.contains(field), "{field} missing in: {err}");
+    }
+    // The example configuration in the docs is valid.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/examples/hive.toml");
+    let out = Command::new(&hive_bin)
+        .arg("check-config")
+        .arg(example)
+        .env("RBEE_HIVE_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_token_without_a_restart() {
+    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    let token_file = hive.dir.join("secrets/token");
+    let new = "rotated-hive-token-9876543210";
+    std::fs::write(&token_file, new).unwrap();
+    hive.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c
+            .get(hive.url("/v1/workers"))
+            .bearer_auth(new)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new token not accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old = c
+        .get(hive.url("/v1/workers"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 401);
+    assert!(process_alive(hive.pid()), "no restart");
+    let log = hive.stderr();
+    assert!(
+        log.contains("SIGHUP: configuration and tokens reloaded"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(new) && !log.contains(TOKEN),
+        "tokens never logged"
+    );
+    let audit = std::fs::read_to_string(hive.audit_log()).unwrap();
+    assert!(audit.contains("config.reload"));
+}
+
+#[tokio::test]
+async fn crashed_workers_restart_with_backoff_until_the_breaker_opens() {
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("RESTART__MAX_ATTEMPTS", 2)
+            .env("RESTART__BACKOFF_INITIAL_MS", 200)
+            .env("RESTART__BACKOFF_MAX_MS", 1000),
+    )
+    .await
+    .unwrap();
+    let c = client();
+    let first = hive.ready_worker(&c).await.unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    let pid1 = worker_pid(&first);
+    kill(pid1, libc::SIGKILL);
+    let t0 = Instant::now();
+    let second = hive
+        .wait_worker(&c, &id, Duration::from_secs(120), |v| {
+            v["state"] == "ready" && v["restart_count"] == 1
+        })
+        .await
+        .unwrap();
+    println!("restarted after kill -9 in {:?}", t0.elapsed());
+    assert_ne!(worker_pid(&second), pid1);
+    assert_eq!(second["last_exit"]["signal"], 9);
+    assert!(
+        second["last_exit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited unexpectedly")
+    );
+    assert!(!second["stderr_tail"].as_array().unwrap().is_empty());
+    assert_eq!(
+        hive.metric(&c, "rbee_hive_worker_restarts_total")
+            .await
+            .unwrap(),
+        1.0
+    );
+    assert_eq!(
+        hive.metric(
+            &c,
+            &format!("rbee_hive_worker_restart_count{{worker_id=\"{id}\"}}")
+        )
+        .await
+        .unwrap(),
+        1.0
+    );
+    // It still answers.
+    let r = hive
+        .post(
+            &c,
+            &format!("/v1/workers/{id}/inference"),
+            &json!({"prompt": "1, 2, 3,", "max_tokens": 2}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = SseReader::new(r).collect().await.unwrap();
+    assert!(end_event(&events).is_some());
+
+    // Second crash inside the window: the breaker opens (max_attempts = 2).
+    kill(worker_pid(&second), libc::SIGKILL);
+    let failed = hive
+        .wait_worker(&c, &id, Duration::from_secs(30), |v| v["state"] == "failed")
+        .await
+        .unwrap();
+    assert_eq!(failed["breaker_open"], true);
+    assert!(
+        failed["failure"]
+            .as_str()
+            .unwrap()
+            .contains("circuit breaker open")
+    );
+    assert_eq!(
+        hive.metric(&c, "rbee_hive_worker_breaker_open_total")
+            .await
+            .unwrap(),
+        1.0
+    );
+    assert_eq!(
+        hive.metric(&c, "rbee_hive_worker_crashes_total")
+            .await
+            .unwrap(),
+        2.0
+    );
+    // A failed worker is removed by DELETE.
+    let del = hive
+        .delete(&c, &format!("/v1/workers/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    let audit = std::fs::read_to_string(hive.audit_log()).unwrap();
+    for ev in ["worker.crash", "worker.restart", "worker.breaker_open"] {
+        assert!(audit.contains(ev), "{ev} audited");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_three_workers_one_of_them_frozen_within_30s() {
+    let textfile = temp_dir("textfile").join("hive.prom");
+    let mut hive = HiveProcess::start(
+        HiveOptions {
+            extra_args: vec!["--metrics-textfile".into(), textfile.display().to_string()],
+            ..HiveOptions::default()
+        }
+        .token(TOKEN),
+    )
+    .await
+    .unwrap();
+    let c = client();
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        pids.push(worker_pid(&hive.ready_worker(&c).await.unwrap()));
+    }
+    // One worker will not answer the stop request or SIGTERM.
+    kill(pids[2], libc::SIGSTOP);
+    let t0 = Instant::now();
+    hive.signal(libc::SIGTERM);
+    let status = hive
+        .wait_exit(Duration::from_secs(35))
+        .await
+        .expect("hive exits");
+    let took = t0.elapsed();
+    println!("shutdown with one frozen worker: {took:?}");
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    for pid in &pids {
+        assert!(!process_alive(*pid), "worker {pid} is gone");
+    }
+    let prom = std::fs::read_to_string(&textfile).unwrap();
+    let value = |name: &str| -> f64 {
+        prom.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("rbee_hive_workers_graceful_shutdown_total"), 2.0);
+    assert_eq!(value("rbee_hive_workers_force_killed_total"), 1.0);
+    let d = value("rbee_hive_shutdown_duration_seconds");
+    assert!(d > 9.0 && d < 30.0, "duration {d}");
+}
+
+#[tokio::test]
+async fn sigterm_with_cooperative_workers_is_quick() {
+    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let c = client();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        pids.push(worker_pid(&hive.ready_worker(&c).await.unwrap()));
+    }
+    let t0 = Instant::now();
+    hive.signal(libc::SIGTERM);
+    let status = hive
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("hive exits");
+    println!("cooperative shutdown of 2 workers: {:?}", t0.elapsed());
+    assert!(status.success());
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    for pid in pids {
+        assert!(!process_alive(pid));
+    }
+}
+
+#[tokio::test]
+async fn sigkill_of_the_hive_leaves_no_worker_behind() {
+    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let c = client();
+    let pid = worker_pid(&hive.ready_worker(&c).await.unwrap());
+    hive.signal(libc::SIGKILL);
+    hive.wait_exit(Duration::from_secs(5))
+        .await
+        .expect("hive died");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!process_alive(pid), "worker {pid} orphaned");
+}
+
+#[tokio::test]
+async fn admission_refuses_what_does_not_fit_with_figures() {
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("RESOURCES__MAX_MEMORY_MB", 300),
+    )
+    .await
+    .unwrap();
+    let c = client();
+    let resp = hive
+        .post(&c, "/v1/workers", &json!({"model": MODEL_REF}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 507);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "INSUFFICIENT_RESOURCES");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("needs 527 MiB") && msg.contains("300 MiB is available"),
+        "{msg}"
+    );
+    // A smaller context fits: 2048 tokens of KV cache instead of 8192.
+    let resp = hive
+        .post(
+            &c,
+            "/v1/workers",
+            &json!({"model": MODEL_REF, "max_context": 2048}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    assert_eq!(
+        hive.metric(
+            &c,
+            "rbee_hive_admission_refusals_total{reason=\"memory_limit\"}"
+        )
+        .await
+        .unwrap(),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn max_workers_and_bad_model_refs_are_refused() {
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("WORKERS__MAX_WORKERS", 1),
+    )
+    .await
+    .unwrap();
+    let c = client();
+    for (model, status, code) in [
+        ("file:../etc/passwd.gguf", 400, ""),
+        ("file:/etc/passwd", 400, ""),
+        ("file:../../../../../../etc/hostname", 400, ""),
+        ("hf:../../x", 400, "INVALID_MODEL_REF"),
+        ("hf:org/repo:../../x.gguf", 400, "INVALID_MODEL_REF"),
+        ("nonsense", 400, "INVALID_MODEL_REF"),
+        ("file:missing.gguf", 404, "MODEL_NOT_FOUND"),
+        ("hf:HuggingFaceTB/not-downloaded", 404, "MODEL_NOT_FOUND"),
+    ] {
+        let resp = hive
+            .post(&c, "/v1/workers", &json!({"model": model}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{model}");
+        let body: Value = resp.json().await.unwrap();
+        if !code.is_empty() {
+            assert_eq!(body["error"]["code"], code, "{model}: {body}");
+        }
+    }
+    for (body, field) in [
+        (json!({"model": MODEL_REF, "device": "tpu"}), "device"),
+        (json!({"model": MODEL_REF, "gpu": 1}), "gpu"),
+        (json!({"model": MODEL_REF, "max_context": 0}), "max_context"),
+    ] {
+        let resp = hive.post(&c, "/v1/workers", &body).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let err: Value = resp.json().await.unwrap();
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(field),
+            "{err}"
+        );
+    }
+    let no_cuda = hive
+        .post(
+            &c,
+            "/v1/workers",
+            &json!({"model": MODEL_REF, "device": "cuda:0"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_cuda.status(), 400);
+    let err: Value = no_cuda.json().await.unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("workers.binary_cuda")
+    );
+
+    hive.spawn_worker(&c, MODEL_REF).await.unwrap();
+    let second = hive
+        .post(&c, "/v1/workers", &json!({"model": MODEL_REF}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 507);
+    let err: Value = second.json().await.unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_workers (1)")
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_frees_the_worker_at_once() {
+    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    let w = hive.ready_worker(&c).await.unwrap();
+    let id = w["id"].as_str().unwrap();
+    let path = format!("/v1/workers/{id}/inference");
+    let long = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 400, "temperature": 0});
+    let resp = hive.post(&c, &path, &long).send().await.unwrap();
+    let mut reader = SseReader::new(resp);
+    for _ in 0..3 {
+        reader.next().await.unwrap();
+    }
+    // Busy: a second request is refused with Retry-After.
+    let busy = hive.post(&c, &path, &long).send().await.unwrap();
+    assert_eq!(busy.status(), 503);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    drop(reader);
+    let t0 = Instant::now();
+    loop {
+        let r = hive
+            .post(&c, &path, &json!({"prompt": "Hi", "max_tokens": 1}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            let events = SseReader::new(r).collect().await.unwrap();
+            assert!(end_event(&events).is_some());
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "worker still busy after {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let freed = t0.elapsed();
+    println!("worker served the next request {freed:?} after the client left");
+    assert!(freed < Duration::from_secs(1), "{freed:?}");
+
+    // Cancel by request id through the hive.
+    let resp = hive
+        .post(&c, &path, &long)
+        .header("x-request-id", "cancel-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reader = SseReader::new(resp);
+    let first = reader.next().await.unwrap();
+    assert!(
+        matches!(first, Some(SseData::Event(ref v)) if v["type"] == "started"),
+        "{first:?}"
+    );
+    let del = hive
+        .delete(&c, "/v1/inference/cancel-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert!(del.status().is_success(), "{}", del.text().await.unwrap());
+    let mut rest = Vec::new();
+    while let Some(ev) = reader.next().await.unwrap() {
+        rest.push(ev);
+    }
+    assert_eq!(end_event(&rest).unwrap()["stop_reason"], "cancelled");
+    let unknown = hive
+        .delete(&c, "/v1/inference/never-was")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    // A deadline passes through.
+    let resp = hive
+        .post(&c, &path, &long)
+        .header("x-deadline-ms", (rbee_unix_ms() + 300).to_string())
+        .send()
+        .await
+        .unwrap();
+    let events = SseReader::new(resp).collect().await.unwrap();
+    assert_eq!(end_event(&events).unwrap()["stop_reason"], "deadline");
+}
+
+fn rbee_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test]
+async fn a_worker_crash_mid_stream_ends_the_stream_with_an_error_event() {
+    let hive = HiveProcess::start(HiveOptions::default().env("RESTART__ENABLED", false))
+        .await
+        .unwrap();
+    let c = client();
+    let w = hive.ready_worker(&c).await.unwrap();
+    let id = w["id"].as_str().unwrap();
+    let resp = hive
+        .post(
+            &c,
+            &format!("/v1/workers/{id}/inference"),
+            &json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 400, "temperature": 0}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap();
+    kill(worker_pid(&w), libc::SIGKILL);
+    let mut rest = Vec::new();
+    while let Some(ev) = reader.next().await.unwrap() {
+        rest.push(ev);
+    }
+    let err = rest
+        .iter()
+        .find_map(|e| match e {
+            SseData::Event(v) if v["type"] == "error" => Some(v.clone()),
+            _ => None,
+        })
+        .expect("an error event");
+    assert_eq!(err["code"], "WORKER_UNAVAILABLE");
+    assert!(matches!(rest.last(), Some(SseData::Done)));
+    let failed = hive
+        .wait_worker(&c, id, Duration::from_secs(10), |v| v["state"] == "failed")
+        .await
+        .unwrap();
+    assert!(
+        failed["failure"]
+            .as_str()
+            .unwrap()
+            .contains("restarts are disabled")
+    );
+}
+
+#[tokio::test]
+async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .env("WORKERS__KEEP_ALIVE_SECONDS", 4)
+            .env("WORKERS__HEALTH_INTERVAL_SECONDS", 1)
+            .env("WORKERS__HEALTH_PROBE_IDLE_SECONDS", 0),
+    )
+    .await
+    .unwrap();
+    let c = client();
+    let w = hive.ready_worker(&c).await.unwrap();
+    let id = w["id"].as_str().unwrap().to_owned();
+    let used_at = w["last_used_unix_ms"].clone();
+    let t0 = Instant::now();
+    let mut saw_generation_probe = false;
+    loop {
+        // Scrapes and reads are not use.
+        let _ = hive.get(&c, "/metrics").send().await.unwrap();
+        let r = hive
+            .get(&c, &format!("/v1/workers/{id}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            break;
+        }
+        let v: Value = r.json().await.unwrap();
+        if v["state"] == "ready" {
+            assert_eq!(
+                v["last_used_unix_ms"], used_at,
+                "probes must not count as use"
+            );
+        }
+        saw_generation_probe |= hive
+            .metric(
+                &c,
+                "rbee_hive_health_probes_total{kind=\"generate\",outcome=\"ok\"}",
+            )
+            .await
+            .unwrap()
+            >= 1.0;
+        assert!(t0.elapsed() < Duration::from_secs(20), "not stopped: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let idle_for = t0.elapsed();
+    println!("keep-alive stop after {idle_for:?}");
+    assert!(idle_for >= Duration::from_secs(2));
+    assert!(saw_generation_probe, "a 1-token generation probe ran");
+    assert_eq!(
+        hive.metric(&c, "rbee_hive_keep_alive_stops_total")
+            .await
+            .unwrap(),
+        1.0
+    );
+    assert!(!process_alive(worker_pid(&w)));
+}
+
+#[tokio::test]
+async fn a_worker_that_never_reports_ready_is_killed_with_a_reason() {
+    // A stand-in worker that starts and then hangs (test double for a misbehaving worker).
+    let dir = temp_dir("hang-worker");
+    let script = dir.join("hang-worker");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'pretending to load' >&2\nexec sleep 300\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hive = HiveProcess::start(HiveOptions {
+        worker_binary: Some(script),
+        ..HiveOptions::default()
+            .env("WORKERS__LOAD_TIMEOUT_SECONDS", 1)
+            .env("RESTART__MAX_ATTEMPTS", 1)
+    })
+    .await
+    .unwrap();
+    let c = client();
+    let id = hive.spawn_worker(&c, MODEL_REF).await.unwrap();
+    let failed = hive
+        .wait_worker(&c, &id, Duration::from_secs(15), |v| v["state"] == "failed")
+        .await
+        .unwrap();
+    let reason = failed["last_exit"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("did not report ready within 1 s"),
+        "{reason}"
+    );
+    assert_eq!(failed["last_exit"]["signal"], 9);
+    assert_eq!(failed["stderr_tail"][0], "pretending to load");
+}
+
+#[tokio::test]
+async fn worker_events_stream_shows_readiness() {
+    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    let resp = hive.get(&c, "/v1/workers/events").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = SseReader::new(resp);
+    let id = hive.spawn_worker(&c, MODEL_REF).await.unwrap();
+    let mut states = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let Some(SseData::Event(ev)) = events.next().await.unwrap() else {
+            panic!("stream ended");
+        };
+        if ev["worker"]["id"] == id.as_str() {
+            states.push(ev["worker"]["state"].as_str().unwrap().to_owned());
+            if ev["worker"]["state"] == "ready" {
+                break;
+            }
+        }
+    }
+    assert_eq!(states.first().map(String::as_str), Some("starting"));
+    assert_eq!(states.last().map(String::as_str), Some("ready"));
+    // A late subscriber gets a snapshot first.
+    let late = hive.get(&c, "/v1/workers/events").send().await.unwrap();
+    let mut late = SseReader::new(late);
+    let Some(SseData::Event(first)) = late.next().await.unwrap() else {
+        panic!("no snapshot");
+    };
+    assert_eq!(first["kind"], "snapshot");
+    assert_eq!(first["worker"]["state"], "ready");
+}
+
+#[tokio::test]
+async fn models_are_listed_and_deletion_waits_for_workers() {
+    // A model directory of its own, so deleting does not touch the shared test model.
+    let dir = temp_dir("models");
+    let src = rbee_test_harness::test_model();
+    let copy = dir.join(MODEL_FILE);
+    if std::fs::hard_link(&src, &copy).is_err() {
+        std::fs::copy(&src, &copy).unwrap();
+    }
+    let hive = HiveProcess::start(HiveOptions {
+        model_dirs: vec![dir.clone()],
+        ..HiveOptions::default().token(TOKEN)
+    })
+    .await
+    .unwrap();
+    let c = client();
+    let list: Value = hive
+        .get(&c, "/v1/models")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let models = list["models"].as_array().unwrap();
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0]["reference"], MODEL_REF);
+    assert_eq!(models[0]["bytes"], rbee_test_harness::MODEL_BYTES);
+    let model_id = models[0]["id"].as_str().unwrap().to_owned();
+    let w = hive.ready_worker(&c).await.unwrap();
+    let refused = hive
+        .delete(&c, &format!("/v1/models/{model_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "MODEL_IN_USE");
+    hive.delete(&c, &format!("/v1/workers/{}", w["id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    let ok = hive
+        .delete(&c, &format!("/v1/models/{model_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(!copy.exists());
+    let again = hive
+        .delete(&c, &format!("/v1/models/{model_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    let audit = std::fs::read_to_string(hive.audit_log()).unwrap();
+    assert!(audit.contains("model.delete"));
+
+    // Node resources.
+    let res: Value = hive
+        .get(&c, "/v1/resources")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(res["resources"]["cpu_cores"].as_u64().unwrap() >= 1);
+    assert!(res["resources"]["memory_total_bytes"].as_u64().unwrap() > 1 << 30);
+    assert!(res["resources"]["gpus"].is_array());
+}
+
+#[tokio::test]
+async fn audit_log_verifies_and_tampering_is_found() {
+    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    // A few events: auth failure, spawn, ready.
+    let _ = c.get(hive.url("/v1/workers")).send().await.unwrap();
+    hive.ready_worker(&c).await.unwrap();
+    let log = hive.audit_log();
+    let bin = workspace_binary("rbee-hive");
+    let out = Command::new(&bin)
+        .args(["audit", "verify"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intact"));
+    let tampered = temp_dir("audit").join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let edited = text.replacen("\"actor\":\"hive\"", "\"actor\":\"mallory\"", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&tampered, edited).unwrap();
+    let out = Command::new(&bin)
+        .args(["audit", "verify"])
+        .arg(&tampered)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("BROKEN at line"), "{report}");
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool() {
+    let hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let c = client();
+    hive.ready_worker(&c).await.unwrap();
+    let text = c
+        .get(hive.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "rbee_hive_workers{state=\"ready\"} 1",
+        "rbee_hive_worker_spawn_to_ready_seconds_count 1",
+        "rbee_hive_worker_memory_estimate_ratio{worker_id=",
+    ] {
+        assert!(text.contains(name), "{name} missing");
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (.ci/run installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A stand-in queen that records heartbeats (the queen is its own issue; this is its side of
+/// the wire as the hive sees it).
+async fn queen_double() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Value)>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use axum::routing::post;
+    let beats = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = beats.clone();
+    let app = axum::Router::new().route(
+        "/v1/hives/heartbeat",
+        post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
+                let sink = sink.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    sink.lock().unwrap().push((auth, body));
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, beats, task)
+}
+
+#[tokio::test]
+async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
+    let (url, beats, queen) = queen_double().await;
+    let join = "join-token-abcdefghijklmnop";
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("QUEEN__URL", &url)
+            .env("QUEEN__HEARTBEAT_SECONDS", 1)
+            .env("HIVE_ID", "test-hive-1")
+            .env("JOIN_TOKEN", join),
+    )
+    .await
+    .unwrap();
+    let c = client();
+    let w = hive.ready_worker(&c).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let beat = loop {
+        let found = beats
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, b)| {
+                b["workers"]
+                    .as_array()
+                    .is_some_and(|ws| ws.iter().any(|x| x["state"] == "ready"))
+            })
+            .cloned();
+        if let Some(b) = found {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat with a ready worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(beat.0.as_deref(), Some(format!("Bearer {join}").as_str()));
+    let body = beat.1;
+    assert_eq!(body["hive_id"], "test-hive-1");
+    assert_eq!(body["url"], hive.base_url);
+    assert_eq!(body["workers"][0]["id"], w["id"]);
+    assert_eq!(body["workers"][0]["busy"], false);
+    assert!(
+        body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == MODEL_REF)
+    );
+    assert!(
+        body["resources"]["memory_available_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // The join token is not inherited by the worker.
+    let environ = std::fs::read(format!("/proc/{}/environ", worker_pid(&w))).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&environ).contains(join));
+
+    // Queen gone: the hive keeps serving and counts the failures.
+    queen.abort();
+    let _ = queen.await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hive
+        .metric(&c, "rbee_hive_heartbeats_total{outcome=\"failed\"}")
+        .await
+        .unwrap()
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no failed heartbeat counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let health = c.get(hive.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let r = hive
+        .post(
+            &c,
+            &format!("/v1/workers/{}/inference", w["id"].as_str().unwrap()),
+            &json!({"prompt": "Hi", "max_tokens": 2}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -1,0 +1,701 @@
+//! The hive's shared state: configuration, tokens, the worker registry, admission, the
+//! background loops (health, keep-alive) and the shutdown sequence.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use rbee_audit::AuditLog;
+use rbee_auth::Token;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::HiveError;
+use crate::config::HiveConfig;
+use crate::downloads::Downloads;
+use crate::metrics::HiveMetrics;
+use crate::resources;
+use crate::worker::{self, StopCause, Worker, WorkerSpec, WorkerState, WorkerView};
+
+/// A change to a worker, as `GET /v1/workers/events` streams it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerEvent {
+    /// `snapshot` (sent first, one per existing worker), `state` or `removed`.
+    pub kind: &'static str,
+    pub worker: WorkerView,
+}
+
+/// Tokens the hive holds; reloaded on SIGHUP.
+#[derive(Default)]
+pub struct Tokens {
+    /// What callers of the hive API must present (None: dev mode).
+    pub api: Option<Token>,
+    /// What the hive presents to the queen.
+    pub join: Option<Token>,
+    /// What the hive presents to the model hub.
+    pub hub: Option<String>,
+}
+
+pub struct Hive {
+    cfg: RwLock<HiveConfig>,
+    pub address: SocketAddr,
+    pub tokens: RwLock<Tokens>,
+    pub metrics: HiveMetrics,
+    audit_log: Option<AuditLog>,
+    pub catalog: rbee_models::Catalog,
+    pub downloads: Downloads,
+    workers: Mutex<BTreeMap<String, Arc<Worker>>>,
+    events: broadcast::Sender<WorkerEvent>,
+    ports: Mutex<BTreeSet<u16>>,
+    pub draining: AtomicBool,
+    /// request id → worker id for streams passing through now.
+    pub inflight: Mutex<HashMap<String, String>>,
+    /// Set when the drain window is over: proxied streams end with an error event.
+    pub cut_streams: watch::Sender<bool>,
+    /// Loopback client for workers (no proxy, no pooling surprises).
+    pub http: reqwest::Client,
+    pub started: Instant,
+    worker_dir: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A spawn request after parsing.
+#[derive(Debug, Clone)]
+pub struct SpawnRequest {
+    pub model_ref: String,
+    pub device: String,
+    pub max_context: Option<u64>,
+}
+
+impl Hive {
+    pub fn new(
+        cfg: HiveConfig,
+        address: SocketAddr,
+        tokens: Tokens,
+        catalog: rbee_models::Catalog,
+    ) -> Result<Arc<Self>, HiveError> {
+        let audit_log = if cfg.audit_log.is_empty() {
+            None
+        } else {
+            let max = (cfg.audit_max_bytes > 0).then_some(cfg.audit_max_bytes);
+            Some(AuditLog::open(Path::new(&cfg.audit_log), max)?)
+        };
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| HiveError::Http(e.to_string()))?;
+        let worker_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        Ok(Arc::new(Self {
+            cfg: RwLock::new(cfg),
+            address,
+            tokens: RwLock::new(tokens),
+            metrics: HiveMetrics::new(),
+            audit_log,
+            catalog,
+            downloads: Downloads::default(),
+            workers: Mutex::new(BTreeMap::new()),
+            events: broadcast::channel(256).0,
+            ports: Mutex::new(BTreeSet::new()),
+            draining: AtomicBool::new(false),
+            inflight: Mutex::new(HashMap::new()),
+            cut_streams: watch::channel(false).0,
+            http,
+            started: Instant::now(),
+            worker_dir,
+        }))
+    }
+
+    /// A copy of the current configuration.
+    pub fn config(&self) -> HiveConfig {
+        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_config(&self, cfg: HiveConfig) {
+        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    pub fn api_token(&self) -> Option<Token> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .api
+            .clone()
+    }
+
+    pub fn hive_id(&self) -> String {
+        self.config().hive_id
+    }
+
+    /// Appends to the audit log when one is configured; a failed append is logged loudly
+    /// but does not stop the hive.
+    pub fn audit(&self, event: &str, details: serde_json::Value) {
+        if let Some(log) = &self.audit_log
+            && let Err(e) = log.append(event, "hive", details)
+        {
+            error!(error = %e, event, "audit log append failed");
+        }
+    }
+
+    pub fn audit_as(&self, event: &str, actor: &str, details: serde_json::Value) {
+        if let Some(log) = &self.audit_log
+            && let Err(e) = log.append(event, actor, details)
+        {
+            error!(error = %e, event, "audit log append failed");
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<WorkerEvent> {
+        self.events.subscribe()
+    }
+
+    /// Publishes a worker's current view and refreshes the state gauge.
+    pub fn announce(&self, worker: &Worker) {
+        let view = worker.view();
+        let kind = "state";
+        let _ = self.events.send(WorkerEvent { kind, worker: view });
+        self.refresh_state_gauge();
+    }
+
+    fn refresh_state_gauge(&self) {
+        let workers = self.list();
+        for st in WorkerState::ALL {
+            let n = workers.iter().filter(|w| w.state == st).count();
+            self.metrics.workers.set(&[st.as_str()], n as f64);
+        }
+    }
+
+    pub fn list(&self) -> Vec<WorkerView> {
+        let ws: Vec<Arc<Worker>> = lock(&self.workers).values().cloned().collect();
+        ws.iter().map(|w| w.view()).collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Worker>> {
+        lock(&self.workers).get(id).cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<Worker>> {
+        lock(&self.workers).values().cloned().collect()
+    }
+
+    /// Called by the lifecycle task at its end: a stopped worker leaves the registry; a
+    /// failed one stays (with its crash report) until it is deleted.
+    pub fn worker_finished(&self, worker: &Worker) {
+        let id = worker.id().to_owned();
+        if worker.state() == WorkerState::Stopped {
+            lock(&self.workers).remove(&id);
+            for g in [
+                &self.metrics.memory_estimate,
+                &self.metrics.memory_rss,
+                &self.metrics.memory_estimate_ratio,
+                &self.metrics.worker_restart_count,
+            ] {
+                g.remove(&[&id]);
+            }
+            let _ = self.events.send(WorkerEvent {
+                kind: "removed",
+                worker: worker.view(),
+            });
+        }
+        self.refresh_state_gauge();
+    }
+
+    /// Removes a failed worker's record (its process is already gone).
+    pub fn remove_finished(&self, id: &str) -> Option<WorkerView> {
+        let w = {
+            let mut map = lock(&self.workers);
+            match map.get(id) {
+                Some(w) if w.is_done() => map.remove(id),
+                _ => None,
+            }
+        }?;
+        let view = w.view();
+        let _ = self.events.send(WorkerEvent {
+            kind: "removed",
+            worker: view.clone(),
+        });
+        self.refresh_state_gauge();
+        Some(view)
+    }
+
+    /// Where a worker's ready call goes: this hive, over the address it listens on
+    /// (loopback when it listens on every interface).
+    pub fn ready_url(&self, worker_id: &str) -> String {
+        let mut addr = self.address;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}/v1/workers/{worker_id}/ready")
+    }
+
+    /// A free port from the configured range: not handed out already and bindable now.
+    pub fn reserve_port(&self) -> Result<u16, String> {
+        let w = self.config().workers;
+        let mut used = lock(&self.ports);
+        for port in w.port_min..=w.port_max {
+            if used.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                used.insert(port);
+                return Ok(port);
+            }
+        }
+        Err(format!(
+            "no free port in workers.port_min..=port_max ({}..={})",
+            w.port_min, w.port_max
+        ))
+    }
+
+    pub fn release_port(&self, port: u16) {
+        lock(&self.ports).remove(&port);
+    }
+
+    pub fn release_port_of(&self, worker: &Worker) {
+        if let Some(p) = worker.view().port {
+            self.release_port(p);
+        }
+    }
+
+    /// Reads a worker's resident memory and compares it with the admission estimate.
+    pub fn sample_memory(&self, worker: &Worker, pid: u32) {
+        let Some(rss) = resources::process_rss(pid) else {
+            return;
+        };
+        worker.set_rss(rss);
+        let id = worker.id();
+        let est = worker.spec.memory_estimate_bytes;
+        self.metrics.memory_estimate.set(&[id], est as f64);
+        self.metrics.memory_rss.set(&[id], rss as f64);
+        if est > 0 {
+            self.metrics
+                .memory_estimate_ratio
+                .set(&[id], rss as f64 / est as f64);
+        }
+    }
+
+    /// The worker binary for a device kind.
+    pub fn worker_binary(&self, device: &str) -> Result<PathBuf, HiveError> {
+        let w = self.config().workers;
+        let (configured, key) = if device.starts_with("cuda") {
+            (w.binary_cuda, "workers.binary_cuda")
+        } else if device.starts_with("metal") {
+            (w.binary_metal, "workers.binary_metal")
+        } else {
+            (w.binary, "workers.binary")
+        };
+        if !configured.is_empty() {
+            return Ok(PathBuf::from(configured));
+        }
+        if device == "cpu" {
+            return Ok(self.worker_dir.join("llm-worker-rbee"));
+        }
+        Err(HiveError::BadRequest(format!(
+            "no worker binary for `{device}` devices: set {key} to an llm-worker-rbee built with that feature"
+        )))
+    }
+
+    /// Validates, checks resources and starts a worker. Returns at once; the worker becomes
+    /// ready (or fails) in the background.
+    pub fn spawn_worker(self: &Arc<Self>, req: SpawnRequest) -> Result<WorkerView, HiveError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(HiveError::ShuttingDown);
+        }
+        let device = parse_device(&req.device)?;
+        let model_ref: rbee_models::ModelRef = req
+            .model_ref
+            .parse()
+            .map_err(|e: rbee_models::ModelError| HiveError::Model(e))?;
+        let path = self.catalog.resolve(&model_ref)?;
+        let summary = rbee_models::GgufSummary::read(&path)?;
+        let context = req
+            .max_context
+            .map(|c| c as usize)
+            .or(Some(summary.context_length as usize));
+        let estimate = rbee_models::estimate_memory(&summary, context);
+        let binary = self.worker_binary(&device)?;
+        if !binary.is_file() {
+            return Err(HiveError::BadRequest(format!(
+                "worker binary {} does not exist",
+                binary.display()
+            )));
+        }
+        let id = format!("w-{:08x}", rand::random::<u32>());
+        let spec = WorkerSpec {
+            id: id.clone(),
+            model_ref: model_ref.to_string(),
+            model_path: path,
+            device: device.clone(),
+            binary,
+            max_context: req.max_context,
+            memory_estimate_bytes: estimate.total_bytes,
+        };
+        // Admission and registration under one lock, so two spawns cannot both take the
+        // last room.
+        let worker = {
+            let mut map = lock(&self.workers);
+            self.admit(&map, &device, &estimate)?;
+            let worker = Worker::new(spec);
+            map.insert(id.clone(), worker.clone());
+            worker
+        };
+        self.audit(
+            "worker.spawn",
+            json!({"worker_id": id, "model": worker.spec.model_ref, "device": device,
+                   "memory_estimate_bytes": estimate.total_bytes}),
+        );
+        info!(worker_id = %id, model = %worker.spec.model_ref, %device, estimate_mib = estimate.total_bytes >> 20, "spawning worker");
+        let view = worker.view();
+        tokio::spawn(worker::run(self.clone(), worker));
+        Ok(view)
+    }
+
+    fn admit(
+        &self,
+        workers: &BTreeMap<String, Arc<Worker>>,
+        device: &str,
+        estimate: &rbee_models::MemoryEstimate,
+    ) -> Result<(), HiveError> {
+        let cfg = self.config();
+        let active: Vec<&Arc<Worker>> = workers.values().filter(|w| w.holds_resources()).collect();
+        let mib = |b: u64| b >> 20;
+        if active.len() as u32 >= cfg.workers.max_workers {
+            self.metrics.admission_refusals.inc(&["max_workers"]);
+            return Err(HiveError::Insufficient(format!(
+                "workers.max_workers ({}) reached: {} workers are running",
+                cfg.workers.max_workers,
+                active.len()
+            )));
+        }
+        let need = estimate.total_bytes;
+        let what = format!(
+            "needs {} MiB (weights {} MiB + KV cache {} MiB + overhead {} MiB)",
+            mib(need),
+            mib(estimate.weights_bytes),
+            mib(estimate.kv_cache_bytes),
+            mib(estimate.overhead_bytes)
+        );
+        let same_device: Vec<&&Arc<Worker>> =
+            active.iter().filter(|w| w.spec.device == device).collect();
+        // Workers still loading have not taken their memory yet; count their estimate.
+        let pending: u64 = same_device
+            .iter()
+            .filter(|w| w.state() == WorkerState::Starting)
+            .map(|w| w.spec.memory_estimate_bytes)
+            .sum();
+        if device == "cpu" {
+            let committed: u64 = same_device
+                .iter()
+                .map(|w| w.spec.memory_estimate_bytes)
+                .sum();
+            let (_, available) = resources::memory();
+            let reserve = cfg.resources.reserve_memory_mb << 20;
+            let free_ram = available.saturating_sub(reserve).saturating_sub(pending);
+            if cfg.resources.max_memory_mb > 0 {
+                let cap = cfg.resources.max_memory_mb << 20;
+                let room = cap.saturating_sub(committed);
+                if need > room {
+                    self.metrics.admission_refusals.inc(&["memory_limit"]);
+                    return Err(HiveError::Insufficient(format!(
+                        "the model {what}; {} MiB is available under resources.max_memory_mb = {} ({} MiB committed to running workers)",
+                        mib(room),
+                        cfg.resources.max_memory_mb,
+                        mib(committed)
+                    )));
+                }
+            }
+            if need > free_ram {
+                self.metrics.admission_refusals.inc(&["memory"]);
+                return Err(HiveError::Insufficient(format!(
+                    "the model {what}; {} MiB of RAM is available (MemAvailable minus resources.reserve_memory_mb = {} and {} MiB for workers still loading)",
+                    mib(free_ram),
+                    cfg.resources.reserve_memory_mb,
+                    mib(pending)
+                )));
+            }
+        } else if device.starts_with("cuda") {
+            // Free VRAM was sampled recently by the resources endpoint or heartbeat; ask again
+            // here only when no snapshot exists would need async, so use nvidia-smi output
+            // cached by the last resources call.
+            let gpus = self.gpu_snapshot();
+            let Some(gpu) = gpus.iter().find(|g| g.device == device) else {
+                self.metrics.admission_refusals.inc(&["no_gpu"]);
+                return Err(HiveError::Insufficient(format!(
+                    "no GPU `{device}` on this node (found: {})",
+                    gpus.iter()
+                        .map(|g| g.device.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            let reserve = cfg.resources.reserve_vram_mb << 20;
+            let free = gpu
+                .vram_free_bytes
+                .saturating_sub(reserve)
+                .saturating_sub(pending);
+            if need > free {
+                self.metrics.admission_refusals.inc(&["vram"]);
+                return Err(HiveError::Insufficient(format!(
+                    "the model {what}; {} MiB of VRAM is free on {device} (minus resources.reserve_vram_mb = {})",
+                    mib(free),
+                    cfg.resources.reserve_vram_mb
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn gpu_snapshot(&self) -> Vec<rbee_api::GpuInfo> {
+        lock(&GPU_CACHE).clone()
+    }
+
+    /// Node resources now (and refreshes the GPU figures admission uses).
+    pub async fn resources(&self) -> rbee_api::NodeResources {
+        let r = resources::snapshot(&self.download_dir()).await;
+        *lock(&GPU_CACHE) = r.gpus.clone();
+        r
+    }
+
+    /// Where downloads land (the first model directory).
+    pub fn download_dir(&self) -> PathBuf {
+        self.catalog.dirs().first().cloned().unwrap_or_default()
+    }
+
+    /// Stops a worker and waits until its process is gone; returns its final record.
+    pub async fn stop_worker(&self, id: &str, cause: StopCause) -> Option<WorkerView> {
+        let worker = self.get(id)?;
+        if worker.is_done() {
+            return self.remove_finished(id);
+        }
+        worker.request_stop(cause);
+        worker.wait_done().await;
+        Some(worker.view())
+    }
+
+    /// Stops idle workers (keep-alive) and health-checks ready ones, forever.
+    pub async fn supervise_loop(self: Arc<Self>) {
+        let mut last_health = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.draining.load(Ordering::SeqCst) {
+                return;
+            }
+            let cfg = self.config();
+            if cfg.workers.keep_alive_seconds > 0 {
+                let keep = Duration::from_secs(cfg.workers.keep_alive_seconds);
+                for w in self.all() {
+                    if w.idle_for(keep) && !w.stop_requested() {
+                        info!(worker_id = %w.id(), keep_alive_s = keep.as_secs(), "unused for the keep-alive; stopping");
+                        self.metrics.keep_alive_stops.inc(&[]);
+                        w.request_stop(StopCause::Idle);
+                    }
+                }
+            }
+            if last_health.elapsed() >= Duration::from_secs(cfg.workers.health_interval_seconds) {
+                last_health = Instant::now();
+                for w in self.all() {
+                    if w.state() == WorkerState::Ready && w.begin_probe() {
+                        let hive = self.clone();
+                        tokio::spawn(async move {
+                            hive.health_check(&w).await;
+                            w.end_probe();
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// `/health` must say ready; a worker with no recent success must also generate one
+    /// token. Three failures in a row kill it (then the restart policy applies).
+    async fn health_check(&self, w: &Worker) {
+        let Some((port, token)) = w.endpoint() else {
+            return;
+        };
+        if let Some(pid) = w.pid() {
+            self.sample_memory(w, pid);
+        }
+        let base = format!("http://127.0.0.1:{port}");
+        let health = self
+            .http
+            .get(format!("{base}/health"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        let mut ok = matches!(&health, Ok(r) if r.status().is_success());
+        self.metrics
+            .health_probes
+            .inc(&["health", if ok { "ok" } else { "failed" }]);
+        let idle = Duration::from_secs(self.config().workers.health_probe_idle_seconds);
+        if ok && w.needs_generation_probe(idle) {
+            // Only when no client holds the slot; a busy worker is evidently alive.
+            if let Ok(permit) = w.slot.clone().try_acquire_owned() {
+                w.probe_holds.store(true, Ordering::SeqCst);
+                let res = self
+                    .http
+                    .post(format!("{base}/v1/inference"))
+                    .bearer_auth(token.expose())
+                    .json(&json!({"prompt": "Hi", "max_tokens": 1}))
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                let body = match res {
+                    Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+                    Ok(r) => format!("HTTP {}", r.status()),
+                    Err(e) => e.to_string(),
+                };
+                w.probe_holds.store(false, Ordering::SeqCst);
+                drop(permit);
+                ok = body.contains("\"type\":\"end\"");
+                self.metrics
+                    .health_probes
+                    .inc(&["generate", if ok { "ok" } else { "failed" }]);
+                if ok {
+                    w.mark_probe_success();
+                } else {
+                    debug!(worker_id = %w.id(), "generation probe failed");
+                }
+            }
+        }
+        if ok {
+            w.health_failures.store(0, Ordering::SeqCst);
+        } else {
+            let n = w.health_failures.fetch_add(1, Ordering::SeqCst) + 1;
+            warn!(worker_id = %w.id(), failures = n, "health check failed");
+            if n >= 3 {
+                w.request_stop(StopCause::Unhealthy);
+            }
+        }
+    }
+
+    /// Graceful shutdown: refuse new work, let streams finish within the drain window, cut
+    /// the rest, then stop every worker in parallel. Returns how long it took.
+    pub async fn shutdown(&self) -> Duration {
+        let t0 = Instant::now();
+        self.draining.store(true, Ordering::SeqCst);
+        let cfg = self.config();
+        let drain = Duration::from_secs(cfg.shutdown.drain_seconds);
+        let n = lock(&self.inflight).len();
+        info!(
+            inflight = n,
+            drain_s = drain.as_secs(),
+            "shutting down: refusing new work"
+        );
+        let deadline = Instant::now() + drain;
+        while !lock(&self.inflight).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = lock(&self.inflight).len();
+        if left > 0 {
+            warn!(streams = left, "drain window over; cutting streams");
+        }
+        self.cut_streams.send_replace(true);
+        self.downloads.cancel_all();
+        let workers = self.all();
+        let stops = workers.iter().map(|w| {
+            let w = w.clone();
+            async move {
+                if w.is_done() {
+                    return;
+                }
+                w.request_stop(StopCause::Shutdown);
+                w.wait_done().await;
+            }
+        });
+        futures_util::future::join_all(stops).await;
+        let took = t0.elapsed();
+        self.metrics.shutdown_duration.set(&[], took.as_secs_f64());
+        info!(
+            seconds = took.as_secs_f64(),
+            graceful = self.metrics.graceful_stops.get(&[]),
+            force_killed = self.metrics.force_kills.get(&[]),
+            "all workers stopped"
+        );
+        self.audit(
+            "hive.stop",
+            json!({"seconds": took.as_secs_f64(), "workers": workers.len()}),
+        );
+        took
+    }
+
+    /// Writes the metrics for node_exporter's textfile collector (atomically).
+    pub fn write_metrics_textfile(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("prom.tmp");
+        std::fs::write(&tmp, self.metrics.registry.render())?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn inflight_insert(&self, request_id: &str, worker_id: &str) {
+        lock(&self.inflight).insert(request_id.to_owned(), worker_id.to_owned());
+    }
+
+    pub fn inflight_remove(&self, request_id: &str) {
+        lock(&self.inflight).remove(request_id);
+    }
+
+    pub fn inflight_worker(&self, request_id: &str) -> Option<String> {
+        lock(&self.inflight).get(request_id).cloned()
+    }
+
+    /// Models on disk as references, for heartbeats.
+    pub fn model_refs(&self) -> Vec<String> {
+        self.catalog
+            .list()
+            .into_iter()
+            .map(|m| m.reference)
+            .collect()
+    }
+
+    /// Whether any live worker serves the model at `path`.
+    pub fn model_in_use(&self, path: &Path) -> Option<String> {
+        self.all()
+            .into_iter()
+            .find(|w| !w.is_done() && w.spec.model_path == path)
+            .map(|w| w.id().to_owned())
+    }
+}
+
+static GPU_CACHE: Mutex<Vec<rbee_api::GpuInfo>> = Mutex::new(Vec::new());
+
+/// `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`, normalised to `kind` or `kind:N`.
+pub fn parse_device(s: &str) -> Result<String, HiveError> {
+    let s = s.trim();
+    let bad =
+        || HiveError::BadRequest(format!("`device`: `{s}` is not cpu, cuda[:N] or metal[:N]"));
+    let (kind, index) = match s.split_once(':') {
+        Some((k, i)) => (k, Some(i.parse::<u32>().map_err(|_| bad())?)),
+        None => (s, None),
+    };
+    match (kind, index) {
+        ("cpu", None) => Ok("cpu".into()),
+        ("cuda" | "metal", i) => Ok(format!("{kind}:{}", i.unwrap_or(0))),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_normalise() {
+        assert_eq!(parse_device("cpu").unwrap(), "cpu");
+        assert_eq!(parse_device("cuda").unwrap(), "cuda:0");
+        assert_eq!(parse_device("cuda:1").unwrap(), "cuda:1");
+        assert_eq!(parse_device("metal").unwrap(), "metal:0");
+        for bad in ["", "gpu", "cpu:1", "cuda:x", "cuda:-1"] {
+            assert!(parse_device(bad).is_err(), "{bad}");
+        }
+    }
+}

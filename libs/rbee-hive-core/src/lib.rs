@@ -1,0 +1,101 @@
+//! `rbee-hive`: the per-node daemon. It spawns and supervises `llm-worker-rbee` processes,
+//! keeps the model catalog and downloads, admits workers against the node's memory, proxies
+//! inference to its workers, heartbeats to the queen and shuts everything down in order.
+//!
+//! - [`config`]: the configuration file, environment and flags ([`config::HiveConfig`]).
+//! - [`hive`]: shared state, admission, keep-alive and health loops, shutdown.
+//! - [`worker`]: one worker's lifecycle (spawn, ready, crash, restart, stop).
+//! - [`server`]: the HTTP API; [`proxy`]: inference streams passed through.
+//! - [`downloads`], [`resources`], [`heartbeat`], [`notify`], [`reload`].
+
+pub mod config;
+pub mod downloads;
+pub mod heartbeat;
+pub mod hive;
+pub mod metrics;
+pub mod notify;
+pub mod proxy;
+pub mod reload;
+pub mod resources;
+pub mod server;
+pub mod worker;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+pub use hive::{Hive, Tokens};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HiveError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no worker `{0}` on this hive")]
+    WorkerNotFound(String),
+    #[error("no model `{0}` on this hive")]
+    ModelNotFound(String),
+    #[error("insufficient resources: {0}")]
+    Insufficient(String),
+    #[error("the hive is shutting down and takes no new work")]
+    ShuttingDown,
+    #[error("{0}")]
+    Model(#[from] rbee_models::ModelError),
+    #[error("audit log: {0}")]
+    Audit(#[from] rbee_audit::AuditError),
+    #[error("http client: {0}")]
+    Http(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Serves the API until `stop` resolves, then shuts down in order (drain, cut, stop workers)
+/// and returns how long the shutdown took.
+pub async fn run(
+    hive: Arc<Hive>,
+    listener: tokio::net::TcpListener,
+    stop: impl Future<Output = ()>,
+) -> Result<Duration, HiveError> {
+    tokio::spawn(hive.clone().supervise_loop());
+    tokio::spawn(heartbeat::run(hive.clone()));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = server::router(hive.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = done_rx.await;
+    });
+    let mut server = tokio::spawn(async move { server.await });
+    hive.audit(
+        "hive.start",
+        serde_json::json!({"address": hive.address.to_string(), "hive_id": hive.hive_id(),
+                           "version": env!("CARGO_PKG_VERSION")}),
+    );
+    info!(address = %hive.address, hive_id = %hive.hive_id(), "hive listening");
+    notify::notify("READY=1\nSTATUS=serving");
+    tokio::select! {
+        _ = stop => {}
+        r = &mut server => {
+            // The listener failed; still stop the workers before reporting it.
+            let e = match r {
+                Ok(Ok(())) => std::io::Error::other("the server stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => std::io::Error::other(e.to_string()),
+            };
+            hive.shutdown().await;
+            return Err(HiveError::Io(e));
+        }
+    }
+    notify::notify("STOPPING=1\nSTATUS=stopping workers");
+    let took = hive.shutdown().await;
+    let _ = done_tx.send(());
+    // Event streams (worker events, download progress) never end by themselves.
+    if tokio::time::timeout(Duration::from_secs(2), server)
+        .await
+        .is_err()
+    {
+        warn!("connections still open after shutdown; closing them");
+    }
+    Ok(took)
+}

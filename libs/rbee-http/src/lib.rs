@@ -1,0 +1,251 @@
+//! Server plumbing every rbee daemon shares, so the error shape, request ids, authentication
+//! and route tables behave the same on the worker, the hive and the queen.
+//!
+//! - [`ApiError`]: the one JSON error (`{"error":{code,message,request_id}}`) as a response,
+//!   with `WWW-Authenticate` on 401 and `Retry-After` when given.
+//! - [`request_id`]: middleware that accepts a well-formed `X-Request-Id` or makes one, puts
+//!   [`RequestId`] in the request extensions and a tracing span around the handler, and echoes
+//!   the id on the response.
+//! - [`not_found`] / [`method_not_allowed`]: fallbacks in the same JSON shape.
+//! - [`Route`] + [`build_router`]: a daemon lists its routes once, marks the public ones, and
+//!   tests walk the same list so no route skips authentication unnoticed.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{Extension, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use rbee_api::{ErrorBody, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, codes};
+use tracing::Instrument;
+
+/// An error response in the one JSON shape.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub request_id: String,
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            request_id: String::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            codes::UNAUTHORIZED,
+            "a valid `Authorization: Bearer <token>` header is required",
+        )
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u32) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    pub fn with_request_id(mut self, id: &str) -> Self {
+        self.request_id = id.to_owned();
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody::new(self.code, self.message, self.request_id);
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        let headers = resp.headers_mut();
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// The request's id, set by [`request_id`].
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// A fresh 128-bit request id in hex.
+pub fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Accepts a client's id when it is short and plain (it is logged and forwarded), else makes one.
+pub fn valid_request_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Middleware: request id in, span around, id echoed out.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(HEADER_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| valid_request_id(s))
+        .map(str::to_owned);
+    let id = given.unwrap_or_else(new_request_id);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(HEADER_REQUEST_ID, v);
+    }
+    resp
+}
+
+pub async fn not_found(Extension(rid): Extension<RequestId>, req: Request) -> Response {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .with_request_id(&rid.0)
+    .into_response()
+}
+
+pub async fn method_not_allowed(Extension(rid): Extension<RequestId>, req: Request) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        codes::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+    .with_request_id(&rid.0)
+    .into_response()
+}
+
+/// The bearer token a request presents, if any.
+pub fn presented_bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(rbee_auth::bearer_from_header)
+}
+
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Parses a JSON body; the error names the offending field.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = if path.is_empty() || path == "." {
+            format!("invalid request body: {inner}")
+        } else {
+            format!("invalid request body: `{path}`: {inner}")
+        };
+        ApiError::bad_request(codes::INVALID_JSON, msg)
+    })
+}
+
+/// Checks the content type, then parses.
+pub fn parse_json_request<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if !is_json(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            codes::INVALID_CONTENT_TYPE,
+            "expected `Content-Type: application/json`",
+        ));
+    }
+    parse_json(body)
+}
+
+/// `X-Deadline-Ms` as an instant and the milliseconds left (negative when already past).
+/// A deadline too far away to represent is no deadline at all.
+pub fn parse_deadline(headers: &HeaderMap) -> Result<Option<(Instant, i64)>, String> {
+    let Some(v) = headers.get(HEADER_DEADLINE_MS) else {
+        return Ok(None);
+    };
+    let ms: i64 = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| "`X-Deadline-Ms` must be unix time in milliseconds".to_owned())?;
+    let left = ms.saturating_sub(unix_ms());
+    Ok(Instant::now()
+        .checked_add(Duration::from_millis(left.max(0) as u64))
+        .map(|at| (at, left)))
+}
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One route of a daemon's API.
+pub struct Route<S> {
+    pub method: &'static str,
+    pub path: &'static str,
+    /// Served without a token (`/health`, usually `/metrics`).
+    pub public: bool,
+    pub handler: MethodRouter<S>,
+}
+
+/// Builds the router from a route table: public routes as they are, the rest wrapped by
+/// `protect` (which adds the auth `route_layer`, so unknown paths still get the JSON 404),
+/// JSON fallbacks, request ids.
+pub fn build_router<S>(
+    routes: Vec<Route<S>>,
+    protect: impl FnOnce(Router<S>) -> Router<S>,
+) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let mut public = Router::new();
+    let mut protected = Router::new();
+    for r in routes {
+        if r.public {
+            public = public.route(r.path, r.handler);
+        } else {
+            protected = protected.route(r.path, r.handler);
+        }
+    }
+    public
+        .merge(protect(protected))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_id))
+}
