@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use cucumber::{World, given, then, when};
+use std::time::{Duration, Instant};
+
 use rbee_test_harness::{
-    SseData, SseReader, WorkerOptions, WorkerProcess, end_event, joined_text, test_model,
-    workspace_binary,
+    HiveOptions, HiveProcess, SseData, SseReader, WorkerOptions, WorkerProcess, end_event,
+    joined_text, process_alive, test_model, workspace_binary,
 };
 use serde_json::{Value, json};
 
@@ -22,6 +24,9 @@ struct RbeeWorld {
     error: Value,
     /// Keeps a long generation's stream open while a step runs.
     open_stream: Option<SseReader>,
+    hive: Option<HiveProcess>,
+    /// The last worker view the hive returned.
+    hive_worker: Value,
 }
 
 impl std::fmt::Debug for RbeeWorld {
@@ -179,6 +184,184 @@ async fn header_is(w: &mut RbeeWorld, name: String, value: String) {
         "{name}: {value} not in {:?}",
         w.headers
     );
+}
+
+impl RbeeWorld {
+    fn hive(&self) -> &HiveProcess {
+        self.hive.as_ref().expect("a hive is running")
+    }
+
+    fn worker_id(&self) -> String {
+        self.hive_worker["id"]
+            .as_str()
+            .expect("a worker was spawned")
+            .to_owned()
+    }
+
+    fn worker_pid(&self) -> i32 {
+        self.hive_worker["pid"]
+            .as_i64()
+            .expect("the worker has a pid") as i32
+    }
+
+    async fn start_hive(&mut self, opts: HiveOptions) {
+        self.hive = Some(HiveProcess::start(opts.token(TOKEN)).await.unwrap());
+    }
+
+    async fn wait_worker(&mut self, secs: u64, pred: impl Fn(&Value) -> bool) {
+        let id = self.worker_id();
+        self.hive_worker = self
+            .hive()
+            .wait_worker(
+                &reqwest::Client::new(),
+                &id,
+                Duration::from_secs(secs),
+                pred,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[given("a running hive with a token")]
+async fn running_hive(w: &mut RbeeWorld) {
+    w.start_hive(HiveOptions::default()).await;
+}
+
+#[given(expr = "a running hive with a token and at most {int} crashes before the breaker opens")]
+async fn hive_with_breaker(w: &mut RbeeWorld, crashes: u32) {
+    let opts = HiveOptions::default()
+        .env("RESTART__MAX_ATTEMPTS", crashes)
+        .env("RESTART__BACKOFF_INITIAL_MS", 200);
+    w.start_hive(opts).await;
+}
+
+#[given(expr = "a running hive with a token and a memory limit of {int} MiB")]
+async fn hive_with_memory_limit(w: &mut RbeeWorld, mib: u64) {
+    w.start_hive(HiveOptions::default().env("RESOURCES__MAX_MEMORY_MB", mib))
+        .await;
+}
+
+#[given("a ready worker")]
+async fn ready_worker(w: &mut RbeeWorld) {
+    w.hive_worker = w
+        .hive()
+        .ready_worker(&reqwest::Client::new())
+        .await
+        .unwrap();
+}
+
+#[when(expr = "I spawn a worker for {string}")]
+async fn spawn_for(w: &mut RbeeWorld, model: String) {
+    let resp = w
+        .hive()
+        .post(
+            &reqwest::Client::new(),
+            "/v1/workers",
+            &json!({ "model": model }),
+        )
+        .send()
+        .await
+        .unwrap();
+    w.status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    w.error = body["error"].clone();
+    w.hive_worker = body;
+}
+
+#[then(expr = "the worker becomes ready within {int} seconds")]
+async fn becomes_ready(w: &mut RbeeWorld, secs: u64) {
+    w.wait_worker(secs, |v| v["state"] == "ready").await;
+}
+
+#[when(expr = "I ask {string} through the hive greedily with max_tokens {int}")]
+async fn ask_through_hive(w: &mut RbeeWorld, question: String, max_tokens: u32) {
+    let path = format!("/v1/workers/{}/inference", w.worker_id());
+    let body = json!({"messages": [{"role": "user", "content": question}],
+                      "max_tokens": max_tokens, "temperature": 0});
+    let resp = w
+        .hive()
+        .post(&reqwest::Client::new(), &path, &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    w.events = SseReader::new(resp).collect().await.unwrap();
+}
+
+#[when("I stop the worker")]
+async fn stop_the_worker(w: &mut RbeeWorld) {
+    let pid = w.worker_pid();
+    let path = format!("/v1/workers/{}", w.worker_id());
+    let resp = w
+        .hive()
+        .delete(&reqwest::Client::new(), &path)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    w.hive_worker = resp.json().await.unwrap();
+    w.hive_worker["pid"] = json!(pid);
+}
+
+#[then("the worker stopped gracefully and its process is gone")]
+async fn stopped_gracefully(w: &mut RbeeWorld) {
+    assert_eq!(w.hive_worker["state"], "stopped");
+    assert_eq!(w.hive_worker["stop"]["outcome"], "graceful");
+    assert!(!process_alive(w.worker_pid()));
+}
+
+#[when("the worker process is killed with SIGKILL")]
+async fn kill_worker(w: &mut RbeeWorld) {
+    unsafe {
+        libc::kill(w.worker_pid(), libc::SIGKILL);
+    }
+}
+
+#[then(expr = "the worker is ready again with restart count {int}")]
+async fn ready_again(w: &mut RbeeWorld, count: u32) {
+    let old = w.worker_pid();
+    w.wait_worker(120, move |v| {
+        v["state"] == "ready" && v["restart_count"] == count && v["pid"] != old
+    })
+    .await;
+    assert_eq!(w.hive_worker["last_exit"]["signal"], 9);
+}
+
+#[then("the worker is failed with its circuit breaker open")]
+async fn breaker_open(w: &mut RbeeWorld) {
+    w.wait_worker(30, |v| v["state"] == "failed").await;
+    assert_eq!(w.hive_worker["breaker_open"], true);
+}
+
+#[when("I list the workers without a token")]
+async fn list_without_token(w: &mut RbeeWorld) {
+    let req = reqwest::Client::new().get(w.hive().url("/v1/workers"));
+    w.send(req).await;
+}
+
+#[when("the hive receives SIGTERM")]
+async fn hive_sigterm(w: &mut RbeeWorld) {
+    w.hive().signal(libc::SIGTERM);
+}
+
+#[then(expr = "the hive exits cleanly within {int} seconds")]
+async fn hive_exits(w: &mut RbeeWorld, secs: u64) {
+    let t0 = Instant::now();
+    let status = w
+        .hive
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(secs))
+        .await
+        .expect("the hive exited");
+    assert!(status.success(), "{status}");
+    assert!(t0.elapsed() < Duration::from_secs(secs));
+}
+
+#[then("no worker process is left")]
+async fn no_worker_left(w: &mut RbeeWorld) {
+    assert!(!process_alive(w.worker_pid()));
 }
 
 #[tokio::main]

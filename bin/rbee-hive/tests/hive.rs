@@ -339,6 +339,137 @@ async fn sighup_rotates_the_token_without_a_restart() {
     );
     let audit = std::fs::read_to_string(hive.audit_log()).unwrap();
     assert!(audit.contains("config.reload"));
+
+    // Settings: a limit applies at once, the listen address is reported as needing a restart.
+    let mut toml = std::fs::read_to_string(&hive.config_path).unwrap();
+    toml = toml.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    toml.push_str("max_workers = 1\n"); // the harness writes [workers] last
+    std::fs::write(&hive.config_path, toml).unwrap();
+    hive.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !hive
+        .stderr()
+        .contains("these settings change only after a restart")
+    {
+        assert!(Instant::now() < deadline, "{}", hive.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = hive.stderr();
+    assert!(log.contains("needs_restart=[\"listen\"]"), "{log}");
+    assert!(log.contains("\"workers.max_workers\""), "{log}");
+    let c2 = reqwest::Client::new();
+    let spawn = |c: &reqwest::Client| {
+        c.post(hive.url("/v1/workers"))
+            .bearer_auth(new)
+            .json(&json!({"model": MODEL_REF}))
+            .send()
+    };
+    assert_eq!(spawn(&c2).await.unwrap().status(), 202);
+    let second = spawn(&c2).await.unwrap();
+    assert_eq!(second.status(), 507);
+    // A broken file changes nothing.
+    std::fs::write(&hive.config_path, "listen = [").unwrap();
+    hive.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !hive.stderr().contains("reload failed") {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let still = c
+        .get(hive.url("/v1/workers"))
+        .bearer_auth(new)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.status(), 200);
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_reloading_and_stopping() {
+    let dir = temp_dir("notify");
+    let sock_path = dir.join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let mut hive = HiveProcess::start(HiveOptions {
+        env: vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())],
+        ..HiveOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 512];
+    let mut next = async || {
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+            .await
+            .expect("a notification")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(next().await.starts_with("READY=1"));
+    hive.signal(libc::SIGHUP);
+    let reloading = next().await;
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert!(next().await.starts_with("READY=1"));
+    hive.signal(libc::SIGTERM);
+    assert!(next().await.starts_with("STOPPING=1"));
+    assert!(
+        hive.wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_streams_and_refuses_new_work() {
+    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let c = client();
+    let w = hive.ready_worker(&c).await.unwrap();
+    let id = w["id"].as_str().unwrap();
+    let resp = hive
+        .post(
+            &c,
+            &format!("/v1/workers/{id}/inference"),
+            &json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 150, "temperature": 0}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap();
+    hive.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let r = hive
+            .post(&c, "/v1/workers", &json!({"model": MODEL_REF}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "SHUTTING_DOWN");
+            break;
+        }
+        assert!(Instant::now() < deadline, "new work still accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let health = c.get(hive.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    let mut rest = Vec::new();
+    while let Some(ev) = reader.next().await.unwrap() {
+        rest.push(ev);
+    }
+    let end = end_event(&rest).expect("the in-flight stream finished");
+    assert_eq!(end["stop_reason"], "max_tokens");
+    assert_eq!(end["completion_tokens"], 150);
+    assert!(
+        hive.wait_exit(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .success()
+    );
+    assert!(!process_alive(worker_pid(&w)));
 }
 
 #[tokio::test]
