@@ -52,7 +52,7 @@ async fn spawn_ready_infer_through_the_hive_and_stop() {
         "spawn must return at once"
     );
     assert_eq!(ready["context_length"], 8192);
-    assert!(ready["memory_rss_bytes"].as_u64().unwrap() > 50 << 20);
+    assert!(ready["memory_used_bytes"].as_u64().unwrap() > 50 << 20);
     let pid = worker_pid(&ready);
     assert!(process_alive(pid));
     // The worker's token is not on its command line.

@@ -268,20 +268,26 @@ impl Hive {
         }
     }
 
-    /// Reads a worker's resident memory and compares it with the admission estimate.
-    pub fn sample_memory(&self, worker: &Worker, pid: u32) {
-        let Some(rss) = resources::process_rss(pid) else {
+    /// Reads what a worker really uses (resident memory on the CPU, VRAM on CUDA) and
+    /// compares it with the admission estimate.
+    pub async fn sample_memory(&self, worker: &Worker, pid: u32) {
+        let used = if worker.spec.device.starts_with("cuda") {
+            resources::gpu_process_memory().await.get(&pid).copied()
+        } else {
+            resources::process_rss(pid)
+        };
+        let Some(used) = used else {
             return;
         };
-        worker.set_rss(rss);
+        worker.set_rss(used);
         let id = worker.id();
         let est = worker.spec.memory_estimate_bytes;
         self.metrics.memory_estimate.set(&[id], est as f64);
-        self.metrics.memory_rss.set(&[id], rss as f64);
+        self.metrics.memory_rss.set(&[id], used as f64);
         if est > 0 {
             self.metrics
                 .memory_estimate_ratio
-                .set(&[id], rss as f64 / est as f64);
+                .set(&[id], used as f64 / est as f64);
         }
     }
 
@@ -394,7 +400,8 @@ impl Hive {
             .filter(|w| w.state() == WorkerState::Starting)
             .map(|w| w.spec.memory_estimate_bytes)
             .sum();
-        if device == "cpu" {
+        // Metal shares system memory, so it is admitted against RAM like the CPU.
+        if device == "cpu" || device.starts_with("metal") {
             let committed: u64 = same_device
                 .iter()
                 .map(|w| w.spec.memory_estimate_bytes)
@@ -425,9 +432,7 @@ impl Hive {
                 )));
             }
         } else if device.starts_with("cuda") {
-            // Free VRAM was sampled recently by the resources endpoint or heartbeat; ask again
-            // here only when no snapshot exists would need async, so use nvidia-smi output
-            // cached by the last resources call.
+            // Free VRAM as sampled by the spawn handler just before (or the last heartbeat).
             let gpus = self.gpu_snapshot();
             let Some(gpu) = gpus.iter().find(|g| g.device == device) else {
                 self.metrics.admission_refusals.inc(&["no_gpu"]);
@@ -524,7 +529,7 @@ impl Hive {
             return;
         };
         if let Some(pid) = w.pid() {
-            self.sample_memory(w, pid);
+            self.sample_memory(w, pid).await;
         }
         let base = format!("http://127.0.0.1:{port}");
         let health = self

@@ -108,13 +108,13 @@ impl HiveMetrics {
                 &["worker_id"],
             ),
             memory_rss: r.gauge(
-                "rbee_hive_worker_memory_rss_bytes",
-                "A worker's resident memory, sampled at ready and at each health check.",
+                "rbee_hive_worker_memory_used_bytes",
+                "What a worker really uses: resident memory (cpu, metal) or VRAM (cuda), sampled at ready and at each health check.",
                 &["worker_id"],
             ),
             memory_estimate_ratio: r.gauge(
                 "rbee_hive_worker_memory_estimate_ratio",
-                "Resident memory divided by the admission estimate (above 1: the estimate is too low).",
+                "Memory used divided by the admission estimate (above 1: the estimate is too low).",
                 &["worker_id"],
             ),
             health_probes: r.counter(

@@ -122,6 +122,36 @@ async fn nvidia_gpus() -> Vec<GpuInfo> {
     parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// VRAM used per process (pid → bytes) from `nvidia-smi`; empty without NVIDIA GPUs.
+pub async fn gpu_process_memory() -> std::collections::HashMap<u32, u64> {
+    let run = tokio::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Ok(Ok(o)) if o.status.success() => parse_compute_apps(&String::from_utf8_lossy(&o.stdout)),
+        _ => Default::default(),
+    }
+}
+
+/// Parses `pid, used MiB` lines (a process on several GPUs appears once per GPU).
+pub fn parse_compute_apps(text: &str) -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let mut f = line.split(',').map(str::trim);
+        if let (Some(Ok(pid)), Some(Ok(mib))) = (
+            f.next().map(str::parse::<u32>),
+            f.next().map(str::parse::<u64>),
+        ) {
+            *out.entry(pid).or_insert(0) += mib * 1024 * 1024;
+        }
+    }
+    out
+}
+
 /// Parses `index, name, total MiB, free MiB` lines.
 pub fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
     text.lines()
@@ -152,6 +182,14 @@ mod tests {
         assert_eq!(g[0].device, "cuda:0");
         assert_eq!(g[0].vram_total_bytes, 81559 * 1024 * 1024);
         assert_eq!(g[0].vram_free_bytes, 80000 * 1024 * 1024);
+    }
+
+    #[test]
+    fn compute_apps_sum_per_pid() {
+        let m = parse_compute_apps("123, 1000\n123, 24\n456, [N/A]\n789, 2\n");
+        assert_eq!(m.get(&123), Some(&(1024 * 1024 * 1024)));
+        assert_eq!(m.get(&789), Some(&(2 * 1024 * 1024)));
+        assert!(!m.contains_key(&456));
     }
 
     #[test]

@@ -258,9 +258,16 @@ async fn spawn_worker(
         device: req.device,
         max_context: req.max_context,
     };
-    match hive.spawn_worker(spawn) {
-        Ok(view) => (StatusCode::ACCEPTED, Json(view)).into_response(),
-        Err(e) => err(&rid, e),
+    if spawn.device.trim().starts_with("cuda") {
+        // Admission compares with free VRAM as of now.
+        hive.resources().await;
+    }
+    // Reading GGUF metadata and the catalog touches the disk: keep it off the async threads.
+    let h = hive.clone();
+    match tokio::task::spawn_blocking(move || h.spawn_worker(spawn)).await {
+        Ok(Ok(view)) => (StatusCode::ACCEPTED, Json(view)).into_response(),
+        Ok(Err(e)) => err(&rid, e),
+        Err(e) => err(&rid, ApiError::internal(format!("spawn task failed: {e}"))),
     }
 }
 

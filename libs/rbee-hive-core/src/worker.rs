@@ -149,7 +149,8 @@ pub struct WorkerView {
     pub ready_at_unix_ms: Option<i64>,
     pub spawn_to_ready_seconds: Option<f64>,
     pub memory_estimate_bytes: u64,
-    pub memory_rss_bytes: Option<u64>,
+    /// Resident memory (cpu, metal) or VRAM (cuda) as last sampled.
+    pub memory_used_bytes: Option<u64>,
     pub requests_total: u64,
     pub last_used_unix_ms: Option<i64>,
     pub stop: Option<StopInfo>,
@@ -282,7 +283,7 @@ impl Worker {
             ready_at_unix_ms: s.ready_at_unix_ms,
             spawn_to_ready_seconds: s.spawn_to_ready_seconds,
             memory_estimate_bytes: self.spec.memory_estimate_bytes,
-            memory_rss_bytes: s.memory_rss_bytes,
+            memory_used_bytes: s.memory_rss_bytes,
             requests_total: s.requests_total,
             last_used_unix_ms: s.last_used.map(|(_, ms)| ms),
             stop: s.stop.clone(),
@@ -525,7 +526,7 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                     s.last_success = Some(Instant::now());
                 });
                 worker.health_failures.store(0, Ordering::SeqCst);
-                hive.sample_memory(worker, pid);
+                hive.sample_memory(worker, pid).await;
                 worker.set_state(hive, WorkerState::Ready);
                 info!(
                     spawn_to_ready_s = secs,
