@@ -100,40 +100,43 @@ async fn gpus(_mem_total: u64, _mem_available: u64) -> Vec<GpuInfo> {
 
 /// GPUs from `nvidia-smi`; none when it is missing or fails.
 async fn nvidia_gpus() -> Vec<GpuInfo> {
-    let run = tokio::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=index,name,memory.total,memory.free",
-            "--format=csv,noheader,nounits",
-        ])
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(Duration::from_secs(5), run).await {
-        Ok(Ok(o)) if o.status.success() => o,
-        Ok(Ok(o)) => {
-            debug!(status = %o.status, "nvidia-smi failed; reporting no GPUs");
-            return Vec::new();
-        }
-        Ok(Err(_)) => return Vec::new(), // not installed
-        Err(_) => {
-            debug!("nvidia-smi timed out; reporting no GPUs");
-            return Vec::new();
-        }
-    };
-    parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
+    nvidia_smi(&[
+        "--query-gpu=index,name,memory.total,memory.free",
+        "--format=csv,noheader,nounits",
+    ])
+    .await
+    .map(|out| parse_nvidia_smi(&out))
+    .unwrap_or_default()
 }
 
 /// VRAM used per process (pid → bytes) from `nvidia-smi`; empty without NVIDIA GPUs.
 pub async fn gpu_process_memory() -> std::collections::HashMap<u32, u64> {
+    nvidia_smi(&[
+        "--query-compute-apps=pid,used_memory",
+        "--format=csv,noheader,nounits",
+    ])
+    .await
+    .map(|out| parse_compute_apps(&out))
+    .unwrap_or_default()
+}
+
+/// Runs `nvidia-smi` with `args` (bounded to 5 s); None when it is missing or fails.
+async fn nvidia_smi(args: &[&str]) -> Option<String> {
     let run = tokio::process::Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
+        .args(args)
         .kill_on_drop(true)
         .output();
     match tokio::time::timeout(Duration::from_secs(5), run).await {
-        Ok(Ok(o)) if o.status.success() => parse_compute_apps(&String::from_utf8_lossy(&o.stdout)),
-        _ => Default::default(),
+        Ok(Ok(o)) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(Ok(o)) => {
+            debug!(status = %o.status, "nvidia-smi failed");
+            None
+        }
+        Ok(Err(_)) => None, // not installed
+        Err(_) => {
+            debug!("nvidia-smi timed out");
+            None
+        }
     }
 }
 

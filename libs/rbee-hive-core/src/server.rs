@@ -239,11 +239,7 @@ async fn spawn_worker(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return err(&rid, body_error(e)),
-    };
-    let req: SpawnBody = match parse_json_request(&headers, &body) {
+    let req: SpawnBody = match json_body(&headers, body) {
         Ok(r) => r,
         Err(e) => return err(&rid, e),
     };
@@ -269,6 +265,16 @@ async fn spawn_worker(
         Ok(Err(e)) => err(&rid, e),
         Err(e) => err(&rid, ApiError::internal(format!("spawn task failed: {e}"))),
     }
+}
+
+/// A JSON request body: 413 over the limit, 415 without the JSON content type, 400 naming
+/// the field that does not parse.
+fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(body_error)?;
+    parse_json_request(headers, &body)
 }
 
 fn body_error(e: BytesRejection) -> ApiError {
@@ -317,11 +323,7 @@ async fn worker_ready(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return err(&rid, body_error(e)),
-    };
-    let report: ReadyReport = match parse_json_request(&headers, &body) {
+    let report: ReadyReport = match json_body(&headers, body) {
         Ok(r) => r,
         Err(e) => return err(&rid, e),
     };
@@ -481,11 +483,7 @@ async fn start_download(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return err(&rid, body_error(e)),
-    };
-    let req: DownloadBody = match parse_json_request(&headers, &body) {
+    let req: DownloadBody = match json_body(&headers, body) {
         Ok(r) => r,
         Err(e) => return err(&rid, e),
     };
