@@ -597,6 +597,23 @@ impl HiveProcess {
         self.dir.join("audit.log")
     }
 
+    /// The audit log once it holds every one of `events` (records are written by a
+    /// background thread, so allow it a moment); fails after 10 s.
+    pub async fn audit_with(&self, events: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+            if events.iter().all(|e| text.contains(e)) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "audit log lacks some of {events:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => req.bearer_auth(t),

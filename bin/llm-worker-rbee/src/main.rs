@@ -60,6 +60,13 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Tokens pass through this process's environment: keep /proc/<pid>/environ (and core
+    // dumps, ptrace) away from other processes of the same user, workers included.
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_DUMPABLE has no memory-safety preconditions.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     init_logging(&args.log_format);
     let token = match resolve_token(&args) {
         Ok(t) => t,

@@ -96,6 +96,13 @@ enum AuditCmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Tokens pass through this process's environment: keep /proc/<pid>/environ (and core
+    // dumps, ptrace) away from other processes of the same user, workers included.
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_DUMPABLE has no memory-safety preconditions.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     match &args.command {
         Some(Cmd::CheckConfig { file }) => return check_config(&args, file),
         Some(Cmd::Audit {

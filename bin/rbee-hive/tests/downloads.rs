@@ -133,8 +133,7 @@ async fn download_with_progress_resumes_after_a_cut_connection() {
     let late = SseReader::new(late).collect().await.unwrap();
     assert_eq!(late.len(), 1);
     assert!(matches!(&late[0], SseData::Event(v) if v["state"] == "done"));
-    let audit = std::fs::read_to_string(hive.audit_log()).unwrap();
-    assert!(audit.contains("model.download"));
+    hive.audit_with(&["model.download"]).await;
     assert_eq!(
         hive.metric(&c, "rbee_hive_model_downloads_total{outcome=\"ok\"}")
             .await

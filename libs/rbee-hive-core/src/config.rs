@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "RBEE_HIVE_";
 
+/// The most `shutdown.drain_seconds + ask_seconds + term_seconds` may add up to: the rest of
+/// the 30 s goes to closing connections and reaping.
+pub const MAX_SHUTDOWN_STEPS_SECONDS: u64 = 25;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HiveConfig {
@@ -69,7 +73,8 @@ pub struct WorkersConfig {
     pub health_probe_idle_seconds: u64,
     /// Inference threads per worker (0: all cores).
     pub threads: u32,
-    /// Seconds a worker lets in-flight streams finish after it is asked to stop.
+    /// Seconds a worker lets in-flight streams finish after it is asked to stop through the
+    /// API (passed as its `--grace-seconds`); at most `shutdown.ask_seconds + term_seconds`.
     pub grace_seconds: u64,
 }
 
@@ -89,7 +94,9 @@ pub struct RestartConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResourcesConfig {
-    /// Cap on the memory all workers may need together, in MiB (0: available RAM). Reloadable.
+    /// Cap on the memory the CPU and Metal workers may need together (their admission
+    /// estimates), in MiB (0: no cap beyond available RAM). CUDA workers are admitted against
+    /// free VRAM instead. Reloadable.
     pub max_memory_mb: u64,
     /// RAM left for the system when admitting CPU workers, in MiB. Reloadable.
     pub reserve_memory_mb: u64,
@@ -316,13 +323,23 @@ impl Validate for HiveConfig {
             e.push(err("restart.max_attempts", "must be at least 1"));
         }
         let s = &self.shutdown;
-        // Drain, ask and SIGTERM wait must fit systemd's stop timeout (30 s by our units).
-        if s.drain_seconds + s.ask_seconds + s.term_seconds > 28 {
+        // Drain, ask and SIGTERM wait, plus a few seconds of closing, must fit the 30 s stop.
+        let total = s.drain_seconds + s.ask_seconds + s.term_seconds;
+        if total > MAX_SHUTDOWN_STEPS_SECONDS {
             e.push(err(
                 "shutdown",
                 format!(
-                    "drain_seconds + ask_seconds + term_seconds = {} s; keep it at most 28 s so shutdown ends within 30 s",
-                    s.drain_seconds + s.ask_seconds + s.term_seconds
+                    "drain_seconds + ask_seconds + term_seconds = {total} s; keep it at most {MAX_SHUTDOWN_STEPS_SECONDS} s so a shutdown ends within 30 s"
+                ),
+            ));
+        }
+        if w.grace_seconds > s.ask_seconds + s.term_seconds {
+            e.push(err(
+                "workers.grace_seconds",
+                format!(
+                    "{} s is longer than shutdown.ask_seconds + shutdown.term_seconds = {} s: a worker still finishing streams would be killed",
+                    w.grace_seconds,
+                    s.ask_seconds + s.term_seconds
                 ),
             ));
         }

@@ -35,7 +35,12 @@ pub async fn build(hive: &Hive) -> HiveHeartbeat {
                 busy: w.busy,
             })
             .collect(),
-        models: hive.model_refs(),
+        models: hive
+            .models()
+            .await
+            .into_iter()
+            .map(|m| m.reference)
+            .collect(),
     }
 }
 

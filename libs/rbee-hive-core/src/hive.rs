@@ -46,15 +46,17 @@ pub struct Hive {
     pub address: SocketAddr,
     pub tokens: RwLock<Tokens>,
     pub metrics: HiveMetrics,
-    audit_log: Option<AuditLog>,
+    audit_tx: Option<std::sync::mpsc::SyncSender<AuditMsg>>,
     pub catalog: rbee_models::Catalog,
     pub downloads: Downloads,
     workers: Mutex<BTreeMap<String, Arc<Worker>>>,
     events: broadcast::Sender<WorkerEvent>,
     ports: Mutex<BTreeSet<u16>>,
     pub draining: AtomicBool,
-    /// request id → worker id for streams passing through now.
-    pub inflight: Mutex<HashMap<String, String>>,
+    /// Requests passing through now: sequence number → (request id, worker id). Keyed by our
+    /// own number, since clients may reuse request ids.
+    inflight: Mutex<HashMap<u64, (String, String)>>,
+    inflight_seq: std::sync::atomic::AtomicU64,
     /// Set when the drain window is over: proxied streams end with an error event.
     pub cut_streams: watch::Sender<bool>,
     /// Loopback client for workers (no proxy, no pooling surprises).
@@ -82,11 +84,14 @@ impl Hive {
         tokens: Tokens,
         catalog: rbee_models::Catalog,
     ) -> Result<Arc<Self>, HiveError> {
-        let audit_log = if cfg.audit_log.is_empty() {
+        let audit_tx = if cfg.audit_log.is_empty() {
             None
         } else {
             let max = (cfg.audit_max_bytes > 0).then_some(cfg.audit_max_bytes);
-            Some(AuditLog::open(Path::new(&cfg.audit_log), max)?)
+            Some(spawn_audit_writer(AuditLog::open(
+                Path::new(&cfg.audit_log),
+                max,
+            )?)?)
         };
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -102,7 +107,7 @@ impl Hive {
             address,
             tokens: RwLock::new(tokens),
             metrics: HiveMetrics::new(),
-            audit_log,
+            audit_tx,
             catalog,
             downloads: Downloads::default(),
             workers: Mutex::new(BTreeMap::new()),
@@ -110,6 +115,7 @@ impl Hive {
             ports: Mutex::new(BTreeSet::new()),
             draining: AtomicBool::new(false),
             inflight: Mutex::new(HashMap::new()),
+            inflight_seq: std::sync::atomic::AtomicU64::new(0),
             cut_streams: watch::channel(false).0,
             http,
             started: Instant::now(),
@@ -138,21 +144,31 @@ impl Hive {
         self.config().hive_id
     }
 
-    /// Appends to the audit log when one is configured; a failed append is logged loudly
-    /// but does not stop the hive.
+    /// Queues a record for the audit log when one is configured. A dedicated thread writes
+    /// (and fsyncs) it, so neither a slow disk nor a flood of failed logins stalls the async
+    /// threads; when the queue is full the record is dropped and counted.
     pub fn audit(&self, event: &str, details: serde_json::Value) {
-        if let Some(log) = &self.audit_log
-            && let Err(e) = log.append(event, "hive", details)
-        {
-            error!(error = %e, event, "audit log append failed");
-        }
+        self.audit_as(event, "hive", details);
     }
 
     pub fn audit_as(&self, event: &str, actor: &str, details: serde_json::Value) {
-        if let Some(log) = &self.audit_log
-            && let Err(e) = log.append(event, actor, details)
-        {
-            error!(error = %e, event, "audit log append failed");
+        let Some(tx) = &self.audit_tx else { return };
+        let msg = AuditMsg::Record {
+            event: event.to_owned(),
+            actor: actor.to_owned(),
+            details,
+        };
+        if tx.try_send(msg).is_err() {
+            self.metrics.audit_dropped.inc(&[]);
+        }
+    }
+
+    /// Waits (up to 2 s) until every queued audit record is on disk.
+    pub fn flush_audit(&self) {
+        let Some(tx) = &self.audit_tx else { return };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        if tx.send(AuditMsg::Flush(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(2));
         }
     }
 
@@ -195,20 +211,30 @@ impl Hive {
         let id = worker.id().to_owned();
         if worker.state() == WorkerState::Stopped {
             lock(&self.workers).remove(&id);
-            for g in [
-                &self.metrics.memory_estimate,
-                &self.metrics.memory_rss,
-                &self.metrics.memory_estimate_ratio,
-                &self.metrics.worker_restart_count,
-            ] {
-                g.remove(&[&id]);
-            }
+            self.forget_series(&id);
             let _ = self.events.send(WorkerEvent {
                 kind: "removed",
                 worker: worker.view(),
             });
         }
         self.refresh_state_gauge();
+    }
+
+    /// Drops a removed worker's per-worker metric series.
+    fn forget_series(&self, id: &str) {
+        let m = &self.metrics;
+        for g in [
+            &m.memory_estimate,
+            &m.memory_rss,
+            &m.memory_estimate_ratio,
+            &m.worker_restart_count,
+            &m.worker_exit_code,
+            &m.worker_exit_signal,
+            &m.worker_backoff,
+            &m.worker_breaker,
+        ] {
+            g.remove(&[id]);
+        }
     }
 
     /// Removes a failed worker's record (its process is already gone).
@@ -221,6 +247,7 @@ impl Hive {
             }
         }?;
         let view = w.view();
+        self.forget_series(id);
         let _ = self.events.send(WorkerEvent {
             kind: "removed",
             worker: view.clone(),
@@ -325,10 +352,11 @@ impl Hive {
             .map_err(|e: rbee_models::ModelError| HiveError::Model(e))?;
         let path = self.catalog.resolve(&model_ref)?;
         let summary = rbee_models::GgufSummary::read(&path)?;
-        let context = req
-            .max_context
-            .map(|c| c as usize)
-            .or(Some(summary.context_length as usize));
+        let declared = summary.context_length as usize;
+        let context = Some(
+            req.max_context
+                .map_or(declared, |c| (c as usize).min(declared)),
+        );
         let estimate = rbee_models::estimate_memory(&summary, context);
         let binary = self.worker_binary(&device)?;
         if !binary.is_file() {
@@ -351,6 +379,10 @@ impl Hive {
         // last room.
         let worker = {
             let mut map = lock(&self.workers);
+            // Checked again under the lock: shutdown snapshots the registry under it too.
+            if self.draining.load(Ordering::SeqCst) {
+                return Err(HiveError::ShuttingDown);
+            }
             self.admit(&map, &device, &estimate)?;
             let worker = Worker::new(spec);
             map.insert(id.clone(), worker.clone());
@@ -552,7 +584,7 @@ impl Hive {
                     .post(format!("{base}/v1/inference"))
                     .bearer_auth(token.expose())
                     .json(&json!({"prompt": "Hi", "max_tokens": 1}))
-                    .timeout(Duration::from_secs(30))
+                    .timeout(Duration::from_secs(10))
                     .send()
                     .await;
                 let body = match res {
@@ -578,8 +610,11 @@ impl Hive {
         } else {
             let n = w.health_failures.fetch_add(1, Ordering::SeqCst) + 1;
             warn!(worker_id = %w.id(), failures = n, "health check failed");
-            if n >= 3 {
-                w.request_stop(StopCause::Unhealthy);
+            if n >= 3
+                && let Some(pid) = w.pid()
+                && w.kill_unhealthy(pid)
+            {
+                warn!(worker_id = %w.id(), pid, "three failed health checks; killed");
             }
         }
     }
@@ -631,6 +666,8 @@ impl Hive {
             "hive.stop",
             json!({"seconds": took.as_secs_f64(), "workers": workers.len()}),
         );
+        // The process exits next: the last records must be on disk first.
+        tokio::task::block_in_place(|| self.flush_audit());
         took
     }
 
@@ -641,25 +678,34 @@ impl Hive {
         std::fs::rename(&tmp, path)
     }
 
-    pub fn inflight_insert(&self, request_id: &str, worker_id: &str) {
-        lock(&self.inflight).insert(request_id.to_owned(), worker_id.to_owned());
+    /// Registers a request passing through; the key unregisters it.
+    pub fn inflight_insert(&self, request_id: &str, worker_id: &str) -> u64 {
+        let key = self
+            .inflight_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.inflight).insert(key, (request_id.to_owned(), worker_id.to_owned()));
+        key
     }
 
-    pub fn inflight_remove(&self, request_id: &str) {
-        lock(&self.inflight).remove(request_id);
+    pub fn inflight_remove(&self, key: u64) {
+        lock(&self.inflight).remove(&key);
     }
 
+    /// The worker serving a request id (the latest, should a client reuse ids).
     pub fn inflight_worker(&self, request_id: &str) -> Option<String> {
-        lock(&self.inflight).get(request_id).cloned()
+        lock(&self.inflight)
+            .iter()
+            .filter(|(_, (rid, _))| rid == request_id)
+            .max_by_key(|(k, _)| **k)
+            .map(|(_, (_, w))| w.clone())
     }
 
-    /// Models on disk as references, for heartbeats.
-    pub fn model_refs(&self) -> Vec<String> {
-        self.catalog
-            .list()
-            .into_iter()
-            .map(|m| m.reference)
-            .collect()
+    /// The models on disk (the directory walk runs off the async threads).
+    pub async fn models(&self) -> Vec<rbee_models::ModelEntry> {
+        let catalog = self.catalog.clone();
+        tokio::task::spawn_blocking(move || catalog.list())
+            .await
+            .unwrap_or_default()
     }
 
     /// Whether any live worker serves the model at `path`.
@@ -669,6 +715,40 @@ impl Hive {
             .find(|w| !w.is_done() && w.spec.model_path == path)
             .map(|w| w.id().to_owned())
     }
+}
+
+pub enum AuditMsg {
+    Record {
+        event: String,
+        actor: String,
+        details: serde_json::Value,
+    },
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+fn spawn_audit_writer(log: AuditLog) -> Result<std::sync::mpsc::SyncSender<AuditMsg>, HiveError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<AuditMsg>(4096);
+    std::thread::Builder::new()
+        .name("audit-writer".into())
+        .spawn(move || {
+            for msg in rx {
+                match msg {
+                    AuditMsg::Record {
+                        event,
+                        actor,
+                        details,
+                    } => {
+                        if let Err(e) = log.append(&event, &actor, details) {
+                            error!(error = %e, event, "audit log append failed");
+                        }
+                    }
+                    AuditMsg::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 static GPU_CACHE: Mutex<Vec<rbee_api::GpuInfo>> = Mutex::new(Vec::new());

@@ -13,6 +13,10 @@ pub struct HiveMetrics {
     pub restarts: Counter,
     pub breaker_open: Counter,
     pub worker_restart_count: Gauge,
+    pub worker_exit_code: Gauge,
+    pub worker_exit_signal: Gauge,
+    pub worker_backoff: Gauge,
+    pub worker_breaker: Gauge,
     pub graceful_stops: Counter,
     pub force_kills: Counter,
     pub shutdown_duration: Gauge,
@@ -28,6 +32,7 @@ pub struct HiveMetrics {
     pub download_bytes: Counter,
     pub heartbeats: Counter,
     pub config_reloads: Counter,
+    pub audit_dropped: Counter,
 }
 
 const SPAWN_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -64,7 +69,7 @@ impl HiveMetrics {
             ),
             crashes: r.counter(
                 "rbee_hive_worker_crashes_total",
-                "Worker exits nobody asked for, and workers killed for missing the load timeout.",
+                "Worker exits nobody asked for, and workers killed for missing the load timeout or failing health checks.",
                 &[],
             ),
             restarts: r.counter(
@@ -82,6 +87,26 @@ impl HiveMetrics {
                 "Restarts of each current worker.",
                 &["worker_id"],
             ),
+            worker_exit_code: r.gauge(
+                "rbee_hive_worker_last_exit_code",
+                "Exit code of each current worker's last crash (-1: killed by a signal).",
+                &["worker_id"],
+            ),
+            worker_exit_signal: r.gauge(
+                "rbee_hive_worker_last_exit_signal",
+                "Signal that ended each current worker's last crash (0: none).",
+                &["worker_id"],
+            ),
+            worker_backoff: r.gauge(
+                "rbee_hive_worker_backoff_seconds",
+                "Backoff before a crashed worker's next restart (0 when not waiting).",
+                &["worker_id"],
+            ),
+            worker_breaker: r.gauge(
+                "rbee_hive_worker_breaker_open",
+                "1 when a worker's circuit breaker is open (no more restarts).",
+                &["worker_id"],
+            ),
             graceful_stops: r.counter(
                 "rbee_hive_workers_graceful_shutdown_total",
                 "Worker stops that ended before SIGKILL (API, keep-alive and hive shutdown).",
@@ -89,7 +114,7 @@ impl HiveMetrics {
             ),
             force_kills: r.counter(
                 "rbee_hive_workers_force_killed_total",
-                "Worker stops that needed SIGKILL.",
+                "Worker stops that needed SIGKILL, including kills for a missed load timeout or failed health checks.",
                 &[],
             ),
             shutdown_duration: r.gauge(
@@ -156,6 +181,11 @@ impl HiveMetrics {
                 "rbee_hive_config_reloads_total",
                 "SIGHUP reloads, by outcome.",
                 &["outcome"],
+            ),
+            audit_dropped: r.counter(
+                "rbee_hive_audit_records_dropped_total",
+                "Audit records dropped because the writer's queue was full (a flood of events).",
+                &[],
             ),
             registry: r,
         }

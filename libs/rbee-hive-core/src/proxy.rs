@@ -50,14 +50,22 @@ pub async fn forward(
         Ok(p) => p,
         // A health probe is quick (one token); wait for it rather than refuse.
         Err(_) if worker.probe_holds.load(Ordering::SeqCst) => {
-            match tokio::time::timeout(Duration::from_secs(5), worker.slot.clone().acquire_owned())
-                .await
-            {
+            match tokio::time::timeout(PROBE_WAIT, worker.slot.clone().acquire_owned()).await {
                 Ok(Ok(p)) => p,
                 _ => return Err(busy(&hive)),
             }
         }
         Err(_) => return Err(busy(&hive)),
+    };
+    // Counted as in flight from here: drain and keep-alive see it before the worker answers.
+    let inflight = Inflight::new(&hive, &worker, &rid);
+    // The worker answers with headers at once (tokens follow as events); a worker that does
+    // not is frozen or gone. A client deadline shortens the wait.
+    let header_wait = match rbee_http::parse_deadline(&headers) {
+        Ok(Some((_, left_ms))) if left_ms > 0 => {
+            HEADER_WAIT.min(Duration::from_millis(left_ms as u64 + 1000))
+        }
+        _ => HEADER_WAIT,
     };
     let send = || {
         let mut req = hive
@@ -71,15 +79,28 @@ pub async fn forward(
                 req = req.header(name, v);
             }
         }
-        req.send()
+        tokio::time::timeout(header_wait, req.send())
     };
     // We hold the worker's only slot, so ALL_SLOTS_BUSY from the worker means it is still
     // winding down a generation whose client just left (milliseconds): retry briefly.
     let settle = tokio::time::Instant::now() + Duration::from_secs(2);
     let upstream = loop {
         let r = match send().await {
-            Ok(r) => r,
-            Err(e) => {
+            Ok(Ok(r)) => r,
+            Err(_) => {
+                hive.metrics.inference_requests.inc(&["upstream_error"]);
+                warn!(worker_id = %worker.id(), waited_s = header_wait.as_secs_f64(), "worker did not answer");
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    codes::WORKER_UNAVAILABLE,
+                    format!(
+                        "worker {} did not answer within {:.1} s",
+                        worker.id(),
+                        header_wait.as_secs_f64()
+                    ),
+                ));
+            }
+            Ok(Err(e)) => {
                 hive.metrics.inference_requests.inc(&["upstream_error"]);
                 warn!(worker_id = %worker.id(), error = %e, "worker unreachable");
                 return Err(ApiError::new(
@@ -110,9 +131,6 @@ pub async fn forward(
         worker.record_use(false);
         return Ok(resp);
     };
-    hive.inflight_insert(&rid, worker.id());
-    worker.inflight.fetch_add(1, Ordering::SeqCst);
-    hive.metrics.inflight.add(&[], 1.0);
     let stream = PassThrough {
         upstream: Box::pin(upstream.bytes_stream()),
         cut: Box::pin(wait_cut(hive.clone())),
@@ -123,6 +141,7 @@ pub async fn forward(
             hive,
             worker,
             rid,
+            _inflight: inflight,
             _permit: permit,
             ok: false,
         }),
@@ -157,15 +176,46 @@ struct StreamGuard {
     hive: Arc<Hive>,
     worker: Arc<Worker>,
     rid: String,
+    _inflight: Inflight,
     _permit: OwnedSemaphorePermit,
     ok: bool,
 }
 
-impl Drop for StreamGuard {
+/// How long a client waits for a health probe holding the worker (the probe's own limit).
+const PROBE_WAIT: Duration = Duration::from_secs(12);
+/// How long the hive waits for a worker's response headers.
+const HEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// A request counted as in flight (drain, keep-alive, busy) until dropped.
+struct Inflight {
+    hive: Arc<Hive>,
+    worker: Arc<Worker>,
+    key: u64,
+}
+
+impl Inflight {
+    fn new(hive: &Arc<Hive>, worker: &Arc<Worker>, rid: &str) -> Self {
+        let key = hive.inflight_insert(rid, worker.id());
+        worker.inflight.fetch_add(1, Ordering::SeqCst);
+        hive.metrics.inflight.add(&[], 1.0);
+        Self {
+            hive: hive.clone(),
+            worker: worker.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Inflight {
     fn drop(&mut self) {
-        self.hive.inflight_remove(&self.rid);
+        self.hive.inflight_remove(self.key);
         self.worker.inflight.fetch_sub(1, Ordering::SeqCst);
         self.hive.metrics.inflight.add(&[], -1.0);
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
         self.worker.record_use(self.ok);
         let outcome = if self.ok { "ok" } else { "interrupted" };
         self.hive.metrics.inference_requests.inc(&[outcome]);

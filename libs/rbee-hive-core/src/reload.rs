@@ -123,6 +123,13 @@ pub fn reload(hive: &Hive, r: &Reloader) {
 fn apply(hive: &Hive, r: &Reloader) -> Result<(), String> {
     let new = (r.load)()?;
     let (tokens, seen) = load_tokens(&new, &r.env_tokens).map_err(|e| e.to_string())?;
+    if tokens.api.is_none() && hive.api_token().is_some() {
+        // Dropping the token would silently turn authentication off.
+        return Err(
+            "the new configuration has no hive token; keeping the current one (restart to run without one)"
+                .to_owned(),
+        );
+    }
     let old = hive.config();
     let changed = rbee_config::changed_keys(&old, &new);
     let (live, restart): (Vec<String>, Vec<String>) =

@@ -94,7 +94,15 @@ async fn count_requests(State(hive): State<Shared>, req: Request, next: Next) ->
         .get::<axum::extract::MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().clone();
+    // Only known methods become label values, so clients cannot create series at will.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::HEAD => "HEAD",
+        _ => "OTHER",
+    };
     let resp = next.run(req).await;
     hive.metrics
         .http_requests
@@ -209,7 +217,7 @@ async fn node_resources(State(hive): State<Shared>) -> Response {
         "resources": res,
         "memory_committed_bytes": committed,
         "workers": workers,
-        "models": hive.catalog.list(),
+        "models": hive.models().await,
     }))
     .into_response()
 }
@@ -347,16 +355,23 @@ async fn worker_ready(
 /// SSE: a snapshot of every worker, then each change as it happens.
 async fn worker_events(State(hive): State<Shared>) -> Response {
     let rx = hive.subscribe();
-    let snapshot: Vec<WorkerEvent> = hive
-        .list()
-        .into_iter()
-        .map(|worker| WorkerEvent {
-            kind: "snapshot",
-            worker,
+    let snapshot = |hive: &Hive| -> Vec<WorkerEvent> {
+        hive.list()
+            .into_iter()
+            .map(|worker| WorkerEvent {
+                kind: "snapshot",
+                worker,
+            })
+            .collect()
+    };
+    let first = futures_util::stream::iter(snapshot(&hive));
+    // A subscriber too slow for the channel gets a fresh snapshot instead of a silent gap.
+    let rest = BroadcastStream::new(rx).flat_map(move |r| {
+        futures_util::stream::iter(match r {
+            Ok(ev) => vec![ev],
+            Err(_) => snapshot(&hive),
         })
-        .collect();
-    let first = futures_util::stream::iter(snapshot);
-    let rest = BroadcastStream::new(rx).filter_map(|r| async move { r.ok() });
+    });
     let events = first
         .chain(rest)
         .map(|ev| Ok::<_, Infallible>(json_event(&ev)));
@@ -434,9 +449,8 @@ async fn cancel_inference(
     }
 }
 
-async fn list_models(State(hive): State<Shared>, Extension(rid): Extension<RequestId>) -> Response {
-    let _ = rid;
-    Json(json!({ "models": hive.catalog.list() })).into_response()
+async fn list_models(State(hive): State<Shared>) -> Response {
+    Json(json!({ "models": hive.models().await })).into_response()
 }
 
 async fn delete_model(
@@ -444,7 +458,13 @@ async fn delete_model(
     Extension(rid): Extension<RequestId>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some(entry) = hive.catalog.find(&id) else {
+    let h = hive.clone();
+    let lookup = id.clone();
+    let found = tokio::task::spawn_blocking(move || h.catalog.find(&lookup))
+        .await
+        .ok()
+        .flatten();
+    let Some(entry) = found else {
         return err(&rid, HiveError::ModelNotFound(id));
     };
     if let Some(worker) = hive.model_in_use(&entry.path) {
@@ -457,7 +477,12 @@ async fn delete_model(
             ),
         );
     }
-    match hive.catalog.delete(&id) {
+    let h = hive.clone();
+    let target = id.clone();
+    let deleted = tokio::task::spawn_blocking(move || h.catalog.delete(&target))
+        .await
+        .map_err(|e| HiveError::Io(std::io::Error::other(e.to_string())));
+    match deleted.and_then(|r| r.map_err(HiveError::Model)) {
         Ok(_) => {
             hive.audit_as(
                 "model.delete",
@@ -466,7 +491,7 @@ async fn delete_model(
             );
             Json(json!({"deleted": entry})).into_response()
         }
-        Err(e) => err(&rid, HiveError::Model(e)),
+        Err(e) => err(&rid, e),
     }
 }
 

@@ -88,8 +88,6 @@ pub enum StopCause {
     Idle,
     /// The hive is shutting down.
     Shutdown,
-    /// Failed its health checks: killed and handled like a crash.
-    Unhealthy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +212,8 @@ pub struct Worker {
     pub inflight: AtomicU32,
     pub health_failures: AtomicU32,
     probing: AtomicBool,
+    /// The pid a failed health check killed, so its exit is reported as that (not a stop).
+    unhealthy_pid: Mutex<Option<u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -253,6 +253,7 @@ impl Worker {
             inflight: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
             probing: AtomicBool::new(false),
+            unhealthy_pid: Mutex::new(None),
         })
     }
 
@@ -342,6 +343,18 @@ impl Worker {
                 false
             }
         });
+    }
+
+    /// Kills the process that failed its health checks, if it is still the current, ready
+    /// one; its exit then goes through the crash path (restart policy).
+    pub fn kill_unhealthy(&self, pid: u32) -> bool {
+        let s = lock(&self.status);
+        if s.state != WorkerState::Ready || s.pid != Some(pid) {
+            return false;
+        }
+        *lock(&self.unhealthy_pid) = Some(pid);
+        signal_group(pid, libc::SIGKILL);
+        true
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -466,8 +479,19 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
     let mut stop_rx = worker.stop_tx.subscribe();
     let mut crash_times: VecDeque<Instant> = VecDeque::new();
     loop {
-        if let Some(cause) = *stop_rx.borrow() {
+        let cause = *stop_rx.borrow();
+        if let Some(cause) = cause {
             finish_stopped(hive, worker, cause, StopOutcome::NotRunning, 0.0);
+            return;
+        }
+        if hive.draining.load(Ordering::SeqCst) {
+            finish_stopped(
+                hive,
+                worker,
+                StopCause::Shutdown,
+                StopOutcome::NotRunning,
+                0.0,
+            );
             return;
         }
         let (mut child, pid, port, token) = match spawn(hive, worker).await {
@@ -526,8 +550,12 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                     s.last_success = Some(Instant::now());
                 });
                 worker.health_failures.store(0, Ordering::SeqCst);
-                hive.sample_memory(worker, pid).await;
                 worker.set_state(hive, WorkerState::Ready);
+                {
+                    // nvidia-smi can take seconds; never hold supervision up for it.
+                    let (h, w) = (hive.clone(), worker.clone());
+                    tokio::spawn(async move { h.sample_memory(&w, pid).await });
+                }
                 info!(
                     spawn_to_ready_s = secs,
                     load_s = report.load_seconds,
@@ -547,14 +575,6 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
         };
 
         let (status, reason) = match phase {
-            Phase::Stop(StopCause::Unhealthy) => {
-                warn!("failed its health checks; killing it");
-                signal_group(pid, libc::SIGKILL);
-                let st = child.wait().await;
-                // Later causes (an API stop) must be seen afresh.
-                worker.stop_tx.send_replace(None);
-                (st, "failed its health checks and was killed".to_owned())
-            }
             Phase::Stop(cause) => {
                 worker.set_state(hive, WorkerState::Stopping);
                 let t0 = Instant::now();
@@ -568,6 +588,7 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                     "no ready call in time; killing it"
                 );
                 signal_group(pid, libc::SIGKILL);
+                hive.metrics.force_kills.inc(&[]);
                 let st = child.wait().await;
                 (
                     st,
@@ -579,7 +600,11 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
             }
             Phase::Exited(st) => {
                 let was_ready = worker.view().ready_at_unix_ms.is_some();
-                let why = if was_ready {
+                let killed_unhealthy = lock(&worker.unhealthy_pid).take() == Some(pid);
+                let why = if killed_unhealthy {
+                    hive.metrics.force_kills.inc(&[]);
+                    "failed three health checks in a row and was killed".to_owned()
+                } else if was_ready {
                     format!("exited unexpectedly ({})", describe_exit(&st))
                 } else {
                     format!("exited before it was ready ({})", describe_exit(&st))
@@ -588,14 +613,21 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
             }
             Phase::Ready(_) => unreachable_phase(),
         };
+        let (code, signal) = exit_fields(&status);
+        hive.metrics
+            .worker_exit_code
+            .set(&[&worker.spec.id], code.map_or(-1.0, f64::from));
+        hive.metrics
+            .worker_exit_signal
+            .set(&[&worker.spec.id], signal.map_or(0.0, f64::from));
         // Reap any helper processes the worker left in its group.
         signal_group(pid, libc::SIGKILL);
         hive.release_port(port);
 
-        let (code, signal) = exit_fields(&status);
         let tail: Vec<String> = worker.view().stderr_tail;
         worker.update(|s| {
             s.pid = None;
+            s.port = None;
             s.token = None;
             s.last_exit = Some(ExitInfo {
                 code,
@@ -639,6 +671,7 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                 ));
             });
             hive.metrics.breaker_open.inc(&[]);
+            hive.metrics.worker_breaker.set(&[&worker.spec.id], 1.0);
             error!(recent, "circuit breaker open; not restarting");
             hive.audit(
                 "worker.breaker_open",
@@ -660,6 +693,9 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                 delay_ms: delay.as_millis() as u64,
             });
         });
+        hive.metrics
+            .worker_backoff
+            .set(&[&worker.spec.id], delay.as_secs_f64());
         worker.set_state(hive, WorkerState::Backoff);
         info!(
             delay_ms = delay.as_millis() as u64,
@@ -672,6 +708,7 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                 return;
             }
         }
+        hive.metrics.worker_backoff.set(&[&worker.spec.id], 0.0);
         worker.update(|s| s.restart_count += 1);
         let count = worker.view().restart_count;
         hive.metrics.restarts.inc(&[]);
