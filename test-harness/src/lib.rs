@@ -478,7 +478,8 @@ pub struct HiveProcess {
 fn worker_port_range() -> (u16, u16) {
     static N: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let base = 20_000 + (std::process::id() % 500) as u16 * 64 + (n % 4) * 16;
+    // 64 hives per test process, 16 ports each; processes spread by pid.
+    let base = 20_000 + (std::process::id() % 39) as u16 * 1024 + (n % 64) * 16;
     (base, base + 15)
 }
 
