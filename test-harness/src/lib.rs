@@ -754,3 +754,185 @@ pub fn promtool_check_metrics(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// How to start a `queen-rbee` for a test.
+#[derive(Debug, Clone, Default)]
+pub struct QueenOptions {
+    /// Client tokens by name (through 0600 files); empty is dev mode.
+    pub clients: Vec<(String, String)>,
+    pub join_token: Option<String>,
+    pub hive_token: Option<String>,
+    /// Extra TOML appended to the config (tables such as `[[models]]`).
+    pub config_tail: String,
+    pub env: Vec<(String, String)>,
+    /// Keep the registry in this SQLite file (default: a fresh one in the queen's directory).
+    pub registry_path: Option<PathBuf>,
+}
+
+/// A running `queen-rbee`; killed when dropped.
+pub struct QueenProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub base_url: String,
+    pub dir: PathBuf,
+    pub registry_path: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl QueenProcess {
+    /// Starts the queen (on `listen`, e.g. `127.0.0.1:0`) and waits until it listens.
+    pub async fn start(opts: QueenOptions, listen: &str) -> anyhow::Result<Self> {
+        let dir = temp_dir("queen");
+        let registry_path = opts
+            .registry_path
+            .clone()
+            .unwrap_or_else(|| dir.join("registry.sqlite"));
+        let mut toml = format!(
+            "listen = {}\nregistry_path = {}\n",
+            toml_str(listen),
+            toml_str(&registry_path.display().to_string())
+        );
+        let secrets = dir.join("secrets");
+        std::fs::create_dir_all(&secrets)?;
+        let write = |name: &str, secret: &str| -> anyhow::Result<PathBuf> {
+            let p = secrets.join(name);
+            std::fs::write(&p, secret)?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            Ok(p)
+        };
+        if let Some(t) = &opts.join_token {
+            let p = write("join", t)?;
+            toml.push_str(&format!(
+                "join_token_file = {}\n",
+                toml_str(&p.display().to_string())
+            ));
+        }
+        if let Some(t) = &opts.hive_token {
+            let p = write("hive", t)?;
+            toml.push_str(&format!(
+                "hive_token_file = {}\n",
+                toml_str(&p.display().to_string())
+            ));
+        }
+        for (name, secret) in &opts.clients {
+            let p = write(&format!("client-{name}"), secret)?;
+            toml.push_str(&format!(
+                "\n[[client_tokens]]\nname = {}\nfile = {}\n",
+                toml_str(name),
+                toml_str(&p.display().to_string())
+            ));
+        }
+        toml.push_str(&opts.config_tail);
+        let config = dir.join("queen.toml");
+        std::fs::write(&config, toml)?;
+        let mut cmd = Command::new(workspace_binary("queen-rbee"));
+        cmd.arg("--config")
+            .arg(&config)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().context("spawning queen-rbee")?;
+        let stderr = capture_stderr(&mut child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let log = stderr.lock().unwrap().clone();
+            if let Some(addr) = log
+                .lines()
+                .find(|l| l.contains("queen listening"))
+                .and_then(|l| l.split("address=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                break addr;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("queen-rbee exited before listening ({status}):\n{log}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("queen-rbee not listening within 20 s:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok(Self {
+            child,
+            addr,
+            base_url: format!("http://{addr}"),
+            dir,
+            registry_path,
+            stderr,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the queen routes to `hives` hives that are up.
+    pub async fn wait_hives_up(
+        &self,
+        client: &reqwest::Client,
+        token: &str,
+        hives: usize,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v: Value = client
+                .get(self.url("/v1/admin/hives"))
+                .bearer_auth(token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let up = v["hives"]
+                .as_array()
+                .map(|a| a.iter().filter(|h| h["state"] == "up").count())
+                .unwrap_or(0);
+            if up >= hives {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{up} of {hives} hives up after 30 s: {v}\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for QueenProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -97,6 +97,32 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Idempotent: a file already in place with the right hash is kept.
+/// The queen's tests drive it with the stock `openai` Python package; install it when missing.
+fn ensure_openai_sdk() -> anyhow::Result<()> {
+    let have = |py: &str| {
+        Command::new(py)
+            .args(["-c", "import openai"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if have("python3") {
+        return Ok(());
+    }
+    eprintln!("installing the openai Python package (pip)");
+    for extra in [&[][..], &["--break-system-packages"][..]] {
+        let ok = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "openai"])
+            .args(extra)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok && have("python3") {
+            return Ok(());
+        }
+    }
+    bail!("cannot install the `openai` Python package: run `python3 -m pip install openai`")
+}
+
 fn fetch_model(dir: &Path) -> anyhow::Result<PathBuf> {
     let target = dir.join(MODEL_FILE);
     if target.is_file() {
@@ -169,6 +195,7 @@ fn fetch_model(dir: &Path) -> anyhow::Result<PathBuf> {
 /// libtest results and the cucumber scenarios.
 fn test(extra: &[String]) -> anyhow::Result<()> {
     fetch_model(&model_dir())?;
+    ensure_openai_sdk()?;
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(workspace_root())
         .args(["test", "--workspace", "--no-fail-fast"])

@@ -39,6 +39,9 @@ pub mod codes {
     pub const INVALID_MODEL_REF: &str = "INVALID_MODEL_REF";
     pub const WORKER_NOT_READY: &str = "WORKER_NOT_READY";
     pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
+    pub const QUEUE_FULL: &str = "QUEUE_FULL";
+    pub const NO_CAPACITY: &str = "NO_CAPACITY";
+    pub const MODEL_NOT_SERVED: &str = "MODEL_NOT_SERVED";
 }
 
 /// The one error body every daemon returns.

@@ -1,0 +1,229 @@
+//! The whole chain on this machine: client → queen → hive → worker, with the real model.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use rbee_test_harness::{
+    HiveOptions, HiveProcess, QueenOptions, QueenProcess, SseData, SseReader, end_event,
+    joined_text, reference,
+};
+use serde_json::{Value, json};
+
+const CLIENT: &str = "client-token-0123456789abcdef";
+const JOIN: &str = "join-token-0123456789abcdef";
+const HIVE: &str = "hive-token-0123456789abcdef";
+
+struct Stack {
+    queen: QueenProcess,
+    hive: HiveProcess,
+}
+
+async fn stack() -> Stack {
+    let queen = QueenProcess::start(
+        QueenOptions {
+            clients: vec![("alice".into(), CLIENT.into())],
+            join_token: Some(JOIN.into()),
+            hive_token: Some(HIVE.into()),
+            config_tail: "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n".into(),
+            ..QueenOptions::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(HIVE)
+            .env("QUEEN__URL", &queen.base_url)
+            .env("QUEEN__HEARTBEAT_SECONDS", 1)
+            .env("HIVE_ID", "hive-a")
+            .env("JOIN_TOKEN", JOIN),
+    )
+    .await
+    .unwrap();
+    queen
+        .wait_hives_up(&reqwest::Client::new(), CLIENT, 1)
+        .await
+        .unwrap();
+    Stack { queen, hive }
+}
+
+#[tokio::test]
+async fn the_openai_sdk_works_through_queen_hive_and_worker() {
+    let s = stack().await;
+    let case = &reference().greedy_chat[0];
+    let case_json = json!({"messages": case.messages, "max_tokens": case.max_tokens});
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .env("RBEE_URL", &s.queen.base_url)
+        .env("RBEE_TOKEN", CLIENT)
+        .env("REF_CASE", case_json.to_string())
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openai client failed (pip install openai; .ci/run does):\n{}\n{stdout}\nqueen:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.queen.stderr()
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!(
+        "cold start {:.3} s, warm {:.3} s",
+        v["cold_s"].as_f64().unwrap(),
+        v["warm_s"].as_f64().unwrap()
+    );
+    // Greedy answers equal llama.cpp's, streaming or not.
+    assert_eq!(v["chat"]["text"], case.text.as_str());
+    assert_eq!(v["chat"]["object"], "chat.completion");
+    assert_eq!(v["chat"]["finish_reason"], case.finish_reason.as_str());
+    assert_eq!(
+        v["chat"]["usage"]["completion_tokens"],
+        case.usage.completion_tokens
+    );
+    assert_eq!(
+        v["chat"]["usage"]["prompt_tokens"],
+        case.usage.prompt_tokens
+    );
+    assert_eq!(v["stream"]["text"], case.text.as_str());
+    assert_eq!(v["stream"]["finish_reason"], case.finish_reason.as_str());
+    assert_eq!(
+        v["stream"]["usage"]["completion_tokens"],
+        case.usage.completion_tokens
+    );
+    assert!(
+        v["completion"]["text"].as_str().unwrap().contains('5'),
+        "{}",
+        v["completion"]
+    );
+    assert_eq!(v["unknown_model"]["status"], 404);
+    assert_eq!(v["unknown_model"]["code"], "MODEL_NOT_SERVED");
+    assert_eq!(v["bad_temperature"]["status"], 400);
+    assert_eq!(v["bad_temperature"]["code"], "INVALID_PARAMETER");
+    assert!(
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "smollm2")
+    );
+    assert_eq!(v["wrong_token"], 401);
+    // Cold start spawned the worker, the warm request reused it.
+    let warm = v["warm_s"].as_f64().unwrap();
+    let cold = v["cold_s"].as_f64().unwrap();
+    assert!(warm < cold, "warm {warm} s vs cold {cold} s");
+    let metrics = reqwest::get(s.queen.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rbee_queen_scheduling_decisions_total{decision=\"spawn\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rbee_queen_scheduling_decisions_total{decision=\"reuse\"}"));
+    rbee_test_harness::promtool_check_metrics(&metrics);
+    drop(s.hive);
+}
+
+#[tokio::test]
+async fn native_stream_cancel_and_auth_through_the_queen() {
+    let s = stack().await;
+    let c = reqwest::Client::new();
+    // Every protected route refuses without a token.
+    for (method, path, public) in rbee_queen_core::api::router_routes() {
+        let concrete = path.replace("{id}", "h1").replace("{request_id}", "r1");
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = c.request(m, s.queen.url(&concrete)).send().await.unwrap();
+        if public {
+            assert_ne!(resp.status(), 401, "{method} {path}");
+        } else {
+            assert_eq!(resp.status(), 401, "{method} {path}");
+            assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+        }
+    }
+    // A heartbeat needs the join token, not a client token.
+    let hb = c
+        .post(s.queen.url("/v1/hives/heartbeat"))
+        .bearer_auth(CLIENT)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hb.status(), 401);
+
+    let long = json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 300, "temperature": 0});
+    let resp = c
+        .post(s.queen.url("/v1/inference"))
+        .bearer_auth(CLIENT)
+        .header("x-request-id", "queen-cancel-1")
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "queen-cancel-1");
+    let mut reader = SseReader::new(resp);
+    let first = reader.next().await.unwrap();
+    assert!(matches!(first, Some(SseData::Event(ref v)) if v["type"] == "started"));
+    reader.next().await.unwrap();
+    let del = c
+        .delete(s.queen.url("/v1/inference/queen-cancel-1"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert!(del.status().is_success(), "{}", del.text().await.unwrap());
+    let rest = reader.collect().await.unwrap();
+    assert_eq!(
+        end_event(&rest).unwrap_or_else(|| panic!("{rest:?}"))["stop_reason"],
+        "cancelled"
+    );
+
+    // A deadline from X-Request-Timeout reaches the worker.
+    let resp = c
+        .post(s.queen.url("/v1/inference"))
+        .bearer_auth(CLIENT)
+        .header("x-request-timeout", "0.5")
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let events = SseReader::new(resp).collect().await.unwrap();
+    assert_eq!(end_event(&events).unwrap()["stop_reason"], "deadline");
+    assert!(!joined_text(&events).is_empty());
+
+    // A client that leaves: the worker is free again at once.
+    let resp = c
+        .post(s.queen.url("/v1/inference"))
+        .bearer_auth(CLIENT)
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap();
+    reader.next().await.unwrap();
+    drop(reader);
+    let t0 = std::time::Instant::now();
+    let resp = c
+        .post(s.queen.url("/v1/inference"))
+        .bearer_auth(CLIENT)
+        .json(&json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let events = SseReader::new(resp).collect().await.unwrap();
+    assert!(end_event(&events).is_some(), "{events:?}");
+    println!(
+        "next request served {:?} after the client left",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    drop(s.hive);
+}

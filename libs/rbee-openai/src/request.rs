@@ -1,0 +1,645 @@
+//! Client requests as the stock OpenAI SDKs send them, and their translation into the worker's
+//! [`InferenceRequest`].
+//!
+//! Unknown fields are ignored, not refused: the SDKs add parameters over time (`store`,
+//! `metadata`, `service_tier`, `reasoning_effort`, …) and a client upgrading its SDK must not
+//! start failing. Known parameters that would change the output but that rbee does not
+//! implement are refused with a 400 naming the parameter ([`OpenAiError::Unsupported`]), so a
+//! client never gets a silently different answer. Ranges of sampling values (temperature in
+//! [0, 2], …) are the worker's to check; only OpenAI-specific rules are checked here.
+
+use rbee_api::{ChatMessage, InferenceRequest};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Number, Value};
+
+use crate::error::OpenAiError;
+
+/// `max_tokens` of a legacy completion that gives none, as OpenAI defines it.
+pub const COMPLETION_DEFAULT_MAX_TOKENS: u32 = 16;
+
+/// Separator put between the text parts of one message's content array.
+pub const CONTENT_PART_SEPARATOR: &str = "\n";
+
+/// Parses a request body; a wrong JSON type or a missing field names its path in `param`
+/// (`messages[0].role`, `temperature`).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpenAiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let text = inner.to_string();
+        // `?` stands for a segment serde could not name (a syntax error inside a key).
+        let mut known = path.as_str();
+        while let Some(parent) = known.strip_suffix(".?") {
+            known = parent;
+        }
+        let at = (!matches!(known, "" | "." | "?")).then(|| known.to_owned());
+        // serde reports a missing field at its parent's path; name the field itself.
+        let missing = text
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_owned);
+        let param = match (at, missing) {
+            (Some(at), Some(field)) => Some(format!("{at}.{field}")),
+            (None, Some(field)) => Some(field),
+            (at, None) => at,
+        };
+        let message = match &param {
+            Some(p) => format!("invalid request body: `{p}`: {text}"),
+            None => format!("invalid request body: {text}"),
+        };
+        OpenAiError::InvalidJson { param, message }
+    })
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged, expecting = "a string or an array of strings")]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn to_vec(&self) -> Option<Vec<String>> {
+        let v = match self {
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        };
+        (!v.is_empty()).then_some(v)
+    }
+}
+
+/// A message's `content`: a string, or an array of content parts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged, expecting = "a string or an array of content parts")]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part, `{"type":"text","text":"…"}`. Other types (`image_url`, `input_audio`,
+/// `file`, …) parse, so that [`ChatCompletionRequest::to_inference`] can refuse them by name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// One entry of `messages`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct RequestMessage {
+    /// `system`, `user`, `assistant`, or `developer` (served as `system`); `tool` and
+    /// `function` are refused.
+    pub role: String,
+    /// Optional only for `assistant` messages (OpenAI allows `null` there).
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    /// Ignored.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Refused when non-empty: rbee does no tool calling.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// Refused when non-null.
+    #[serde(default)]
+    pub function_call: Option<Value>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<RequestMessage>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Wins over `max_tokens` when both are given.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Only 1.
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Read only when streaming.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// Any JSON integer; negative seeds map to their two's-complement `u64`.
+    #[serde(default)]
+    pub seed: Option<Number>,
+    /// Only 0.
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    /// Only 0.
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// Only empty.
+    #[serde(default)]
+    pub logit_bias: Option<Value>,
+    /// Only `false`.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Only 0.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    /// Only `{"type":"text"}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// Only empty.
+    #[serde(default)]
+    pub tools: Option<Value>,
+    /// Only `"none"` or `"auto"` (which, without tools, are the same thing).
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Only empty (the deprecated form of `tools`).
+    #[serde(default)]
+    pub functions: Option<Value>,
+    /// Only `"none"` or `"auto"` (the deprecated form of `tool_choice`).
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    /// Only `["text"]`.
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
+    /// Only null (audio output).
+    #[serde(default)]
+    pub audio: Option<Value>,
+    /// Ignored.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// rbee extension.
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    /// rbee extension.
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    /// rbee extension.
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    /// rbee extension.
+    #[serde(default)]
+    pub repetition_window: Option<u32>,
+}
+
+/// The prompt of a legacy completion: OpenAI allows a string, strings, token ids, or batches of
+/// token ids; rbee serves one string (alone or as a one-element array).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, an array of strings, an array of token ids, or an array of arrays of token ids"
+)]
+pub enum CompletionPrompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+    TokenBatches(Vec<Vec<i64>>),
+}
+
+/// `POST /v1/completions` (legacy).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    /// Required by rbee (OpenAI would default to an end-of-text token).
+    #[serde(default)]
+    pub prompt: Option<CompletionPrompt>,
+    /// [`COMPLETION_DEFAULT_MAX_TOKENS`] when absent.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Only 1.
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub seed: Option<Number>,
+    /// Only `false`.
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Only null.
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    /// Only null or empty.
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Only 1.
+    #[serde(default)]
+    pub best_of: Option<u32>,
+    /// Only 0.
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    /// Only 0.
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// Only empty.
+    #[serde(default)]
+    pub logit_bias: Option<Value>,
+    /// Ignored.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// rbee extension.
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    /// rbee extension.
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    /// rbee extension.
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    /// rbee extension.
+    #[serde(default)]
+    pub repetition_window: Option<u32>,
+}
+
+impl ChatCompletionRequest {
+    /// Parses a body; see [`parse_json`].
+    pub fn from_json(body: &[u8]) -> Result<Self, OpenAiError> {
+        parse_json(body)
+    }
+
+    /// `stream: true`.
+    pub fn is_stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// Streaming with `stream_options.include_usage: true`.
+    pub fn include_usage(&self) -> bool {
+        self.is_stream() && include_usage(self.stream_options.as_ref())
+    }
+
+    /// The worker request, or the first parameter rbee refuses.
+    pub fn to_inference(&self) -> Result<InferenceRequest, OpenAiError> {
+        check_model(&self.model)?;
+        let messages = self
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| convert_message(i, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        only_one("n", self.n)?;
+        zero_only("presence_penalty", self.presence_penalty)?;
+        zero_only("frequency_penalty", self.frequency_penalty)?;
+        empty_only("logit_bias", self.logit_bias.as_ref())?;
+        if self.logprobs == Some(true) {
+            return Err(OpenAiError::unsupported(
+                "logprobs",
+                "`logprobs` is not supported by rbee; leave it out or set it to false",
+            ));
+        }
+        if let Some(n) = self.top_logprobs.filter(|n| *n != 0) {
+            return Err(OpenAiError::unsupported(
+                "top_logprobs",
+                format!("`top_logprobs` is not supported by rbee; given: {n}"),
+            ));
+        }
+        check_response_format(self.response_format.as_ref())?;
+        empty_only("tools", self.tools.as_ref())?;
+        no_tool_choice("tool_choice", self.tool_choice.as_ref())?;
+        empty_only("functions", self.functions.as_ref())?;
+        no_tool_choice("function_call", self.function_call.as_ref())?;
+        if let Some(m) = &self.modalities
+            && let Some(other) = m.iter().find(|m| m.as_str() != "text")
+        {
+            return Err(OpenAiError::unsupported(
+                "modalities",
+                format!(
+                    "only the \"text\" modality is supported by rbee; given: {:?}",
+                    truncate(other)
+                ),
+            ));
+        }
+        if self.audio.as_ref().is_some_and(|a| !a.is_null()) {
+            return Err(OpenAiError::unsupported(
+                "audio",
+                "audio output is not supported by rbee",
+            ));
+        }
+        Ok(InferenceRequest {
+            prompt: None,
+            messages: Some(messages),
+            max_tokens: self.max_completion_tokens.or(self.max_tokens),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            repetition_window: self.repetition_window,
+            seed: seed(self.seed.as_ref())?,
+            stop: self.stop.as_ref().and_then(Stop::to_vec),
+        })
+    }
+}
+
+impl CompletionRequest {
+    /// Parses a body; see [`parse_json`].
+    pub fn from_json(body: &[u8]) -> Result<Self, OpenAiError> {
+        parse_json(body)
+    }
+
+    /// `stream: true`.
+    pub fn is_stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// Streaming with `stream_options.include_usage: true`.
+    pub fn include_usage(&self) -> bool {
+        self.is_stream() && include_usage(self.stream_options.as_ref())
+    }
+
+    /// The worker request (a raw prompt, no chat template), or the first parameter rbee
+    /// refuses. `max_tokens` defaults to [`COMPLETION_DEFAULT_MAX_TOKENS`].
+    pub fn to_inference(&self) -> Result<InferenceRequest, OpenAiError> {
+        check_model(&self.model)?;
+        let prompt = match &self.prompt {
+            None => {
+                return Err(OpenAiError::invalid("prompt", "`prompt` is required"));
+            }
+            Some(CompletionPrompt::Text(s)) => s.clone(),
+            Some(CompletionPrompt::Texts(v)) => match v.as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    return Err(OpenAiError::invalid(
+                        "prompt",
+                        "`prompt` must not be an empty array",
+                    ));
+                }
+                many => {
+                    return Err(OpenAiError::unsupported(
+                        "prompt",
+                        format!(
+                            "batched prompts are not supported by rbee: give one prompt per \
+                             request; given: {} prompts",
+                            many.len()
+                        ),
+                    ));
+                }
+            },
+            Some(CompletionPrompt::Tokens(_) | CompletionPrompt::TokenBatches(_)) => {
+                return Err(OpenAiError::unsupported(
+                    "prompt",
+                    "token-id prompts are not supported by rbee; send the prompt as a string",
+                ));
+            }
+        };
+        only_one("n", self.n)?;
+        only_one("best_of", self.best_of)?;
+        if self.echo == Some(true) {
+            return Err(OpenAiError::unsupported(
+                "echo",
+                "`echo` is not supported by rbee; leave it out or set it to false",
+            ));
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(OpenAiError::unsupported(
+                "logprobs",
+                "`logprobs` is not supported by rbee; leave it out or set it to null",
+            ));
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(OpenAiError::unsupported(
+                "suffix",
+                "`suffix` (insertion) is not supported by rbee",
+            ));
+        }
+        zero_only("presence_penalty", self.presence_penalty)?;
+        zero_only("frequency_penalty", self.frequency_penalty)?;
+        empty_only("logit_bias", self.logit_bias.as_ref())?;
+        Ok(InferenceRequest {
+            prompt: Some(prompt),
+            messages: None,
+            max_tokens: Some(self.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS)),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            repetition_window: self.repetition_window,
+            seed: seed(self.seed.as_ref())?,
+            stop: self.stop.as_ref().and_then(Stop::to_vec),
+        })
+    }
+}
+
+fn include_usage(o: Option<&StreamOptions>) -> bool {
+    o.and_then(|o| o.include_usage) == Some(true)
+}
+
+fn check_model(model: &str) -> Result<(), OpenAiError> {
+    if model.trim().is_empty() {
+        return Err(OpenAiError::invalid("model", "`model` must not be empty"));
+    }
+    Ok(())
+}
+
+fn convert_message(i: usize, m: &RequestMessage) -> Result<ChatMessage, OpenAiError> {
+    let role = match m.role.as_str() {
+        "system" | "user" | "assistant" => m.role.clone(),
+        "developer" => "system".to_owned(),
+        "tool" | "function" => {
+            return Err(OpenAiError::unsupported(
+                format!("messages[{i}].role"),
+                format!(
+                    "`messages[{i}].role` {:?} is not supported: rbee does no tool calling",
+                    m.role
+                ),
+            ));
+        }
+        other => {
+            return Err(OpenAiError::invalid(
+                format!("messages[{i}].role"),
+                format!(
+                    "`messages[{i}].role` must be one of system, user, assistant, developer; \
+                     given: {:?}",
+                    truncate(other)
+                ),
+            ));
+        }
+    };
+    if m.tool_calls.as_ref().is_some_and(non_empty) {
+        return Err(OpenAiError::unsupported(
+            format!("messages[{i}].tool_calls"),
+            format!("`messages[{i}].tool_calls` is not supported: rbee does no tool calling"),
+        ));
+    }
+    if m.function_call.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(OpenAiError::unsupported(
+            format!("messages[{i}].function_call"),
+            format!("`messages[{i}].function_call` is not supported: rbee does no tool calling"),
+        ));
+    }
+    let content = match &m.content {
+        None if role == "assistant" => String::new(),
+        None => {
+            return Err(OpenAiError::invalid(
+                format!("messages[{i}].content"),
+                format!("`messages[{i}].content` is required for a {role} message"),
+            ));
+        }
+        Some(MessageContent::Text(s)) => s.clone(),
+        Some(MessageContent::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, p) in parts.iter().enumerate() {
+                texts.push(part_text(i, j, p)?);
+            }
+            texts.join(CONTENT_PART_SEPARATOR)
+        }
+    };
+    Ok(ChatMessage { role, content })
+}
+
+fn part_text(i: usize, j: usize, p: &ContentPart) -> Result<&str, OpenAiError> {
+    let param = format!("messages[{i}].content[{j}]");
+    let what = match p.kind.as_str() {
+        "text" => {
+            return p.text.as_deref().ok_or_else(|| {
+                OpenAiError::invalid(
+                    format!("{param}.text"),
+                    format!("`{param}.text` is required for a text part"),
+                )
+            });
+        }
+        "image_url" | "image" | "input_image" => "image",
+        "input_audio" | "audio" => "audio",
+        "file" | "input_file" => "file",
+        other => {
+            return Err(OpenAiError::invalid(
+                format!("{param}.type"),
+                format!(
+                    "`{param}.type` {:?} is not a known content part type; rbee accepts \"text\"",
+                    truncate(other)
+                ),
+            ));
+        }
+    };
+    Err(OpenAiError::unsupported(
+        param.clone(),
+        format!(
+            "`{param}` is {what} content ({:?}), which rbee does not support: its models read \
+             text only; send \"text\" parts",
+            p.kind
+        ),
+    ))
+}
+
+fn only_one(param: &str, v: Option<u32>) -> Result<(), OpenAiError> {
+    match v {
+        Some(n) if n != 1 => Err(OpenAiError::unsupported(
+            param,
+            format!("`{param}` must be 1 (rbee generates one choice per request); given: {n}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn zero_only(param: &str, v: Option<f64>) -> Result<(), OpenAiError> {
+    match v {
+        Some(x) if x != 0.0 => Err(OpenAiError::unsupported(
+            param,
+            format!(
+                "`{param}` is not supported by rbee; only 0 (or leaving it out) is accepted; \
+                 given: {x} (rbee's `repetition_penalty` is the closest alternative)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// True for anything but `null`, `[]` and `{}`.
+fn non_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => true,
+    }
+}
+
+fn empty_only(param: &str, v: Option<&Value>) -> Result<(), OpenAiError> {
+    if v.is_some_and(non_empty) {
+        return Err(OpenAiError::unsupported(
+            param,
+            format!("`{param}` is not supported by rbee; leave it out or empty"),
+        ));
+    }
+    Ok(())
+}
+
+fn no_tool_choice(param: &str, v: Option<&Value>) -> Result<(), OpenAiError> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s == "none" || s == "auto" => Ok(()),
+        Some(_) => Err(OpenAiError::unsupported(
+            param,
+            format!("`{param}` is not supported by rbee (no tool calling); leave it out"),
+        )),
+    }
+}
+
+fn check_response_format(v: Option<&Value>) -> Result<(), OpenAiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let kind = v.get("type").and_then(Value::as_str);
+    if kind == Some("text") {
+        return Ok(());
+    }
+    Err(OpenAiError::unsupported(
+        "response_format",
+        format!(
+            "`response_format` {} is not supported by rbee; only {{\"type\":\"text\"}} is",
+            kind.map_or_else(
+                || "without a string `type`".to_owned(),
+                |k| format!("{k:?}")
+            )
+        ),
+    ))
+}
+
+fn seed(v: Option<&Number>) -> Result<Option<u64>, OpenAiError> {
+    let Some(n) = v else {
+        return Ok(None);
+    };
+    if let Some(u) = n.as_u64() {
+        return Ok(Some(u));
+    }
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(u64::from_ne_bytes(i.to_ne_bytes())));
+    }
+    Err(OpenAiError::invalid(
+        "seed",
+        format!("`seed` must be an integer; given: {n}"),
+    ))
+}
+
+/// Echoes a client's value in a message without letting it grow the message unboundedly.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        return s.to_owned();
+    }
+    let mut t: String = s.chars().take(MAX).collect();
+    t.push('…');
+    t
+}

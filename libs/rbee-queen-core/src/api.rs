@@ -1,0 +1,690 @@
+//! The queen's HTTP API: OpenAI-compatible client routes, the native SSE route, heartbeats
+//! from hives and the admin routes, from one route table.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+use futures_util::StreamExt;
+use rbee_api::{
+    HEADER_REQUEST_TIMEOUT, HiveHeartbeat, InferenceRequest, MAX_BODY_BYTES, StreamEvent, codes,
+};
+use rbee_http::{ApiError, RequestId, Route, build_router, presented_bearer};
+use rbee_openai::{
+    Aggregator, ChatCompletionRequest, ChunkStream, CompletionRequest, EndpointKind, ModelCard,
+    ModelList, OpenAiError, sse_data,
+};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::queen::Queen;
+use crate::relay;
+
+type Shared = Arc<Queen>;
+
+/// The name of the client token a request presented (`dev` in dev mode).
+#[derive(Clone, Debug)]
+pub struct ClientName(pub String);
+
+fn routes() -> Vec<Route<Shared>> {
+    let r = |method, path, public, handler| Route {
+        method,
+        path,
+        public,
+        handler,
+    };
+    vec![
+        r("GET", "/health", true, get(health)),
+        r("GET", "/metrics", true, get(metrics)),
+        r(
+            "POST",
+            "/v1/chat/completions",
+            false,
+            post(chat_completions),
+        ),
+        r("POST", "/v1/completions", false, post(completions)),
+        r("GET", "/v1/models", false, get(models)),
+        r("POST", "/v1/inference", false, post(native_inference)),
+        r(
+            "DELETE",
+            "/v1/inference/{request_id}",
+            false,
+            delete(cancel),
+        ),
+        // Authenticated with the join token instead of a client token.
+        r("POST", "/v1/hives/heartbeat", false, post(heartbeat)),
+        r("GET", "/v1/admin/hives", false, get(list_hives)),
+        r("GET", "/v1/admin/hives/{id}", false, get(get_hive)),
+        r("DELETE", "/v1/admin/hives/{id}", false, delete(remove_hive)),
+        r("GET", "/v1/admin/workers", false, get(list_workers)),
+    ]
+}
+
+/// Every route as (method, path, public), from the table the router is built from.
+pub fn router_routes() -> Vec<(&'static str, &'static str, bool)> {
+    routes()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.public))
+        .collect()
+}
+
+pub fn router(queen: Shared) -> Router {
+    let auth = queen.clone();
+    build_router(routes(), move |protected| {
+        protected.route_layer(middleware::from_fn_with_state(auth, require_token))
+    })
+    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    .with_state(queen)
+}
+
+/// Errors in OpenAI's shape, which also carries rbee's `code`, `message` and `request_id`.
+fn error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    param: Option<&str>,
+    rid: &str,
+) -> Response {
+    let body = rbee_openai::error_body(status.as_u16(), code, message, param, rid);
+    let mut resp = (status, Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+fn api_error(e: ApiError, rid: &str) -> Response {
+    let mut resp = error(e.status, e.code, &e.message, None, rid);
+    if let Some(s) = e.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    resp
+}
+
+fn openai_error(e: &OpenAiError, rid: &str) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, Json(e.to_body(rid))).into_response()
+}
+
+async fn require_token(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let tokens = q.tokens();
+    let presented = presented_bearer(req.headers()).map(str::to_owned);
+    let path = req.uri().path().to_owned();
+    let name = if path == "/v1/hives/heartbeat" {
+        match &tokens.join {
+            None => Some("dev".to_owned()),
+            Some(t) => presented
+                .as_deref()
+                .filter(|p| t.matches(p))
+                .map(|_| "hive".to_owned()),
+        }
+    } else if tokens.clients.is_empty() {
+        Some("dev".to_owned())
+    } else {
+        presented
+            .as_deref()
+            .and_then(|p| tokens.clients.verify(p))
+            .map(str::to_owned)
+    };
+    let Some(name) = name else {
+        q.metrics.auth_failures.inc(&[]);
+        warn!(%path, presented = presented.is_some(), "authentication failed");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            codes::UNAUTHORIZED,
+            "a valid `Authorization: Bearer <token>` header is required",
+            None,
+            &rid.0,
+        );
+    };
+    req.extensions_mut().insert(ClientName(name));
+    next.run(req).await
+}
+
+async fn health(State(q): State<Shared>) -> Response {
+    let hives = q.registry.list().unwrap_or_default();
+    let up = hives
+        .iter()
+        .filter(|h| h.state == rbee_registry::HiveState::Up)
+        .count();
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": q.started.elapsed().as_secs(),
+        "hives": hives.len(),
+        "hives_up": up,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(q): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, rbee_metrics::CONTENT_TYPE)],
+        q.metrics.registry.render(),
+    )
+        .into_response()
+}
+
+/// The client's `X-Request-Timeout` (seconds) or the default, as an instant and unix ms.
+fn deadline(q: &Queen, headers: &HeaderMap) -> Result<(Instant, i64), String> {
+    let secs = match headers.get(HEADER_REQUEST_TIMEOUT) {
+        None => q.config().scheduling.default_timeout_seconds as f64,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+            .ok_or("`X-Request-Timeout` must be seconds, more than 0 and at most 86400")?,
+    };
+    let d = Duration::from_secs_f64(secs);
+    Ok((
+        Instant::now() + d,
+        rbee_http::unix_ms() + d.as_millis() as i64,
+    ))
+}
+
+fn unix_secs() -> u64 {
+    (rbee_http::unix_ms() / 1000).max(0) as u64
+}
+
+/// What every inference route shares: model resolution, the deadline, the trip down.
+async fn begin(
+    q: &Shared,
+    rid: &str,
+    headers: &HeaderMap,
+    model: &str,
+    req: &InferenceRequest,
+) -> Result<relay::Upstream, Box<Response>> {
+    let Some(model_ref) = q.resolve_model(model) else {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            codes::MODEL_NOT_SERVED,
+            &format!("model `{model}` is not served here; GET /v1/models lists what is"),
+            Some("model"),
+            rid,
+        )));
+    };
+    let (at, at_ms) = deadline(q, headers).map_err(|m| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            codes::INVALID_PARAMETER,
+            &m,
+            None,
+            rid,
+        ))
+    })?;
+    relay::start(q, &model_ref, req, rid, at, at_ms)
+        .await
+        .map_err(|e| Box::new(api_error(e, rid)))
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>, rid: &str) -> Result<Bytes, Box<Response>> {
+    body.map_err(|e| {
+        Box::new(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                &format!("request body over {MAX_BODY_BYTES} bytes"),
+                None,
+                rid,
+            )
+        } else {
+            error(
+                StatusCode::BAD_REQUEST,
+                codes::INVALID_JSON,
+                &e.body_text(),
+                None,
+                rid,
+            )
+        })
+    })
+}
+
+/// Accounting when a stream ends, however it ends.
+struct Finish {
+    q: Shared,
+    route: &'static str,
+    model: String,
+    client: String,
+    accepted: Instant,
+    first_token: Option<Instant>,
+    outcome: (u16, String),
+    usage: Option<(u32, u32)>,
+}
+
+impl Finish {
+    fn new(q: &Shared, route: &'static str, model: &str, client: &str, accepted: Instant) -> Self {
+        q.metrics.inflight.add(&[], 1.0);
+        Self {
+            q: q.clone(),
+            route,
+            model: model.to_owned(),
+            client: client.to_owned(),
+            accepted,
+            first_token: None,
+            outcome: (200, String::new()),
+            usage: None,
+        }
+    }
+
+    fn see(&mut self, ev: &StreamEvent) {
+        match ev {
+            StreamEvent::Token { .. } if self.first_token.is_none() => {
+                self.first_token = Some(Instant::now());
+                self.q
+                    .metrics
+                    .ttft
+                    .observe(&[&self.model], self.accepted.elapsed().as_secs_f64());
+            }
+            StreamEvent::End {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => self.usage = Some((*prompt_tokens, *completion_tokens)),
+            StreamEvent::Error { code, .. } => self.outcome = (200, code.clone()),
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let m = &self.q.metrics;
+        m.inflight.add(&[], -1.0);
+        let secs = self.accepted.elapsed().as_secs_f64();
+        m.duration.observe(&[&self.model], secs);
+        self.q.record_duration(secs);
+        if let Some((p, c)) = self.usage {
+            m.tokens_in.inc_by(&[&self.model], f64::from(p));
+            m.tokens_out.inc_by(&[&self.model], f64::from(c));
+        } else if self.outcome.1.is_empty() {
+            self.outcome.1 = "CLIENT_GONE".into();
+        }
+        m.requests.inc(&[
+            self.route,
+            &self.model,
+            &self.client,
+            &self.outcome.0.to_string(),
+            &self.outcome.1,
+        ]);
+    }
+}
+
+fn count_refusal(q: &Queen, route: &str, model: &str, client: &str, resp: &Response) {
+    q.metrics
+        .requests
+        .inc(&[route, model, client, resp.status().as_str(), "refused"]);
+}
+
+async fn chat_completions(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let accepted = Instant::now();
+    let body = match body_or_error(body, &rid.0) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let req = match ChatCompletionRequest::from_json(&body) {
+        Ok(r) => r,
+        Err(e) => return openai_error(&e, &rid.0),
+    };
+    let inference = match req.to_inference() {
+        Ok(i) => i,
+        Err(e) => return openai_error(&e, &rid.0),
+    };
+    let route = "/v1/chat/completions";
+    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference).await {
+        Ok(u) => u,
+        Err(resp) => {
+            count_refusal(&q, route, &req.model, &client.0, &resp);
+            return *resp;
+        }
+    };
+    let finish = Finish::new(&q, route, &req.model, &client.0, accepted);
+    let id = rbee_openai::chat_completion_id(&rid.0);
+    if req.is_stream() {
+        let chunks = ChunkStream::new(
+            id,
+            unix_secs(),
+            req.model.clone(),
+            EndpointKind::Chat,
+            req.include_usage(),
+        )
+        .with_request_id(rid.0.clone());
+        openai_stream(upstream, chunks, finish)
+    } else {
+        let model = req.model.clone();
+        aggregate(upstream, finish, &rid.0, move |agg| {
+            agg.into_chat_completion(id, unix_secs(), model)
+                .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
+        })
+        .await
+    }
+}
+
+async fn completions(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let accepted = Instant::now();
+    let body = match body_or_error(body, &rid.0) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let req = match CompletionRequest::from_json(&body) {
+        Ok(r) => r,
+        Err(e) => return openai_error(&e, &rid.0),
+    };
+    let inference = match req.to_inference() {
+        Ok(i) => i,
+        Err(e) => return openai_error(&e, &rid.0),
+    };
+    let route = "/v1/completions";
+    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference).await {
+        Ok(u) => u,
+        Err(resp) => {
+            count_refusal(&q, route, &req.model, &client.0, &resp);
+            return *resp;
+        }
+    };
+    let finish = Finish::new(&q, route, &req.model, &client.0, accepted);
+    let id = rbee_openai::completion_id(&rid.0);
+    if req.is_stream() {
+        let chunks = ChunkStream::new(
+            id,
+            unix_secs(),
+            req.model.clone(),
+            EndpointKind::Completion,
+            req.include_usage(),
+        )
+        .with_request_id(rid.0.clone());
+        openai_stream(upstream, chunks, finish)
+    } else {
+        let model = req.model.clone();
+        aggregate(upstream, finish, &rid.0, move |agg| {
+            agg.into_completion(id, unix_secs(), model)
+                .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
+        })
+        .await
+    }
+}
+
+fn sse_response(body: Body) -> Response {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Worker events as OpenAI chunks. The lease and the accounting live as long as the stream:
+/// a client that leaves drops both, and the worker's generation is cancelled down the chain.
+fn openai_stream(up: relay::Upstream, chunks: ChunkStream, finish: Finish) -> Response {
+    let relay::Upstream { events, lease, .. } = up;
+    let state = (events, chunks, finish, lease);
+    let frames = futures_util::stream::unfold(
+        state,
+        |(mut events, mut chunks, mut finish, lease)| async move {
+            if chunks.is_finished() {
+                return None;
+            }
+            let payloads = match events.next().await {
+                Some(ev) => {
+                    finish.see(&ev);
+                    chunks.on_event(&ev)
+                }
+                None => chunks.on_upstream_eof(),
+            };
+            let text: String = payloads.iter().map(|p| sse_data(p)).collect();
+            Some((
+                Ok::<_, Infallible>(Bytes::from(text)),
+                (events, chunks, finish, lease),
+            ))
+        },
+    );
+    sse_response(Body::from_stream(frames))
+}
+
+async fn aggregate(
+    up: relay::Upstream,
+    mut finish: Finish,
+    rid: &str,
+    build: impl FnOnce(Aggregator) -> Result<Value, OpenAiError>,
+) -> Response {
+    let relay::Upstream {
+        mut events, lease, ..
+    } = up;
+    let mut agg = Aggregator::new();
+    while let Some(ev) = events.next().await {
+        finish.see(&ev);
+        agg.push(&ev);
+        if agg.is_done() {
+            break;
+        }
+    }
+    drop(lease);
+    match build(agg) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            finish.outcome = (e.status(), e.code().to_owned());
+            openai_error(&e, rid)
+        }
+    }
+}
+
+/// The native route: `{"model": ..., <worker inference fields>}` in, the worker's own event
+/// stream out.
+async fn native_inference(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let accepted = Instant::now();
+    let body = match body_or_error(body, &rid.0) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let mut value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                codes::INVALID_JSON,
+                &format!("invalid request body: {e}"),
+                None,
+                &rid.0,
+            );
+        }
+    };
+    let model = match value.as_object_mut().and_then(|o| o.remove("model")) {
+        Some(Value::String(m)) if !m.is_empty() => m,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                codes::INVALID_PARAMETER,
+                "`model` (a string) is required",
+                Some("model"),
+                &rid.0,
+            );
+        }
+    };
+    let req: InferenceRequest = match rbee_http::parse_json(value.to_string().as_bytes()) {
+        Ok(r) => r,
+        Err(e) => return api_error(e, &rid.0),
+    };
+    let route = "/v1/inference";
+    let upstream = match begin(&q, &rid.0, &headers, &model, &req).await {
+        Ok(u) => u,
+        Err(resp) => {
+            count_refusal(&q, route, &model, &client.0, &resp);
+            return *resp;
+        }
+    };
+    let finish = Finish::new(&q, route, &model, &client.0, accepted);
+    let relay::Upstream { events, lease, .. } = upstream;
+    let state = (events, finish, lease, false);
+    let frames =
+        futures_util::stream::unfold(state, |(mut events, mut finish, lease, done)| async move {
+            if done {
+                return None;
+            }
+            match events.next().await {
+                Some(ev) => {
+                    finish.see(&ev);
+                    let terminal =
+                        matches!(ev, StreamEvent::End { .. } | StreamEvent::Error { .. });
+                    let mut text = sse_data(&serde_json::to_string(&ev).unwrap_or_default());
+                    if terminal {
+                        text.push_str(&sse_data(rbee_api::SSE_DONE));
+                    }
+                    Some((
+                        Ok::<_, Infallible>(Bytes::from(text)),
+                        (events, finish, lease, terminal),
+                    ))
+                }
+                None => None,
+            }
+        });
+    sse_response(Body::from_stream(frames))
+}
+
+async fn cancel(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Path(request_id): Path<String>,
+) -> Response {
+    // The hives know which worker carries the request; ask each that is up.
+    let hives = q.registry.up().unwrap_or_default();
+    for h in hives {
+        let url = format!("{}/v1/inference/{request_id}", h.url.trim_end_matches('/'));
+        if let Ok(r) = q
+            .hive_delete(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            info!(%request_id, hive = %h.id, "cancelled");
+            return Json(json!({"request_id": request_id, "cancelled": true, "hive": h.id}))
+                .into_response();
+        }
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        codes::NOT_FOUND,
+        &format!("no request `{request_id}` is in flight"),
+        None,
+        &rid.0,
+    )
+}
+
+async fn models(State(q): State<Shared>) -> Response {
+    let created = unix_secs();
+    let cards = q
+        .model_cards()
+        .into_iter()
+        .map(|(id, state, hives)| {
+            ModelCard::new(id, created).with_rbee(json!({"state": state, "hives": hives}))
+        })
+        .collect();
+    Json(ModelList::new(cards)).into_response()
+}
+
+async fn heartbeat(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body, &rid.0) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let hb: HiveHeartbeat = match rbee_http::parse_json(&body) {
+        Ok(h) => h,
+        Err(e) => return api_error(e, &rid.0),
+    };
+    match q.heartbeat(&hb) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => api_error(e, &rid.0),
+    }
+}
+
+async fn list_hives(State(q): State<Shared>) -> Response {
+    Json(json!({"hives": q.registry.list().unwrap_or_default()})).into_response()
+}
+
+async fn get_hive(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> Response {
+    match q.registry.get(&id) {
+        Ok(Some(h)) => Json(h).into_response(),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            &format!("no hive `{id}`"),
+            None,
+            &rid.0,
+        ),
+    }
+}
+
+async fn remove_hive(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> Response {
+    match q.registry.remove(&id) {
+        Ok(true) => Json(json!({"removed": id})).into_response(),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            &format!("no hive `{id}`"),
+            None,
+            &rid.0,
+        ),
+    }
+}
+
+async fn list_workers(State(q): State<Shared>) -> Response {
+    let mut out = Vec::new();
+    for h in q.registry.list().unwrap_or_default() {
+        if let Some(hb) = &h.heartbeat {
+            for w in &hb.workers {
+                out.push(
+                    json!({"hive": h.id, "hive_state": h.state, "id": w.id, "model": w.model,
+                                "device": w.device, "state": w.state, "busy": w.busy}),
+                );
+            }
+        }
+    }
+    Json(json!({"workers": out})).into_response()
+}

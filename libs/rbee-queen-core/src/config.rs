@@ -1,0 +1,162 @@
+//! The queen's configuration: TOML file < `RBEE_QUEEN_*` environment < flags (the shared
+//! loader). See `docs/examples/queen.toml` for every field.
+
+use std::net::SocketAddr;
+
+use rbee_config::{FieldError, Validate};
+use serde::{Deserialize, Serialize};
+
+pub const ENV_PREFIX: &str = "RBEE_QUEEN_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueenConfig {
+    /// Address of the client and admin API. Non-loopback needs client tokens.
+    pub listen: SocketAddr,
+    /// Client tokens, each with a name used in logs, metrics and usage records.
+    pub client_tokens: Vec<ClientToken>,
+    /// Token hives present in their heartbeats. Empty: `$CREDENTIALS_DIRECTORY/join-token`,
+    /// then `RBEE_QUEEN_JOIN_TOKEN`.
+    pub join_token_file: String,
+    /// Token the queen presents to hives. Empty: `$CREDENTIALS_DIRECTORY/hive-token`, then
+    /// `RBEE_QUEEN_HIVE_TOKEN`.
+    pub hive_token_file: String,
+    /// SQLite file for the hive registry. Empty: kept in memory only.
+    pub registry_path: String,
+    pub log_level: String,
+    pub log_format: String,
+    /// Hives known without a heartbeat (they still must heartbeat to be routed to).
+    pub hives: Vec<StaticHive>,
+    /// Model names clients may use, each mapped to a model reference on the hives.
+    pub models: Vec<ModelAlias>,
+    pub scheduling: SchedulingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientToken {
+    pub name: String,
+    /// File holding the token (mode 0600).
+    pub file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticHive {
+    pub id: String,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelAlias {
+    /// What clients send as `model`.
+    pub name: String,
+    /// `hf:org/repo[:file]` or `file:PATH` as the hives know it.
+    pub reference: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulingConfig {
+    /// Seconds between hive heartbeats; a hive silent for 3 of them is down.
+    pub heartbeat_seconds: u64,
+    /// How long a request waits for a worker to be spawned and ready.
+    pub spawn_wait_seconds: u64,
+    /// Requests waiting per model before new ones get 429.
+    pub queue_length: u32,
+    /// How long a request may wait in the queue before 503.
+    pub queue_wait_seconds: u64,
+    /// Deadline applied when a client sends no `X-Request-Timeout`.
+    pub default_timeout_seconds: u64,
+}
+
+impl Default for QueenConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7833)),
+            client_tokens: Vec::new(),
+            join_token_file: String::new(),
+            hive_token_file: String::new(),
+            registry_path: String::new(),
+            log_level: "info".into(),
+            log_format: "text".into(),
+            hives: Vec::new(),
+            models: Vec::new(),
+            scheduling: SchedulingConfig::default(),
+        }
+    }
+}
+
+impl Default for SchedulingConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_seconds: 5,
+            spawn_wait_seconds: 120,
+            queue_length: 16,
+            queue_wait_seconds: 30,
+            default_timeout_seconds: 300,
+        }
+    }
+}
+
+fn err(field: &str, message: impl Into<String>) -> FieldError {
+    FieldError::new(field, message)
+}
+
+impl Validate for QueenConfig {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut e = Vec::new();
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            e.push(err("log_format", "must be `text` or `json`"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, t) in self.client_tokens.iter().enumerate() {
+            if !rbee_http::valid_request_id(&t.name) {
+                e.push(err(
+                    &format!("client_tokens[{i}].name"),
+                    "use 1-128 letters, digits, `-`, `_`, `.` or `:`",
+                ));
+            }
+            if !names.insert(t.name.clone()) {
+                e.push(err(
+                    &format!("client_tokens[{i}].name"),
+                    "names must be unique",
+                ));
+            }
+            if t.file.is_empty() {
+                e.push(err(
+                    &format!("client_tokens[{i}].file"),
+                    "must name a token file",
+                ));
+            }
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.is_empty() || m.reference.is_empty() {
+                e.push(err(
+                    &format!("models[{i}]"),
+                    "name and reference are required",
+                ));
+            }
+        }
+        for (i, h) in self.hives.iter().enumerate() {
+            if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                e.push(err(&format!("hives[{i}].url"), "must be an http(s) URL"));
+            }
+        }
+        let s = &self.scheduling;
+        if s.heartbeat_seconds == 0 {
+            e.push(err("scheduling.heartbeat_seconds", "must be at least 1"));
+        }
+        if s.queue_length == 0 {
+            e.push(err("scheduling.queue_length", "must be at least 1"));
+        }
+        if s.default_timeout_seconds == 0 {
+            e.push(err(
+                "scheduling.default_timeout_seconds",
+                "must be at least 1",
+            ));
+        }
+        e
+    }
+}

@@ -1,0 +1,54 @@
+//! `queen-rbee`: the cluster's front door. OpenAI-compatible and native inference routes,
+//! the hive registry fed by heartbeats, scheduling (reuse a ready worker, else spawn one on
+//! the best hive, else wait in a bounded per-model queue) and the relay down to the worker.
+//!
+//! - [`config`]: [`config::QueenConfig`] for the shared loader.
+//! - [`queen`]: state, scheduling and leases; [`relay`]: one request's trip down the chain.
+//! - [`api`]: routes and handlers; [`metrics`].
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod queen;
+pub mod relay;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+pub use queen::{Queen, Tokens};
+
+/// Serves until `stop` resolves, then lets in-flight requests finish (up to `drain`).
+/// Hives and workers keep running.
+pub async fn run(
+    queen: Arc<Queen>,
+    listener: tokio::net::TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> std::io::Result<()> {
+    tokio::spawn(queen.clone().sweep_loop());
+    let address = listener.local_addr()?;
+    info!(%address, "queen listening");
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        axum::serve(listener, api::router(queen.clone())).with_graceful_shutdown(async move {
+            stop.await;
+            let _ = stopping_tx.send(());
+        });
+    let mut server = tokio::spawn(async move { server.await });
+    tokio::select! {
+        r = &mut server => return r.map_err(|e| std::io::Error::other(e.to_string()))?,
+        _ = stopping_rx => {}
+    }
+    info!(
+        drain_s = drain.as_secs(),
+        "shutting down: no new connections; finishing requests"
+    );
+    if tokio::time::timeout(drain, &mut server).await.is_err() {
+        warn!("requests still running after the drain window; closing");
+        server.abort();
+    }
+    Ok(())
+}

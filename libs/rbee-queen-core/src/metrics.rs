@@ -1,0 +1,111 @@
+//! The queen's Prometheus metrics (`rbee_queen_*`).
+
+use rbee_metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
+
+pub struct QueenMetrics {
+    pub registry: Registry,
+    pub requests: Counter,
+    pub auth_failures: Counter,
+    pub ttft: Histogram,
+    pub duration: Histogram,
+    pub queue_wait: Histogram,
+    pub queue_rejections: Counter,
+    pub decisions: Counter,
+    pub spawns: Counter,
+    pub tokens_in: Counter,
+    pub tokens_out: Counter,
+    pub upstream_errors: Counter,
+    pub retries: Counter,
+    pub heartbeats: Counter,
+    pub hives: Gauge,
+    pub inflight: Gauge,
+}
+
+impl QueenMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Self {
+            requests: r.counter(
+                "rbee_queen_requests_total",
+                "Client requests by route, model, client token name, status and error code.",
+                &["route", "model", "client", "status", "code"],
+            ),
+            auth_failures: r.counter(
+                "rbee_queen_auth_failures_total",
+                "Requests refused for a missing or wrong token.",
+                &[],
+            ),
+            ttft: r.histogram(
+                "rbee_queen_time_to_first_token_seconds",
+                "From request accepted to the first token sent to the client.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            duration: r.histogram(
+                "rbee_queen_request_duration_seconds",
+                "From request accepted to the last byte sent.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            queue_wait: r.histogram(
+                "rbee_queen_queue_wait_seconds",
+                "Time a request waited for a worker (including a spawn).",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            queue_rejections: r.counter(
+                "rbee_queen_queue_rejections_total",
+                "Requests refused because the model's queue was full (429) or no worker freed in time (503).",
+                &["reason"],
+            ),
+            decisions: r.counter(
+                "rbee_queen_scheduling_decisions_total",
+                "Where requests went: an existing worker (reuse) or one spawned for them (spawn).",
+                &["decision"],
+            ),
+            spawns: r.counter(
+                "rbee_queen_worker_spawns_total",
+                "Workers the queen asked hives to start.",
+                &["hive"],
+            ),
+            tokens_in: r.counter(
+                "rbee_queen_prompt_tokens_total",
+                "Prompt tokens of finished requests.",
+                &["model"],
+            ),
+            tokens_out: r.counter(
+                "rbee_queen_completion_tokens_total",
+                "Generated tokens of finished requests.",
+                &["model"],
+            ),
+            upstream_errors: r.counter(
+                "rbee_queen_upstream_errors_total",
+                "Failures talking to hives or workers.",
+                &["stage"],
+            ),
+            retries: r.counter(
+                "rbee_queen_retries_total",
+                "Requests retried on another worker after a failure before the first token.",
+                &[],
+            ),
+            heartbeats: r.counter(
+                "rbee_queen_heartbeats_total",
+                "Heartbeats received, by hive.",
+                &["hive"],
+            ),
+            hives: r.gauge("rbee_queen_hives", "Hives by state (up, down).", &["state"]),
+            inflight: r.gauge(
+                "rbee_queen_inflight_requests",
+                "Client requests being served now.",
+                &[],
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl Default for QueenMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,506 @@
+//! The queen's shared state and scheduling: which worker serves a request, spawning one on
+//! the best hive when none can, and the per-model wait when all are busy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use rbee_api::{HeartbeatWorker, HiveHeartbeat, codes};
+use rbee_auth::{Token, TokenSet};
+use rbee_http::ApiError;
+use rbee_registry::{HiveRecord, Registry};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::config::QueenConfig;
+use crate::metrics::QueenMetrics;
+
+/// Tokens the queen holds; reloaded on SIGHUP.
+#[derive(Default, Clone)]
+pub struct Tokens {
+    /// Client tokens by name (empty: dev mode).
+    pub clients: TokenSet,
+    /// What hives present in heartbeats.
+    pub join: Option<Token>,
+    /// What the queen presents to hives.
+    pub hive: Option<Token>,
+}
+
+/// A worker chosen for one request; dropping it frees the worker for the next.
+pub struct Lease {
+    queen: Arc<Queen>,
+    pub hive_id: String,
+    pub hive_url: String,
+    pub worker_id: String,
+    /// Whether this request had to spawn the worker (cold start).
+    pub spawned: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        lock(&self.queen.busy).remove(&(self.hive_id.clone(), self.worker_id.clone()));
+        self.queen.freed.notify_waiters();
+    }
+}
+
+pub struct Queen {
+    cfg: RwLock<QueenConfig>,
+    pub tokens: RwLock<Tokens>,
+    pub registry: Registry,
+    pub metrics: QueenMetrics,
+    pub http: reqwest::Client,
+    /// Workers serving a request through this queen now: (hive, worker).
+    busy: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Workers this queen spawned that are not ready yet: model reference → (hive, worker).
+    pending: Mutex<HashMap<String, (String, String)>>,
+    /// Requests waiting per model reference.
+    waiting: Mutex<HashMap<String, u32>>,
+    freed: Notify,
+    /// Recent request durations, for `Retry-After`.
+    recent: Mutex<Vec<f64>>,
+    pub started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Queen {
+    pub fn new(cfg: QueenConfig, tokens: Tokens, registry: Registry) -> Result<Arc<Self>, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Self {
+            cfg: RwLock::new(cfg),
+            tokens: RwLock::new(tokens),
+            registry,
+            metrics: QueenMetrics::new(),
+            http,
+            busy: Mutex::new(Default::default()),
+            pending: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+            freed: Notify::new(),
+            recent: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn config(&self) -> QueenConfig {
+        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_config(&self, cfg: QueenConfig) {
+        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    pub fn tokens(&self) -> Tokens {
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The model reference a client's `model` names: a configured alias, else the reference
+    /// itself when some hive has it (on disk or loaded).
+    pub fn resolve_model(&self, name: &str) -> Option<String> {
+        let cfg = self.config();
+        if let Some(a) = cfg.models.iter().find(|m| m.name == name) {
+            return Some(a.reference.clone());
+        }
+        let hives = self.registry.up().unwrap_or_default();
+        let known = hives.iter().filter_map(|h| h.heartbeat.as_ref()).any(|hb| {
+            hb.models.iter().any(|m| m == name) || hb.workers.iter().any(|w| w.model == name)
+        });
+        known.then(|| name.to_owned())
+    }
+
+    /// Every model the cluster can serve: configured aliases and what the hives have.
+    pub fn model_cards(&self) -> Vec<(String, &'static str, Vec<String>)> {
+        let cfg = self.config();
+        let hives = self.registry.up().unwrap_or_default();
+        let mut out: BTreeMap<String, (&'static str, Vec<String>)> = BTreeMap::new();
+        for a in &cfg.models {
+            let (state, where_) = model_state(&hives, &a.reference);
+            out.insert(a.name.clone(), (state, where_));
+        }
+        for h in &hives {
+            let Some(hb) = &h.heartbeat else { continue };
+            for m in hb.models.iter().chain(hb.workers.iter().map(|w| &w.model)) {
+                if cfg.models.iter().any(|a| &a.reference == m) {
+                    continue;
+                }
+                let (state, where_) = model_state(&hives, m);
+                out.insert(m.clone(), (state, where_));
+            }
+        }
+        out.into_iter().map(|(k, (s, w))| (k, s, w)).collect()
+    }
+
+    fn hive_token(&self) -> Option<Token> {
+        self.tokens().hive
+    }
+
+    fn hive_request(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.hive_token() {
+            Some(t) => req.bearer_auth(t.expose()),
+            None => req,
+        }
+    }
+
+    pub fn hive_get(&self, url: &str) -> reqwest::RequestBuilder {
+        self.hive_request(self.http.get(url))
+    }
+
+    pub fn hive_post(&self, url: &str) -> reqwest::RequestBuilder {
+        self.hive_request(self.http.post(url))
+    }
+
+    pub fn hive_delete(&self, url: &str) -> reqwest::RequestBuilder {
+        self.hive_request(self.http.delete(url))
+    }
+
+    /// Records how long a request held its worker (for `Retry-After`).
+    pub fn record_duration(&self, secs: f64) {
+        let mut r = lock(&self.recent);
+        if r.len() == 64 {
+            r.remove(0);
+        }
+        r.push(secs);
+    }
+
+    /// Seconds until a place frees up, from the recent request durations and the number of
+    /// ready workers for the model: at least 1.
+    fn retry_after(&self, workers: usize, ahead: u32) -> u32 {
+        let r = lock(&self.recent);
+        let mean = if r.is_empty() {
+            5.0
+        } else {
+            r.iter().sum::<f64>() / r.len() as f64
+        };
+        let per_worker = (f64::from(ahead) + 1.0) / workers.max(1) as f64;
+        (mean * per_worker).ceil().clamp(1.0, 3600.0) as u32
+    }
+
+    /// Finds (or makes) a worker for `model_ref` and leases it.
+    pub async fn lease(
+        self: &Arc<Self>,
+        model_ref: &str,
+        deadline: Instant,
+        avoid: Option<(&str, &str)>,
+    ) -> Result<Lease, ApiError> {
+        let cfg = self.config().scheduling;
+        let queue_deadline = deadline.min(
+            Instant::now()
+                + Duration::from_secs(cfg.queue_wait_seconds.max(cfg.spawn_wait_seconds)),
+        );
+        let ahead = {
+            let mut w = lock(&self.waiting);
+            let n = w.entry(model_ref.to_owned()).or_insert(0);
+            if *n >= cfg.queue_length {
+                let ready = self.ready_workers(model_ref).len();
+                let retry = self.retry_after(ready, *n);
+                self.metrics.queue_rejections.inc(&["full"]);
+                return Err(ApiError {
+                    retry_after: Some(retry),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        codes::QUEUE_FULL,
+                        format!(
+                            "{} requests are already waiting for `{model_ref}`; retry in {retry} s",
+                            *n
+                        ),
+                    )
+                });
+            }
+            *n += 1;
+            *n - 1
+        };
+        let _waiting = WaitGuard {
+            queen: self.clone(),
+            model: model_ref.to_owned(),
+        };
+        let t0 = Instant::now();
+        let mut spawned = false;
+        loop {
+            let freed = self.freed.notified();
+            if let Some((hive, worker)) = self.pick(model_ref, avoid) {
+                self.metrics
+                    .queue_wait
+                    .observe(&[], t0.elapsed().as_secs_f64());
+                self.metrics
+                    .decisions
+                    .inc(&[if spawned { "spawn" } else { "reuse" }]);
+                return Ok(Lease {
+                    queen: self.clone(),
+                    hive_id: hive.id.clone(),
+                    hive_url: hive.url.clone(),
+                    worker_id: worker,
+                    spawned,
+                });
+            }
+            let pending = lock(&self.pending).get(model_ref).cloned();
+            match pending {
+                Some((hive_id, worker_id)) => {
+                    self.check_pending(model_ref, &hive_id, &worker_id).await;
+                }
+                None if self.ready_workers(model_ref).is_empty() || ahead > 0 => {
+                    match self.spawn(model_ref).await {
+                        Ok(()) => spawned = true,
+                        Err(e) if self.ready_workers(model_ref).is_empty() => return Err(e),
+                        Err(e) => {
+                            warn!(error = %e.message, "could not add a worker; waiting for a busy one")
+                        }
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= queue_deadline {
+                let ready = self.ready_workers(model_ref).len();
+                let retry = self.retry_after(ready, ahead);
+                self.metrics.queue_rejections.inc(&["timeout"]);
+                return Err(ApiError::unavailable(
+                    codes::NO_CAPACITY,
+                    format!("no worker for `{model_ref}` became free in time; retry in {retry} s"),
+                    retry,
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
+        }
+    }
+
+    /// Ready workers for a model on hives that are up, as the last heartbeats (and our own
+    /// spawns) tell.
+    fn ready_workers(&self, model_ref: &str) -> Vec<(HiveRecord, HeartbeatWorker)> {
+        let hives = self.registry.up().unwrap_or_default();
+        let mut out = Vec::new();
+        for h in hives {
+            let Some(hb) = h.heartbeat.clone() else {
+                continue;
+            };
+            for w in hb.workers {
+                if w.model == model_ref && w.state == "ready" {
+                    out.push((h.clone(), w));
+                }
+            }
+        }
+        out
+    }
+
+    /// The idle ready worker on the least-used hive (stable tie-break: hive id, worker id),
+    /// marked busy.
+    fn pick(&self, model_ref: &str, avoid: Option<(&str, &str)>) -> Option<(HiveRecord, String)> {
+        let mut busy = lock(&self.busy);
+        let mut candidates: Vec<(usize, HiveRecord, String)> = self
+            .ready_workers(model_ref)
+            .into_iter()
+            .filter(|(h, w)| !busy.contains(&(h.id.clone(), w.id.clone())))
+            .filter(|(h, w)| avoid != Some((h.id.as_str(), w.id.as_str())))
+            .map(|(h, w)| {
+                let load = busy.iter().filter(|(hid, _)| *hid == h.id).count();
+                (load, h, w.id)
+            })
+            .collect();
+        candidates.sort_by(|a, b| (a.0, &a.1.id, &a.2).cmp(&(b.0, &b.1.id, &b.2)));
+        let (_, hive, worker) = candidates.into_iter().next()?;
+        busy.insert((hive.id.clone(), worker.clone()));
+        Some((hive, worker))
+    }
+
+    /// Spawns a worker for the model on the best hive: the model already on disk, then the
+    /// most free memory, then the fewest workers. A hive that refuses (507) is skipped.
+    async fn spawn(&self, model_ref: &str) -> Result<(), ApiError> {
+        let mut hives: Vec<HiveRecord> = self
+            .registry
+            .up()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|h| h.heartbeat.is_some())
+            .collect();
+        hives.sort_by_key(|h| {
+            let hb = h.heartbeat.as_ref();
+            let on_disk = hb.is_some_and(|b| b.models.iter().any(|m| m == model_ref));
+            let free = hb.map_or(0, |b| b.resources.memory_available_bytes);
+            let workers = hb.map_or(0, |b| b.workers.len());
+            (!on_disk, std::cmp::Reverse(free), workers, h.id.clone())
+        });
+        if hives.is_empty() {
+            return Err(ApiError::unavailable(
+                codes::NO_CAPACITY,
+                "no hive is up to run a worker",
+                5,
+            ));
+        }
+        let mut last = String::new();
+        for h in hives {
+            let url = format!("{}/v1/workers", h.url.trim_end_matches('/'));
+            let sent = self
+                .hive_post(&url)
+                .json(&json!({"model": model_ref}))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().as_u16() == 202 => {
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    let Some(id) = body["id"].as_str() else {
+                        last = format!("hive {} answered without a worker id", h.id);
+                        continue;
+                    };
+                    info!(hive = %h.id, worker = id, model = model_ref, "spawned a worker");
+                    self.metrics.spawns.inc(&[&h.id]);
+                    lock(&self.pending).insert(model_ref.to_owned(), (h.id.clone(), id.to_owned()));
+                    return Ok(());
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    last = format!("hive {} answered {status}: {body}", h.id);
+                }
+                Err(e) => last = format!("hive {} unreachable: {e}", h.id),
+            }
+            warn!("{last}");
+        }
+        Err(ApiError::unavailable(
+            codes::NO_CAPACITY,
+            format!("no hive could start a worker for `{model_ref}`: {last}"),
+            5,
+        ))
+    }
+
+    /// Polls a worker we spawned; once ready it is folded into the registry's view (so it can
+    /// be picked before the next heartbeat), once failed it is forgotten.
+    async fn check_pending(&self, model_ref: &str, hive_id: &str, worker_id: &str) {
+        let Ok(Some(hive)) = self.registry.get(hive_id) else {
+            lock(&self.pending).remove(model_ref);
+            return;
+        };
+        let url = format!("{}/v1/workers/{worker_id}", hive.url.trim_end_matches('/'));
+        let view: Value = match self
+            .hive_get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
+            Ok(_) | Err(_) => Value::Null,
+        };
+        match view["state"].as_str() {
+            Some("ready") => {
+                lock(&self.pending).remove(model_ref);
+                if let Some(mut hb) = hive.heartbeat.clone() {
+                    hb.workers.retain(|w| w.id != worker_id);
+                    hb.workers.push(HeartbeatWorker {
+                        id: worker_id.to_owned(),
+                        model: model_ref.to_owned(),
+                        device: view["device"].as_str().unwrap_or("cpu").to_owned(),
+                        state: "ready".into(),
+                        busy: false,
+                    });
+                    let _ = self.registry.heartbeat(&hb, rbee_http::unix_ms());
+                }
+            }
+            Some("starting") | Some("backoff") => {}
+            _ => {
+                warn!(
+                    hive = hive_id,
+                    worker = worker_id,
+                    "a spawned worker did not come up"
+                );
+                lock(&self.pending).remove(model_ref);
+            }
+        }
+    }
+
+    /// Applies a heartbeat (from the API handler, after the join token was checked).
+    pub fn heartbeat(&self, hb: &HiveHeartbeat) -> Result<(), ApiError> {
+        match self.registry.heartbeat(hb, rbee_http::unix_ms()) {
+            Ok(outcome) => {
+                self.metrics.heartbeats.inc(&[&hb.hive_id]);
+                info_outcome(hb, &outcome);
+                Ok(())
+            }
+            Err(e) => Err(ApiError::bad_request(
+                codes::INVALID_PARAMETER,
+                e.to_string(),
+            )),
+        }
+    }
+
+    /// Marks silent hives down, forever (every heartbeat interval).
+    pub async fn sweep_loop(self: Arc<Self>) {
+        loop {
+            let every = Duration::from_secs(self.config().scheduling.heartbeat_seconds);
+            tokio::time::sleep(every).await;
+            let stale = every.as_millis() as i64 * 3;
+            match self.registry.sweep(rbee_http::unix_ms(), stale) {
+                Ok(down) => {
+                    for id in down {
+                        warn!(hive = %id, "missed 3 heartbeats; out of routing until it beats again");
+                    }
+                }
+                Err(e) => warn!(error = %e, "registry sweep failed"),
+            }
+            self.refresh_gauges();
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        let all = self.registry.list().unwrap_or_default();
+        let up = all
+            .iter()
+            .filter(|h| h.state == rbee_registry::HiveState::Up)
+            .count();
+        self.metrics.hives.set(&["up"], up as f64);
+        self.metrics.hives.set(&["down"], (all.len() - up) as f64);
+    }
+}
+
+fn info_outcome(hb: &HiveHeartbeat, outcome: &rbee_registry::BeatOutcome) {
+    match outcome {
+        rbee_registry::BeatOutcome::Joined => {
+            info!(hive = %hb.hive_id, url = %hb.url, "hive joined")
+        }
+        rbee_registry::BeatOutcome::CameBack => info!(hive = %hb.hive_id, "hive is back"),
+        _ => {}
+    }
+}
+
+struct WaitGuard {
+    queen: Arc<Queen>,
+    model: String,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.queen.waiting).get_mut(&self.model) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+fn model_state(hives: &[HiveRecord], reference: &str) -> (&'static str, Vec<String>) {
+    let mut loaded = Vec::new();
+    let mut on_disk = Vec::new();
+    for h in hives {
+        let Some(hb) = &h.heartbeat else { continue };
+        if hb
+            .workers
+            .iter()
+            .any(|w| w.model == reference && w.state == "ready")
+        {
+            loaded.push(h.id.clone());
+        } else if hb.models.iter().any(|m| m == reference) {
+            on_disk.push(h.id.clone());
+        }
+    }
+    if !loaded.is_empty() {
+        ("loaded", loaded)
+    } else if !on_disk.is_empty() {
+        ("on_disk", on_disk)
+    } else {
+        ("configured", Vec::new())
+    }
+}

@@ -1,0 +1,260 @@
+//! One request's trip down the chain: lease a worker, send the request to its hive, and turn
+//! the hive's SSE into a stream of worker events. A failure before the worker answers is
+//! retried once on another worker; after that the stream ends with an `error` event, never
+//! silently.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use futures_util::{Stream, StreamExt};
+use rbee_api::{
+    ErrorBody, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, InferenceRequest, SSE_DONE, StreamEvent,
+    codes,
+};
+use rbee_http::{ApiError, SseParser};
+use tracing::warn;
+
+use crate::queen::{Lease, Queen};
+
+pub type EventStream = Pin<Box<dyn Stream<Item = StreamEvent> + Send>>;
+
+/// A request on its way: the worker's events, and the lease that keeps the worker ours until
+/// the stream is dropped.
+pub struct Upstream {
+    pub events: EventStream,
+    pub lease: Lease,
+    pub accepted: Instant,
+}
+
+/// Sends `req` for `model_ref` to a worker (spawning one when needed) and returns its events.
+pub async fn start(
+    queen: &Arc<Queen>,
+    model_ref: &str,
+    req: &InferenceRequest,
+    request_id: &str,
+    deadline: Instant,
+    deadline_ms: i64,
+) -> Result<Upstream, ApiError> {
+    let accepted = Instant::now();
+    let mut avoid: Option<(String, String)> = None;
+    let mut last_err = None;
+    for attempt in 0..2 {
+        let lease = queen
+            .lease(
+                model_ref,
+                deadline,
+                avoid.as_ref().map(|(h, w)| (h.as_str(), w.as_str())),
+            )
+            .await?;
+        let url = format!(
+            "{}/v1/workers/{}/inference",
+            lease.hive_url.trim_end_matches('/'),
+            lease.worker_id
+        );
+        // The queen leased this worker, so a busy answer means it is still winding down a
+        // request whose client just left (milliseconds): retry the same worker briefly.
+        let settle = Instant::now() + Duration::from_secs(2);
+        let sent = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let sent = queen
+                .hive_post(&url)
+                .header(HEADER_REQUEST_ID, request_id)
+                .header(HEADER_DEADLINE_MS, deadline_ms.to_string())
+                .json(req)
+                // The worker ends the stream at the deadline (with `stop_reason: deadline`);
+                // the margin only guards against a hive that stops answering.
+                .timeout(left + Duration::from_secs(5))
+                .send()
+                .await;
+            match sent {
+                Ok(r)
+                    if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                        && Instant::now() < settle =>
+                {
+                    let body = r.bytes().await.unwrap_or_default();
+                    if !String::from_utf8_lossy(&body).contains(codes::ALL_SLOTS_BUSY) {
+                        break Err(BusyOrError::Refused(body));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break Ok(other),
+            }
+        };
+        let sent = match sent {
+            Ok(s) => s,
+            Err(BusyOrError::Refused(body)) => {
+                let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+                let (code, message) = parsed
+                    .map(|b| (b.error.code, b.error.message))
+                    .unwrap_or_else(|| {
+                        (
+                            codes::INTERNAL.to_owned(),
+                            "the hive is unavailable".to_owned(),
+                        )
+                    });
+                let err = ApiError::unavailable(static_code(&code), message, 1);
+                if attempt == 1 {
+                    return Err(err);
+                }
+                queen.metrics.upstream_errors.inc(&["worker_refused"]);
+                avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                last_err = Some(err);
+                queen.metrics.retries.inc(&[]);
+                continue;
+            }
+        };
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                let body = r.bytes_stream();
+                return Ok(Upstream {
+                    events: parse_events(body),
+                    lease,
+                    accepted,
+                });
+            }
+            Ok(r) => {
+                let status = r.status();
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                let body: Option<ErrorBody> = r.json().await.ok();
+                let (code, message) = body
+                    .map(|b| (b.error.code, b.error.message))
+                    .unwrap_or_else(|| {
+                        (
+                            codes::INTERNAL.to_owned(),
+                            format!("hive answered {status}"),
+                        )
+                    });
+                // A worker refusing the request itself (400, 504) is the client's answer; a
+                // busy or broken worker is worth one more try elsewhere.
+                let retryable = status.is_server_error() && status != StatusCode::GATEWAY_TIMEOUT;
+                let err = ApiError {
+                    retry_after,
+                    ..ApiError::new(
+                        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+                        static_code(&code),
+                        message,
+                    )
+                };
+                if !retryable || attempt == 1 {
+                    return Err(err);
+                }
+                queen.metrics.upstream_errors.inc(&["worker_refused"]);
+                warn!(hive = %lease.hive_id, worker = %lease.worker_id, code, "retrying on another worker");
+                avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                last_err = Some(err);
+            }
+            Err(e) => {
+                queen.metrics.upstream_errors.inc(&["hive_unreachable"]);
+                warn!(hive = %lease.hive_id, error = %e, "hive unreachable; retrying on another worker");
+                avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                last_err = Some(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    codes::WORKER_UNAVAILABLE,
+                    format!("hive {} did not answer: {e}", lease.hive_id),
+                ));
+            }
+        }
+        queen.metrics.retries.inc(&[]);
+    }
+    Err(last_err.unwrap_or_else(|| ApiError::internal("no attempt was made")))
+}
+
+enum BusyOrError {
+    /// A 503 that is not "busy" (shutting down, loading): its body.
+    Refused(axum::body::Bytes),
+}
+
+/// Error codes travel as `&'static str` in `ApiError`; map known ones, else a generic code.
+fn static_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        codes::INVALID_JSON,
+        codes::INVALID_CONTENT_TYPE,
+        codes::INVALID_PARAMETER,
+        codes::CONTEXT_LENGTH_EXCEEDED,
+        codes::PAYLOAD_TOO_LARGE,
+        codes::ALL_SLOTS_BUSY,
+        codes::MODEL_LOADING,
+        codes::SHUTTING_DOWN,
+        codes::DEADLINE_EXCEEDED,
+        codes::INFERENCE_FAILED,
+        codes::WORKER_NOT_READY,
+        codes::WORKER_UNAVAILABLE,
+        codes::NOT_FOUND,
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or(codes::INTERNAL)
+}
+
+/// The hive's SSE bytes as worker events; a broken or truncated stream ends with an `error`.
+fn parse_events(
+    body: impl Stream<Item = reqwest::Result<axum::body::Bytes>> + Send + 'static,
+) -> EventStream {
+    let state = (
+        Box::pin(body),
+        SseParser::default(),
+        false,
+        Vec::<StreamEvent>::new(),
+    );
+    let s = futures_util::stream::unfold(
+        state,
+        |(mut body, mut parser, mut done, mut queue)| async move {
+            loop {
+                if !queue.is_empty() {
+                    let ev = queue.remove(0);
+                    return Some((ev, (body, parser, done, queue)));
+                }
+                if done {
+                    return None;
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        for data in parser.push(&chunk) {
+                            if data == SSE_DONE {
+                                done = true;
+                                break;
+                            }
+                            match serde_json::from_str::<StreamEvent>(&data) {
+                                Ok(ev) => {
+                                    let terminal = matches!(
+                                        ev,
+                                        StreamEvent::End { .. } | StreamEvent::Error { .. }
+                                    );
+                                    queue.push(ev);
+                                    if terminal {
+                                        done = true;
+                                        break;
+                                    }
+                                }
+                                Err(e) => warn!(error = %e, "unparseable event from the hive"),
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        done = true;
+                        queue.push(StreamEvent::Error {
+                            code: codes::WORKER_UNAVAILABLE.into(),
+                            message: format!("the stream from the hive broke off: {e}"),
+                        });
+                    }
+                    None => {
+                        done = true;
+                        queue.push(StreamEvent::Error {
+                            code: codes::WORKER_UNAVAILABLE.into(),
+                            message: "the stream from the hive ended without an end event".into(),
+                        });
+                    }
+                }
+            }
+        },
+    );
+    Box::pin(s)
+}
