@@ -227,3 +227,267 @@ async fn native_stream_cancel_and_auth_through_the_queen() {
     assert!(t0.elapsed() < Duration::from_secs(3));
     drop(s.hive);
 }
+
+async fn chat(
+    c: &reqwest::Client,
+    queen: &QueenProcess,
+    token: &str,
+    max_tokens: u32,
+) -> reqwest::Response {
+    c.post(queen.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(&json!({"model": "smollm2", "max_tokens": max_tokens, "temperature": 0,
+                      "messages": [{"role": "user", "content": "Count from one to fifty in words."}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn queen_options(registry: Option<std::path::PathBuf>, tail: &str) -> QueenOptions {
+    QueenOptions {
+        clients: vec![("alice".into(), CLIENT.into())],
+        join_token: Some(JOIN.into()),
+        hive_token: Some(HIVE.into()),
+        config_tail: format!(
+            "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n{tail}"
+        ),
+        registry_path: registry,
+        ..QueenOptions::default()
+    }
+}
+
+async fn hive_for(queen_url: &str, id: &str, extra: &[(&str, &str)]) -> HiveProcess {
+    let mut opts = HiveOptions::default()
+        .token(HIVE)
+        .env("QUEEN__URL", queen_url)
+        .env("QUEEN__HEARTBEAT_SECONDS", 1)
+        .env("HIVE_ID", id)
+        .env("JOIN_TOKEN", JOIN);
+    for (k, v) in extra {
+        opts = opts.env(k, v);
+    }
+    HiveProcess::start(opts).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_dead_hive_leaves_routing_and_requests_go_to_the_other() {
+    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let a = hive_for(&queen.base_url, "hive-a", &[]).await;
+    let b = hive_for(&queen.base_url, "hive-b", &[]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, CLIENT, 2).await.unwrap();
+    let first = chat(&c, &queen, CLIENT, 4).await;
+    assert_eq!(first.status(), 200);
+    let workers: Value = c
+        .get(queen.url("/v1/admin/workers"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    println!("workers after the first request: {workers}");
+    let with_worker = workers["workers"][0]["hive"].as_str().unwrap().to_owned();
+    let (mut dead, alive, dead_id) = if with_worker == "hive-a" {
+        (a, b, "hive-a")
+    } else {
+        (b, a, "hive-b")
+    };
+    // Kill the hive that has the worker (its worker dies with it), without a goodbye.
+    dead.signal(libc::SIGKILL);
+    dead.wait_exit(Duration::from_secs(5)).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let resp = chat(&c, &queen, CLIENT, 4).await;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    println!("served after losing a hive in {:?}", t0.elapsed());
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    // After three missed heartbeats the dead hive is down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let h: Value = c
+            .get(queen.url(&format!("/v1/admin/hives/{dead_id}")))
+            .bearer_auth(CLIENT)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["state"] == "down" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dead_id} still {h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(alive);
+}
+
+#[tokio::test]
+async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let registry = rbee_test_harness::temp_dir("queen-registry").join("registry.sqlite");
+    let mut queen = QueenProcess::start(queen_options(Some(registry.clone()), ""), &listen)
+        .await
+        .unwrap();
+    let hive = hive_for(&queen.base_url, "hive-r", &[]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    assert_eq!(chat(&c, &queen, CLIENT, 2).await.status(), 200);
+    queen.signal(libc::SIGTERM);
+    assert!(
+        queen
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .unwrap()
+            .success()
+    );
+    let queen = QueenProcess::start(queen_options(Some(registry), ""), &listen)
+        .await
+        .unwrap();
+    // Known at once from the registry (down until it beats), then up again.
+    let h: Value = c
+        .get(queen.url("/v1/admin/hives/hive-r"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["id"], "hive-r", "{h}");
+    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    let resp = chat(&c, &queen, CLIENT, 2).await;
+    assert_eq!(resp.status(), 200);
+    drop(hive);
+}
+
+#[tokio::test]
+async fn overflow_is_refused_with_retry_after_and_nothing_is_lost() {
+    let queen = QueenProcess::start(
+        queen_options(None, "queue_length = 1\nqueue_wait_seconds = 60\n"),
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let hive = hive_for(&queen.base_url, "hive-q", &[("WORKERS__MAX_WORKERS", "1")]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    // Warm the one worker up.
+    assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let (c, url) = (c.clone(), queen.url("/v1/completions"));
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .bearer_auth(CLIENT)
+                .json(
+                    &json!({"model": "smollm2", "max_tokens": 40, "temperature": 0,
+                              "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"}),
+                )
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: Value = r.json().await.unwrap();
+            (status, retry, body)
+        }));
+    }
+    let (mut served, mut refused) = (0, 0);
+    for t in tasks {
+        let (status, retry, body) = t.await.unwrap();
+        match status {
+            200 => {
+                assert_eq!(body["usage"]["completion_tokens"], 40, "{body}");
+                served += 1;
+            }
+            429 | 503 => {
+                let secs: u32 = retry.expect("Retry-After").parse().unwrap();
+                assert!(secs >= 1);
+                assert!(body["error"]["code"].is_string());
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    println!("served {served}, refused {refused}");
+    assert_eq!(served + refused, 5);
+    assert!(served >= 2, "the running one and the queued one are served");
+    assert!(refused >= 1, "the queue holds one");
+    drop(hive);
+}
+
+#[tokio::test]
+async fn sighup_rotates_client_tokens_without_dropping_a_request() {
+    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let hive = hive_for(&queen.base_url, "hive-t", &[]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
+    // A long stream in flight while the token changes.
+    let resp = c
+        .post(queen.url("/v1/inference"))
+        .bearer_auth(CLIENT)
+        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 150, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap();
+    let new = "rotated-client-token-0123456789";
+    std::fs::write(queen.dir.join("secrets/client-alice"), new).unwrap();
+    queen.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c
+            .get(queen.url("/v1/models"))
+            .bearer_auth(new)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new token not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old = c
+        .get(queen.url("/v1/models"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 401);
+    let rest = reader.collect().await.unwrap();
+    let end = end_event(&rest).expect("the in-flight stream finished");
+    assert_eq!(end["completion_tokens"], 150);
+    drop(hive);
+}

@@ -57,6 +57,8 @@ pub struct Queen {
     pending: Mutex<HashMap<String, (String, String)>>,
     /// Requests waiting per model reference.
     waiting: Mutex<HashMap<String, u32>>,
+    /// After every hive refused a spawn for a model, no new try before this instant.
+    spawn_refused_until: Mutex<HashMap<String, Instant>>,
     freed: Notify,
     /// Recent request durations, for `Retry-After`.
     recent: Mutex<Vec<f64>>,
@@ -82,6 +84,7 @@ impl Queen {
             busy: Mutex::new(Default::default()),
             pending: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
+            spawn_refused_until: Mutex::new(HashMap::new()),
             freed: Notify::new(),
             recent: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -246,12 +249,18 @@ impl Queen {
                 Some((hive_id, worker_id)) => {
                     self.check_pending(model_ref, &hive_id, &worker_id).await;
                 }
-                None if self.ready_workers(model_ref).is_empty() || ahead > 0 => {
+                None if (self.ready_workers(model_ref).is_empty() || ahead > 0)
+                    && !self.spawn_refused_recently(model_ref) =>
+                {
                     match self.spawn(model_ref).await {
                         Ok(()) => spawned = true,
                         Err(e) if self.ready_workers(model_ref).is_empty() => return Err(e),
                         Err(e) => {
-                            warn!(error = %e.message, "could not add a worker; waiting for a busy one")
+                            info!(error = %e.message, "could not add a worker; waiting for a busy one");
+                            lock(&self.spawn_refused_until).insert(
+                                model_ref.to_owned(),
+                                Instant::now() + SPAWN_RETRY_AFTER_REFUSAL,
+                            );
                         }
                     }
                 }
@@ -269,6 +278,12 @@ impl Queen {
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
         }
+    }
+
+    fn spawn_refused_recently(&self, model_ref: &str) -> bool {
+        lock(&self.spawn_refused_until)
+            .get(model_ref)
+            .is_some_and(|t| Instant::now() < *t)
     }
 
     /// Ready workers for a model on hives that are up, as the last heartbeats (and our own
@@ -410,6 +425,10 @@ impl Queen {
                     "a spawned worker did not come up"
                 );
                 lock(&self.pending).remove(model_ref);
+                lock(&self.spawn_refused_until).insert(
+                    model_ref.to_owned(),
+                    Instant::now() + SPAWN_RETRY_AFTER_REFUSAL,
+                );
             }
         }
     }
@@ -457,6 +476,9 @@ impl Queen {
         self.metrics.hives.set(&["down"], (all.len() - up) as f64);
     }
 }
+
+/// How long the queen waits before asking hives again for a worker they just refused.
+const SPAWN_RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(5);
 
 fn info_outcome(hb: &HiveHeartbeat, outcome: &rbee_registry::BeatOutcome) {
     match outcome {
