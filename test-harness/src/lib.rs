@@ -772,6 +772,7 @@ pub struct QueenOptions {
 /// A running `queen-rbee`; killed when dropped.
 pub struct QueenProcess {
     child: Child,
+    env: Vec<(String, String)>,
     pub addr: SocketAddr,
     pub base_url: String,
     pub dir: PathBuf,
@@ -858,12 +859,22 @@ impl QueenProcess {
         };
         Ok(Self {
             child,
+            env: opts.env.clone(),
             addr,
             base_url: format!("http://{addr}"),
             dir,
             registry_path,
             stderr,
         })
+    }
+
+    /// A value the queen was started with in its environment ("" when not set).
+    pub fn env_value(&self, key: &str) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -177,6 +177,11 @@ async fn serve(
                         queen.set_config(c);
                         *queen.tokens.write().unwrap_or_else(|e| e.into_inner()) = t;
                         info!(clients = ?names, "SIGHUP: configuration and tokens reloaded");
+                        queen.audit(
+                            "config.reload",
+                            "queen",
+                            serde_json::json!({"clients": names}),
+                        );
                     }
                     Err(e) => {
                         warn!(error = %e, "SIGHUP: reload failed; keeping the running configuration")

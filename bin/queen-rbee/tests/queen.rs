@@ -19,8 +19,13 @@ struct Stack {
 }
 
 async fn stack() -> Stack {
+    let logs = rbee_test_harness::temp_dir("queen-logs");
     let queen = QueenProcess::start(
         QueenOptions {
+            env: vec![
+                ("RBEE_QUEEN_USAGE_LOG".into(), logs.join("usage.jsonl").display().to_string()),
+                ("RBEE_QUEEN_AUDIT_LOG".into(), logs.join("audit.jsonl").display().to_string()),
+            ],
             clients: vec![("alice".into(), CLIENT.into())],
             join_token: Some(JOIN.into()),
             hive_token: Some(HIVE.into()),
@@ -126,6 +131,32 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     );
     assert!(metrics.contains("rbee_queen_scheduling_decisions_total{decision=\"reuse\"}"));
     rbee_test_harness::promtool_check_metrics(&metrics);
+    // One usage record per served request, naming client, model, hive and worker.
+    let usage_path = std::path::Path::new(&s.queen.env_value("RBEE_QUEEN_USAGE_LOG")).to_path_buf();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let records: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&usage_path).unwrap_or_default();
+        let r: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if r.len() >= 3 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ok: Vec<&Value> = records.iter().filter(|r| r["outcome"] == "ok").collect();
+    assert!(ok.len() >= 3, "{records:?}");
+    assert_eq!(ok[0]["client"], "alice");
+    assert_eq!(ok[0]["hive"], "hive-a");
+    assert_eq!(ok[0]["spawned_worker"], true);
+    assert_eq!(ok[1]["spawned_worker"], false);
+    assert_eq!(ok[0]["completion_tokens"], case.usage.completion_tokens);
+    assert!(
+        !std::fs::read_to_string(&usage_path)
+            .unwrap()
+            .contains(CLIENT)
+    );
     drop(s.hive);
 }
 

@@ -1213,3 +1213,67 @@ mod tests {
         assert!(now.as_str() > "2024-01-01T00:00:00.000Z");
     }
 }
+
+enum WriterMsg {
+    Record {
+        event: String,
+        actor: String,
+        details: serde_json::Value,
+    },
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// An [`AuditLog`] written by its own thread, so a daemon's async threads never wait on the
+/// fsync of each record. Records queue in a bounded channel; when it is full (a flood of
+/// events) [`AuditWriter::record`] drops the record and says so.
+#[derive(Clone)]
+pub struct AuditWriter {
+    tx: std::sync::mpsc::SyncSender<WriterMsg>,
+}
+
+impl AuditWriter {
+    /// Starts the writer thread for `log`, with room for `queue` records in flight.
+    pub fn spawn(log: AuditLog, queue: usize) -> io::Result<AuditWriter> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<WriterMsg>(queue.max(1));
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        WriterMsg::Record {
+                            event,
+                            actor,
+                            details,
+                        } => {
+                            if let Err(e) = log.append(&event, &actor, details) {
+                                tracing::error!(error = %e, event, "audit log append failed");
+                            }
+                        }
+                        WriterMsg::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(AuditWriter { tx })
+    }
+
+    /// Queues one record; false when the queue was full and the record was dropped.
+    pub fn record(&self, event: &str, actor: &str, details: serde_json::Value) -> bool {
+        self.tx
+            .try_send(WriterMsg::Record {
+                event: event.to_owned(),
+                actor: actor.to_owned(),
+                details,
+            })
+            .is_ok()
+    }
+
+    /// Blocks until every record queued before this call is on disk, or `timeout` passed.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        if self.tx.send(WriterMsg::Flush(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(timeout);
+        }
+    }
+}

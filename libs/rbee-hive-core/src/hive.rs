@@ -13,7 +13,7 @@ use rbee_auth::Token;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::HiveError;
 use crate::config::HiveConfig;
@@ -46,7 +46,7 @@ pub struct Hive {
     pub address: SocketAddr,
     pub tokens: RwLock<Tokens>,
     pub metrics: HiveMetrics,
-    audit_tx: Option<std::sync::mpsc::SyncSender<AuditMsg>>,
+    audit: Option<rbee_audit::AuditWriter>,
     pub catalog: rbee_models::Catalog,
     pub downloads: Downloads,
     workers: Mutex<BTreeMap<String, Arc<Worker>>>,
@@ -84,14 +84,12 @@ impl Hive {
         tokens: Tokens,
         catalog: rbee_models::Catalog,
     ) -> Result<Arc<Self>, HiveError> {
-        let audit_tx = if cfg.audit_log.is_empty() {
+        let audit = if cfg.audit_log.is_empty() {
             None
         } else {
             let max = (cfg.audit_max_bytes > 0).then_some(cfg.audit_max_bytes);
-            Some(spawn_audit_writer(AuditLog::open(
-                Path::new(&cfg.audit_log),
-                max,
-            )?)?)
+            let log = AuditLog::open(Path::new(&cfg.audit_log), max)?;
+            Some(rbee_audit::AuditWriter::spawn(log, 4096)?)
         };
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -107,7 +105,7 @@ impl Hive {
             address,
             tokens: RwLock::new(tokens),
             metrics: HiveMetrics::new(),
-            audit_tx,
+            audit,
             catalog,
             downloads: Downloads::default(),
             workers: Mutex::new(BTreeMap::new()),
@@ -152,23 +150,17 @@ impl Hive {
     }
 
     pub fn audit_as(&self, event: &str, actor: &str, details: serde_json::Value) {
-        let Some(tx) = &self.audit_tx else { return };
-        let msg = AuditMsg::Record {
-            event: event.to_owned(),
-            actor: actor.to_owned(),
-            details,
-        };
-        if tx.try_send(msg).is_err() {
+        if let Some(a) = &self.audit
+            && !a.record(event, actor, details)
+        {
             self.metrics.audit_dropped.inc(&[]);
         }
     }
 
     /// Waits (up to 2 s) until every queued audit record is on disk.
     pub fn flush_audit(&self) {
-        let Some(tx) = &self.audit_tx else { return };
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        if tx.send(AuditMsg::Flush(done_tx)).is_ok() {
-            let _ = done_rx.recv_timeout(Duration::from_secs(2));
+        if let Some(a) = &self.audit {
+            a.flush(Duration::from_secs(2));
         }
     }
 
@@ -715,40 +707,6 @@ impl Hive {
             .find(|w| !w.is_done() && w.spec.model_path == path)
             .map(|w| w.id().to_owned())
     }
-}
-
-pub enum AuditMsg {
-    Record {
-        event: String,
-        actor: String,
-        details: serde_json::Value,
-    },
-    Flush(std::sync::mpsc::Sender<()>),
-}
-
-fn spawn_audit_writer(log: AuditLog) -> Result<std::sync::mpsc::SyncSender<AuditMsg>, HiveError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<AuditMsg>(4096);
-    std::thread::Builder::new()
-        .name("audit-writer".into())
-        .spawn(move || {
-            for msg in rx {
-                match msg {
-                    AuditMsg::Record {
-                        event,
-                        actor,
-                        details,
-                    } => {
-                        if let Err(e) = log.append(&event, &actor, details) {
-                            error!(error = %e, event, "audit log append failed");
-                        }
-                    }
-                    AuditMsg::Flush(done) => {
-                        let _ = done.send(());
-                    }
-                }
-            }
-        })?;
-    Ok(tx)
 }
 
 static GPU_CACHE: Mutex<Vec<rbee_api::GpuInfo>> = Mutex::new(Vec::new());

@@ -144,6 +144,11 @@ async fn require_token(
     let Some(name) = name else {
         q.metrics.auth_failures.inc(&[]);
         warn!(%path, presented = presented.is_some(), "authentication failed");
+        q.audit(
+            "auth.failure",
+            "anonymous",
+            json!({"path": path, "request_id": rid.0, "token_presented": presented.is_some()}),
+        );
         return error(
             StatusCode::UNAUTHORIZED,
             codes::UNAUTHORIZED,
@@ -265,12 +270,29 @@ struct Finish {
     first_token: Option<Instant>,
     outcome: (u16, String),
     usage: Option<(u32, u32)>,
+    /// request id, model reference, hive, worker, whether the worker was spawned for it.
+    trip: (String, String, String, String, bool),
 }
 
 impl Finish {
-    fn new(q: &Shared, route: &'static str, model: &str, client: &str, accepted: Instant) -> Self {
+    fn new(
+        q: &Shared,
+        route: &'static str,
+        model: &str,
+        client: &str,
+        accepted: Instant,
+        rid: &str,
+        up: &relay::Upstream,
+    ) -> Self {
         q.metrics.inflight.add(&[], 1.0);
         Self {
+            trip: (
+                rid.to_owned(),
+                up.model_ref.clone(),
+                up.lease.hive_id.clone(),
+                up.lease.worker_id.clone(),
+                up.lease.spawned,
+            ),
             q: q.clone(),
             route,
             model: model.to_owned(),
@@ -322,6 +344,24 @@ impl Drop for Finish {
             &self.outcome.0.to_string(),
             &self.outcome.1,
         ]);
+        let (rid, model_ref, hive, worker, spawned) = &self.trip;
+        let (prompt, completion) = self.usage.unwrap_or((0, 0));
+        self.q.usage(json!({
+            "ts_unix_ms": rbee_http::unix_ms(),
+            "request_id": rid,
+            "client": self.client,
+            "route": self.route,
+            "model": self.model,
+            "model_ref": model_ref,
+            "hive": hive,
+            "worker": worker,
+            "spawned_worker": spawned,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "ttft_ms": self.first_token.map(|t| (t - self.accepted).as_secs_f64() * 1000.0),
+            "total_ms": secs * 1000.0,
+            "outcome": if self.outcome.1.is_empty() { "ok" } else { self.outcome.1.as_str() },
+        }));
     }
 }
 
@@ -359,7 +399,9 @@ async fn chat_completions(
             return *resp;
         }
     };
-    let finish = Finish::new(&q, route, &req.model, &client.0, accepted);
+    let finish = Finish::new(
+        &q, route, &req.model, &client.0, accepted, &rid.0, &upstream,
+    );
     let id = rbee_openai::chat_completion_id(&rid.0);
     if req.is_stream() {
         let chunks = ChunkStream::new(
@@ -409,7 +451,9 @@ async fn completions(
             return *resp;
         }
     };
-    let finish = Finish::new(&q, route, &req.model, &client.0, accepted);
+    let finish = Finish::new(
+        &q, route, &req.model, &client.0, accepted, &rid.0, &upstream,
+    );
     let id = rbee_openai::completion_id(&rid.0);
     if req.is_stream() {
         let chunks = ChunkStream::new(
@@ -547,7 +591,7 @@ async fn native_inference(
             return *resp;
         }
     };
-    let finish = Finish::new(&q, route, &model, &client.0, accepted);
+    let finish = Finish::new(&q, route, &model, &client.0, accepted, &rid.0, &upstream);
     let relay::Upstream { events, lease, .. } = upstream;
     let state = (events, finish, lease, false);
     let frames =
@@ -660,10 +704,18 @@ async fn get_hive(
 async fn remove_hive(
     State(q): State<Shared>,
     Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
     Path(id): Path<String>,
 ) -> Response {
     match q.registry.remove(&id) {
-        Ok(true) => Json(json!({"removed": id})).into_response(),
+        Ok(true) => {
+            q.audit(
+                "admin.hive_remove",
+                &client.0,
+                json!({"hive_id": id, "request_id": rid.0}),
+            );
+            Json(json!({"removed": id})).into_response()
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             codes::NOT_FOUND,

@@ -23,6 +23,13 @@ pub struct QueenConfig {
     pub hive_token_file: String,
     /// SQLite file for the hive registry. Empty: kept in memory only.
     pub registry_path: String,
+    /// Hash-chained audit log (auth failures, hive join/leave, admin actions). Empty: off.
+    pub audit_log: String,
+    /// Rotate the audit log beyond this many bytes (0: never).
+    pub audit_max_bytes: u64,
+    /// One JSON line per finished request (who, what, where, tokens, timings) to bill from.
+    /// Empty: off.
+    pub usage_log: String,
     pub log_level: String,
     pub log_format: String,
     /// Hives known without a heartbeat (they still must heartbeat to be routed to).
@@ -79,6 +86,9 @@ impl Default for QueenConfig {
             join_token_file: String::new(),
             hive_token_file: String::new(),
             registry_path: String::new(),
+            audit_log: String::new(),
+            audit_max_bytes: 64 * 1024 * 1024,
+            usage_log: String::new(),
             log_level: "info".into(),
             log_format: "text".into(),
             hives: Vec::new(),

@@ -11,6 +11,7 @@ pub mod config;
 pub mod metrics;
 pub mod queen;
 pub mod relay;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +31,11 @@ pub async fn run(
 ) -> std::io::Result<()> {
     tokio::spawn(queen.clone().sweep_loop());
     let address = listener.local_addr()?;
+    queen.audit(
+        "queen.start",
+        "queen",
+        serde_json::json!({"address": address.to_string(), "version": env!("CARGO_PKG_VERSION")}),
+    );
     info!(%address, "queen listening");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server =
@@ -50,5 +56,7 @@ pub async fn run(
         warn!("requests still running after the drain window; closing");
         server.abort();
     }
+    queen.audit("queen.stop", "queen", serde_json::json!({}));
+    tokio::task::block_in_place(|| queen.flush());
     Ok(())
 }

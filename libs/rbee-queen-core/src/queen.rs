@@ -63,6 +63,8 @@ pub struct Queen {
     /// Recent request durations, for `Retry-After`.
     recent: Mutex<Vec<f64>>,
     pub started: Instant,
+    audit: Option<rbee_audit::AuditWriter>,
+    usage: Option<crate::usage::UsageLog>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,6 +73,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Queen {
     pub fn new(cfg: QueenConfig, tokens: Tokens, registry: Registry) -> Result<Arc<Self>, String> {
+        let audit = if cfg.audit_log.is_empty() {
+            None
+        } else {
+            let max = (cfg.audit_max_bytes > 0).then_some(cfg.audit_max_bytes);
+            let log = rbee_audit::AuditLog::open(std::path::Path::new(&cfg.audit_log), max)
+                .map_err(|e| format!("audit_log: {e}"))?;
+            Some(rbee_audit::AuditWriter::spawn(log, 4096).map_err(|e| format!("audit_log: {e}"))?)
+        };
+        let usage = if cfg.usage_log.is_empty() {
+            None
+        } else {
+            Some(
+                crate::usage::UsageLog::open(std::path::Path::new(&cfg.usage_log))
+                    .map_err(|e| format!("usage_log: {e}"))?,
+            )
+        };
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .build()
@@ -88,7 +106,34 @@ impl Queen {
             freed: Notify::new(),
             recent: Mutex::new(Vec::new()),
             started: Instant::now(),
+            audit,
+            usage,
         }))
+    }
+
+    /// Queues an audit record (never a token: names and fingerprints only).
+    pub fn audit(&self, event: &str, actor: &str, details: Value) {
+        if let Some(a) = &self.audit
+            && !a.record(event, actor, details)
+        {
+            warn!(event, "audit queue full; record dropped");
+        }
+    }
+
+    /// Writes pending audit and usage records (at shutdown).
+    pub fn flush(&self) {
+        if let Some(a) = &self.audit {
+            a.flush(Duration::from_secs(2));
+        }
+        if let Some(u) = &self.usage {
+            u.flush(Duration::from_secs(2));
+        }
+    }
+
+    pub fn usage(&self, record: Value) {
+        if let Some(u) = &self.usage {
+            u.write(record);
+        }
     }
 
     pub fn config(&self) -> QueenConfig {
@@ -439,6 +484,17 @@ impl Queen {
             Ok(outcome) => {
                 self.metrics.heartbeats.inc(&[&hb.hive_id]);
                 info_outcome(hb, &outcome);
+                match outcome {
+                    rbee_registry::BeatOutcome::Joined => self.audit(
+                        "hive.join",
+                        &hb.hive_id,
+                        json!({"hive_id": hb.hive_id, "url": hb.url, "version": hb.version}),
+                    ),
+                    rbee_registry::BeatOutcome::CameBack => {
+                        self.audit("hive.back", &hb.hive_id, json!({"hive_id": hb.hive_id}))
+                    }
+                    _ => {}
+                }
                 Ok(())
             }
             Err(e) => Err(ApiError::bad_request(
@@ -458,6 +514,7 @@ impl Queen {
                 Ok(down) => {
                     for id in down {
                         warn!(hive = %id, "missed 3 heartbeats; out of routing until it beats again");
+                        self.audit("hive.down", "queen", json!({"hive_id": id}));
                     }
                 }
                 Err(e) => warn!(error = %e, "registry sweep failed"),

@@ -26,6 +26,8 @@ pub struct Upstream {
     pub events: EventStream,
     pub lease: Lease,
     pub accepted: Instant,
+    /// The model reference the request was routed by.
+    pub model_ref: String,
 }
 
 /// Sends `req` for `model_ref` to a worker (spawning one when needed) and returns its events.
@@ -112,6 +114,7 @@ pub async fn start(
                     events: parse_events(body),
                     lease,
                     accepted,
+                    model_ref: model_ref.to_owned(),
                 });
             }
             Ok(r) => {
