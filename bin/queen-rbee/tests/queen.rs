@@ -166,7 +166,10 @@ async fn native_stream_cancel_and_auth_through_the_queen() {
     let c = reqwest::Client::new();
     // Every protected route refuses without a token.
     for (method, path, public) in rbee_queen_core::api::router_routes() {
-        let concrete = path.replace("{id}", "h1").replace("{request_id}", "r1");
+        let concrete = path
+            .replace("{id}", "h1")
+            .replace("{hive}", "h1")
+            .replace("{request_id}", "r1");
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let resp = c.request(m, s.queen.url(&concrete)).send().await.unwrap();
         if public {
@@ -521,4 +524,65 @@ async fn sighup_rotates_client_tokens_without_dropping_a_request() {
     let end = end_event(&rest).expect("the in-flight stream finished");
     assert_eq!(end["completion_tokens"], 150);
     drop(hive);
+}
+
+#[tokio::test]
+async fn admins_spawn_list_and_stop_workers_through_the_queen() {
+    let s = stack().await;
+    let c = reqwest::Client::new();
+    let resp = c
+        .post(s.queen.url("/v1/admin/workers"))
+        .bearer_auth(CLIENT)
+        .json(&json!({"model": "smollm2", "hive": "hive-a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let spawned: Value = resp.json().await.unwrap();
+    let id = spawned["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let models: Value = c
+            .get(s.queen.url("/v1/admin/models"))
+            .bearer_auth(CLIENT)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let loaded = &models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["loaded"];
+        if loaded
+            .as_array()
+            .is_some_and(|a| a.iter().any(|w| w["worker"] == id.as_str()))
+        {
+            assert!(
+                models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["on_disk"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|h| h == "hive-a")
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{models}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stopped = c
+        .delete(s.queen.url(&format!("/v1/admin/workers/hive-a/{id}")))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200);
+    let v: Value = stopped.json().await.unwrap();
+    assert_eq!(v["state"], "stopped");
+    let unknown = c
+        .delete(s.queen.url("/v1/admin/workers/no-such-hive/w-1"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    drop(s.hive);
 }

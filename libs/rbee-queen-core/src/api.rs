@@ -65,6 +65,21 @@ fn routes() -> Vec<Route<Shared>> {
         r("GET", "/v1/admin/hives/{id}", false, get(get_hive)),
         r("DELETE", "/v1/admin/hives/{id}", false, delete(remove_hive)),
         r("GET", "/v1/admin/workers", false, get(list_workers)),
+        r("POST", "/v1/admin/workers", false, post(admin_spawn)),
+        r(
+            "DELETE",
+            "/v1/admin/workers/{hive}/{id}",
+            false,
+            delete(admin_stop),
+        ),
+        r("GET", "/v1/admin/models", false, get(admin_models)),
+        r("POST", "/v1/admin/models/pull", false, post(admin_pull)),
+        r(
+            "GET",
+            "/v1/admin/models/pull/{hive}/{id}/events",
+            false,
+            get(admin_pull_events),
+        ),
     ]
 }
 
@@ -316,8 +331,15 @@ impl Finish {
             StreamEvent::End {
                 prompt_tokens,
                 completion_tokens,
+                timings,
                 ..
-            } => self.usage = Some((*prompt_tokens, *completion_tokens)),
+            } => {
+                self.usage = Some((*prompt_tokens, *completion_tokens));
+                let st = &self.q.metrics.stage;
+                st.observe(&["worker_queue"], timings.queue_ms / 1000.0);
+                st.observe(&["prefill"], timings.prefill_ms / 1000.0);
+                st.observe(&["decode"], timings.decode_ms / 1000.0);
+            }
             StreamEvent::Error { code, .. } => self.outcome = (200, code.clone()),
             _ => {}
         }
@@ -739,4 +761,210 @@ async fn list_workers(State(q): State<Shared>) -> Response {
         }
     }
     Json(json!({"workers": out})).into_response()
+}
+
+/// A hive's answer passed through as it is (status, JSON body).
+async fn passthrough(sent: reqwest::Result<reqwest::Response>, hive: &str, rid: &str) -> Response {
+    match sent {
+        Ok(r) => {
+            let status =
+                StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let body = r.bytes().await.unwrap_or_default();
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            codes::WORKER_UNAVAILABLE,
+            &format!("hive {hive} did not answer: {e}"),
+            None,
+            rid,
+        ),
+    }
+}
+
+fn hive_url(q: &Queen, id: &str, rid: &str) -> Result<String, Box<Response>> {
+    match q.registry.get(id) {
+        Ok(Some(h)) => Ok(h.url.trim_end_matches('/').to_owned()),
+        _ => Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            &format!("no hive `{id}`"),
+            Some("hive"),
+            rid,
+        ))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSpawn {
+    /// A model name clients use, or a hive model reference.
+    model: String,
+    /// The hive to run it on; default: the best hive, as for a request.
+    hive: Option<String>,
+    #[serde(default)]
+    device: Option<String>,
+}
+
+async fn admin_spawn(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body, &rid.0) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let req: AdminSpawn = match rbee_http::parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return api_error(e, &rid.0),
+    };
+    let model_ref = q
+        .config()
+        .models
+        .iter()
+        .find(|m| m.name == req.model)
+        .map(|m| m.reference.clone())
+        .unwrap_or_else(|| req.model.clone());
+    let hive = match req.hive.clone().or_else(|| q.best_hive(&model_ref)) {
+        Some(h) => h,
+        None => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::NO_CAPACITY,
+                "no hive is up",
+                None,
+                &rid.0,
+            );
+        }
+    };
+    let url = match hive_url(&q, &hive, &rid.0) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let mut spawn = json!({"model": model_ref});
+    if let Some(d) = req.device {
+        spawn["device"] = json!(d);
+    }
+    q.audit(
+        "admin.worker_spawn",
+        &client.0,
+        json!({"hive": hive, "model": model_ref, "request_id": rid.0}),
+    );
+    let sent = q
+        .hive_post(&format!("{url}/v1/workers"))
+        .json(&spawn)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    passthrough(sent, &hive, &rid.0).await
+}
+
+async fn admin_stop(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    Path((hive, id)): Path<(String, String)>,
+) -> Response {
+    let url = match hive_url(&q, &hive, &rid.0) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    q.audit(
+        "admin.worker_stop",
+        &client.0,
+        json!({"hive": hive, "worker": id, "request_id": rid.0}),
+    );
+    let sent = q
+        .hive_delete(&format!("{url}/v1/workers/{id}"))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await;
+    passthrough(sent, &hive, &rid.0).await
+}
+
+/// Where each model is: loaded (a ready worker) or on disk, per hive.
+async fn admin_models(State(q): State<Shared>) -> Response {
+    let mut models: std::collections::BTreeMap<String, Value> = Default::default();
+    for h in q.registry.list().unwrap_or_default() {
+        let Some(hb) = &h.heartbeat else { continue };
+        for m in &hb.models {
+            let e = models
+                .entry(m.clone())
+                .or_insert_with(|| json!({"on_disk": [], "loaded": []}));
+            if let Some(a) = e["on_disk"].as_array_mut() {
+                a.push(json!(h.id));
+            }
+        }
+        for w in hb.workers.iter().filter(|w| w.state == "ready") {
+            let e = models
+                .entry(w.model.clone())
+                .or_insert_with(|| json!({"on_disk": [], "loaded": []}));
+            if let Some(a) = e["loaded"].as_array_mut() {
+                a.push(json!({"hive": h.id, "worker": w.id}));
+            }
+        }
+    }
+    Json(json!({"models": models})).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminPull {
+    /// `hf:org/repo[:file]`.
+    model: String,
+    hive: String,
+}
+
+async fn admin_pull(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body, &rid.0) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let req: AdminPull = match rbee_http::parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return api_error(e, &rid.0),
+    };
+    let url = match hive_url(&q, &req.hive, &rid.0) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    q.audit(
+        "admin.model_pull",
+        &client.0,
+        json!({"hive": req.hive, "model": req.model, "request_id": rid.0}),
+    );
+    let sent = q
+        .hive_post(&format!("{url}/v1/models/downloads"))
+        .json(&json!({"model": req.model}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    passthrough(sent, &req.hive, &rid.0).await
+}
+
+/// The hive's download progress (SSE), passed through.
+async fn admin_pull_events(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Path((hive, id)): Path<(String, String)>,
+) -> Response {
+    let url = match hive_url(&q, &hive, &rid.0) {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    match q
+        .hive_get(&format!("{url}/v1/models/downloads/{id}/events"))
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => sse_response(Body::from_stream(r.bytes_stream())),
+        other => passthrough(other, &hive, &rid.0).await,
+    }
 }

@@ -9,6 +9,7 @@ pub struct QueenMetrics {
     pub ttft: Histogram,
     pub duration: Histogram,
     pub queue_wait: Histogram,
+    pub stage: Histogram,
     pub queue_rejections: Counter,
     pub decisions: Counter,
     pub spawns: Counter,
@@ -51,6 +52,12 @@ impl QueenMetrics {
                 "rbee_queen_queue_wait_seconds",
                 "Time a request waited for a worker (including a spawn).",
                 &[],
+                LATENCY_BUCKETS,
+            ),
+            stage: r.histogram(
+                "rbee_queen_stage_seconds",
+                "Where a request's time went, per hop: schedule (waiting for a worker, spawn included), spawn (the part of it spent on a new worker), worker_queue, prefill and decode (as the worker measured them).",
+                &["stage"],
                 LATENCY_BUCKETS,
             ),
             queue_rejections: r.counter(

@@ -272,12 +272,18 @@ impl Queen {
         };
         let t0 = Instant::now();
         let mut spawned = false;
+        let mut spawn_started: Option<Instant> = None;
         loop {
             let freed = self.freed.notified();
             if let Some((hive, worker)) = self.pick(model_ref, avoid) {
-                self.metrics
-                    .queue_wait
-                    .observe(&[], t0.elapsed().as_secs_f64());
+                let waited = t0.elapsed().as_secs_f64();
+                self.metrics.queue_wait.observe(&[], waited);
+                self.metrics.stage.observe(&["schedule"], waited);
+                if let Some(t) = spawn_started {
+                    self.metrics
+                        .stage
+                        .observe(&["spawn"], t.elapsed().as_secs_f64());
+                }
                 self.metrics
                     .decisions
                     .inc(&[if spawned { "spawn" } else { "reuse" }]);
@@ -298,7 +304,10 @@ impl Queen {
                     && !self.spawn_refused_recently(model_ref) =>
                 {
                     match self.spawn(model_ref).await {
-                        Ok(()) => spawned = true,
+                        Ok(()) => {
+                            spawned = true;
+                            spawn_started = Some(Instant::now());
+                        }
                         Err(e) if self.ready_workers(model_ref).is_empty() => return Err(e),
                         Err(e) => {
                             info!(error = %e.message, "could not add a worker; waiting for a busy one");
@@ -369,9 +378,15 @@ impl Queen {
         Some((hive, worker))
     }
 
-    /// Spawns a worker for the model on the best hive: the model already on disk, then the
-    /// most free memory, then the fewest workers. A hive that refuses (507) is skipped.
-    async fn spawn(&self, model_ref: &str) -> Result<(), ApiError> {
+    /// The hive a new worker for `model_ref` would go to (see [`Queen::spawn`]).
+    pub fn best_hive(&self, model_ref: &str) -> Option<String> {
+        self.ranked_hives(model_ref)
+            .into_iter()
+            .next()
+            .map(|h| h.id)
+    }
+
+    fn ranked_hives(&self, model_ref: &str) -> Vec<HiveRecord> {
         let mut hives: Vec<HiveRecord> = self
             .registry
             .up()
@@ -386,6 +401,13 @@ impl Queen {
             let workers = hb.map_or(0, |b| b.workers.len());
             (!on_disk, std::cmp::Reverse(free), workers, h.id.clone())
         });
+        hives
+    }
+
+    /// Spawns a worker for the model on the best hive: the model already on disk, then the
+    /// most free memory, then the fewest workers. A hive that refuses (507) is skipped.
+    async fn spawn(&self, model_ref: &str) -> Result<(), ApiError> {
+        let hives = self.ranked_hives(model_ref);
         if hives.is_empty() {
             return Err(ApiError::unavailable(
                 codes::NO_CAPACITY,
