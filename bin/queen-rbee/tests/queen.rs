@@ -586,3 +586,46 @@ async fn admins_spawn_list_and_stop_workers_through_the_queen() {
     assert_eq!(unknown.status(), 404);
     drop(s.hive);
 }
+
+#[tokio::test]
+async fn a_client_over_its_concurrency_limit_gets_429() {
+    let dir = rbee_test_harness::temp_dir("bob");
+    let bob_file = rbee_test_harness::write_token_file(&dir, "bob-token-0123456789abcdef");
+    let queen = QueenProcess::start(
+        queen_options(
+            None,
+            &format!(
+                "\n[[client_tokens]]\nname = \"bob\"\nfile = {:?}\nmax_concurrent = 1\n",
+                bob_file.display().to_string()
+            ),
+        ),
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let hive = hive_for(&queen.base_url, "hive-l", &[]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    let bob = "bob-token-0123456789abcdef";
+    let resp = c
+        .post(queen.url("/v1/inference"))
+        .bearer_auth(bob)
+        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 100, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap();
+    let second = chat(&c, &queen, bob, 2).await;
+    assert_eq!(second.status(), 429);
+    assert!(second.headers().get("retry-after").is_some());
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "CLIENT_LIMIT");
+    // Other clients are not limited by bob's limit.
+    assert_eq!(chat(&c, &queen, CLIENT, 2).await.status(), 200);
+    let rest = reader.collect().await.unwrap();
+    assert!(end_event(&rest).is_some());
+    assert_eq!(chat(&c, &queen, bob, 2).await.status(), 200);
+    drop(hive);
+}

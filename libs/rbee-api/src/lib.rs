@@ -40,6 +40,7 @@ pub mod codes {
     pub const WORKER_NOT_READY: &str = "WORKER_NOT_READY";
     pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
     pub const QUEUE_FULL: &str = "QUEUE_FULL";
+    pub const CLIENT_LIMIT: &str = "CLIENT_LIMIT";
     pub const NO_CAPACITY: &str = "NO_CAPACITY";
     pub const MODEL_NOT_SERVED: &str = "MODEL_NOT_SERVED";
 }

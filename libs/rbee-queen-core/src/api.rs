@@ -229,6 +229,7 @@ async fn begin(
     headers: &HeaderMap,
     model: &str,
     req: &InferenceRequest,
+    accepted: Instant,
 ) -> Result<relay::Upstream, Box<Response>> {
     let Some(model_ref) = q.resolve_model(model) else {
         return Err(Box::new(error(
@@ -248,7 +249,7 @@ async fn begin(
             rid,
         ))
     })?;
-    relay::start(q, &model_ref, req, rid, at, at_ms)
+    relay::start(q, &model_ref, req, rid, at, at_ms, accepted)
         .await
         .map_err(|e| Box::new(api_error(e, rid)))
 }
@@ -287,6 +288,7 @@ struct Finish {
     usage: Option<(u32, u32)>,
     /// request id, model reference, hive, worker, whether the worker was spawned for it.
     trip: (String, String, String, String, bool),
+    _slot: crate::queen::ClientSlot,
 }
 
 impl Finish {
@@ -295,12 +297,14 @@ impl Finish {
         route: &'static str,
         model: &str,
         client: &str,
-        accepted: Instant,
         rid: &str,
         up: &relay::Upstream,
+        slot: crate::queen::ClientSlot,
     ) -> Self {
+        let accepted = up.accepted;
         q.metrics.inflight.add(&[], 1.0);
         Self {
+            _slot: slot,
             trip: (
                 rid.to_owned(),
                 up.model_ref.clone(),
@@ -414,16 +418,18 @@ async fn chat_completions(
         Err(e) => return openai_error(&e, &rid.0),
     };
     let route = "/v1/chat/completions";
-    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference).await {
+    let slot = match q.client_slot(&client.0) {
+        Ok(s) => s,
+        Err(e) => return api_error(e, &rid.0),
+    };
+    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference, accepted).await {
         Ok(u) => u,
         Err(resp) => {
             count_refusal(&q, route, &req.model, &client.0, &resp);
             return *resp;
         }
     };
-    let finish = Finish::new(
-        &q, route, &req.model, &client.0, accepted, &rid.0, &upstream,
-    );
+    let finish = Finish::new(&q, route, &req.model, &client.0, &rid.0, &upstream, slot);
     let id = rbee_openai::chat_completion_id(&rid.0);
     if req.is_stream() {
         let chunks = ChunkStream::new(
@@ -466,16 +472,18 @@ async fn completions(
         Err(e) => return openai_error(&e, &rid.0),
     };
     let route = "/v1/completions";
-    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference).await {
+    let slot = match q.client_slot(&client.0) {
+        Ok(s) => s,
+        Err(e) => return api_error(e, &rid.0),
+    };
+    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference, accepted).await {
         Ok(u) => u,
         Err(resp) => {
             count_refusal(&q, route, &req.model, &client.0, &resp);
             return *resp;
         }
     };
-    let finish = Finish::new(
-        &q, route, &req.model, &client.0, accepted, &rid.0, &upstream,
-    );
+    let finish = Finish::new(&q, route, &req.model, &client.0, &rid.0, &upstream, slot);
     let id = rbee_openai::completion_id(&rid.0);
     if req.is_stream() {
         let chunks = ChunkStream::new(
@@ -606,14 +614,18 @@ async fn native_inference(
         Err(e) => return api_error(e, &rid.0),
     };
     let route = "/v1/inference";
-    let upstream = match begin(&q, &rid.0, &headers, &model, &req).await {
+    let slot = match q.client_slot(&client.0) {
+        Ok(s) => s,
+        Err(e) => return api_error(e, &rid.0),
+    };
+    let upstream = match begin(&q, &rid.0, &headers, &model, &req, accepted).await {
         Ok(u) => u,
         Err(resp) => {
             count_refusal(&q, route, &model, &client.0, &resp);
             return *resp;
         }
     };
-    let finish = Finish::new(&q, route, &model, &client.0, accepted, &rid.0, &upstream);
+    let finish = Finish::new(&q, route, &model, &client.0, &rid.0, &upstream, slot);
     let relay::Upstream { events, lease, .. } = upstream;
     let state = (events, finish, lease, false);
     let frames =

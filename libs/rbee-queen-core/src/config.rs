@@ -45,6 +45,9 @@ pub struct ClientToken {
     pub name: String,
     /// File holding the token (mode 0600).
     pub file: String,
+    /// Most requests this client may have in flight at once (absent: no limit); more get 429.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -55,6 +55,8 @@ pub struct Queen {
     busy: Mutex<std::collections::HashSet<(String, String)>>,
     /// Workers this queen spawned that are not ready yet: model reference → (hive, worker).
     pending: Mutex<HashMap<String, (String, String)>>,
+    /// Requests in flight per client token name.
+    per_client: Mutex<HashMap<String, u32>>,
     /// Requests waiting per model reference.
     waiting: Mutex<HashMap<String, u32>>,
     /// After every hive refused a spawn for a model, no new try before this instant.
@@ -102,6 +104,7 @@ impl Queen {
             busy: Mutex::new(Default::default()),
             pending: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
+            per_client: Mutex::new(HashMap::new()),
             spawn_refused_until: Mutex::new(HashMap::new()),
             freed: Notify::new(),
             recent: Mutex::new(Vec::new()),
@@ -208,6 +211,37 @@ impl Queen {
 
     pub fn hive_delete(&self, url: &str) -> reqwest::RequestBuilder {
         self.hive_request(self.http.delete(url))
+    }
+
+    /// Counts a request against its client's `max_concurrent`; 429 when over.
+    pub fn client_slot(self: &Arc<Self>, client: &str) -> Result<ClientSlot, ApiError> {
+        let limit = self
+            .config()
+            .client_tokens
+            .iter()
+            .find(|t| t.name == client)
+            .and_then(|t| t.max_concurrent);
+        let mut map = lock(&self.per_client);
+        let n = map.entry(client.to_owned()).or_insert(0);
+        if let Some(limit) = limit
+            && *n >= limit
+        {
+            return Err(ApiError {
+                retry_after: Some(self.retry_after(1, 0)),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    codes::CLIENT_LIMIT,
+                    format!(
+                        "client `{client}` already has {limit} requests in flight (its max_concurrent)"
+                    ),
+                )
+            });
+        }
+        *n += 1;
+        Ok(ClientSlot {
+            queen: self.clone(),
+            client: client.to_owned(),
+        })
     }
 
     /// Records how long a request held its worker (for `Retry-After`).
@@ -566,6 +600,20 @@ fn info_outcome(hb: &HiveHeartbeat, outcome: &rbee_registry::BeatOutcome) {
         }
         rbee_registry::BeatOutcome::CameBack => info!(hive = %hb.hive_id, "hive is back"),
         _ => {}
+    }
+}
+
+/// One request counted against its client's limit until dropped.
+pub struct ClientSlot {
+    queen: Arc<Queen>,
+    client: String,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.queen.per_client).get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 

@@ -38,8 +38,8 @@ pub async fn start(
     request_id: &str,
     deadline: Instant,
     deadline_ms: i64,
+    accepted: Instant,
 ) -> Result<Upstream, ApiError> {
-    let accepted = Instant::now();
     let mut avoid: Option<(String, String)> = None;
     let mut last_err = None;
     for attempt in 0..2 {
