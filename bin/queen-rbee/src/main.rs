@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use rbee_auth::{Token, TokenSet, resolve_token};
 use rbee_config::Loader;
 use rbee_queen_core::config::{ENV_PREFIX, QueenConfig};
@@ -40,6 +40,15 @@ struct Args {
     /// text or json (config: log_format).
     #[arg(long)]
     log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Validate a configuration file (with the environment and flags applied), its token
+    /// files included, and exit: 0 when it is good, 64 otherwise.
+    CheckConfig { file: PathBuf },
 }
 
 /// Environment tokens, read once and removed so no child inherits them.
@@ -57,6 +66,9 @@ fn main() -> ExitCode {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
     let args = Args::parse();
+    if let Some(Cmd::CheckConfig { file }) = &args.command {
+        return check_config(&args, file);
+    }
     let env = take_env_tokens();
     let loader = loader(&args);
     let cfg: QueenConfig = match loader.load() {
@@ -156,11 +168,12 @@ async fn serve(
                 return;
             };
             while hup.recv().await.is_some() {
-                match loader
+                rbee_systemd::reloading();
+                let outcome = loader
                     .load::<QueenConfig>()
                     .map_err(|e| e.to_string())
-                    .and_then(|c| load_tokens(&c, &env).map(|t| (c, t)))
-                {
+                    .and_then(|c| load_tokens(&c, &env).map(|t| (c, t)));
+                match outcome {
                     Ok((c, t)) if t.clients.is_empty() && !queen.tokens().clients.is_empty() => {
                         let _ = c;
                         warn!(
@@ -187,6 +200,7 @@ async fn serve(
                         warn!(error = %e, "SIGHUP: reload failed; keeping the running configuration")
                     }
                 }
+                rbee_systemd::notify("READY=1\nSTATUS=serving");
             }
         });
     }
@@ -221,6 +235,45 @@ fn take_env_tokens() -> EnvTokens {
         client: take(CLIENT_TOKEN_ENV),
         join: take(JOIN_TOKEN_ENV),
         hive: take(HIVE_TOKEN_ENV),
+    }
+}
+
+fn check_config(args: &Args, file: &Path) -> ExitCode {
+    let loader = loader(args).file(Some(file));
+    let cfg: QueenConfig = match loader.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let env = EnvTokens {
+        client: std::env::var(CLIENT_TOKEN_ENV).ok(),
+        join: std::env::var(JOIN_TOKEN_ENV).ok(),
+        hive: std::env::var(HIVE_TOKEN_ENV).ok(),
+    };
+    match load_tokens(&cfg, &env) {
+        Ok(t) if t.clients.is_empty() && !cfg.listen.ip().is_loopback() => {
+            eprintln!(
+                "{}: listen = {} is not loopback but no client token is configured",
+                file.display(),
+                cfg.listen
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            if let Ok(origins) = loader.origins() {
+                for (key, source) in origins {
+                    println!("  {key} <- {source}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 

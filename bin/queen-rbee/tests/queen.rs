@@ -629,3 +629,46 @@ async fn a_client_over_its_concurrency_limit_gets_429() {
     assert_eq!(chat(&c, &queen, bob, 2).await.status(), 200);
     drop(hive);
 }
+
+#[test]
+fn the_example_config_checks_and_bad_ones_exit_64() {
+    let bin = rbee_test_harness::workspace_binary("queen-rbee");
+    let dir = rbee_test_harness::temp_dir("queen-config");
+    let token = rbee_test_harness::write_token_file(&dir, CLIENT);
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/examples/queen.toml"
+    ))
+    .unwrap()
+    .replace("/etc/rbee/tokens/default", &token.display().to_string());
+    let file = dir.join("queen.toml");
+    std::fs::write(&file, example).unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[scheduling]\nqueue_lenght = 3\n").unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scheduling.queue_lenght"));
+    // Not loopback and no client token: refused before binding.
+    let out = std::process::Command::new(&bin)
+        .args(["--listen", "0.0.0.0:0"])
+        .env_remove("RBEE_QUEEN_CLIENT_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without client tokens"));
+}

@@ -6,14 +6,13 @@
 //! - [`hive`]: shared state, admission, keep-alive and health loops, shutdown.
 //! - [`worker`]: one worker's lifecycle (spawn, ready, crash, restart, stop).
 //! - [`server`]: the HTTP API; [`proxy`]: inference streams passed through.
-//! - [`downloads`], [`resources`], [`heartbeat`], [`notify`], [`reload`].
+//! - [`downloads`], [`resources`], [`heartbeat`], [`reload`]; systemd notifications via `rbee-systemd`.
 
 pub mod config;
 pub mod downloads;
 pub mod heartbeat;
 pub mod hive;
 pub mod metrics;
-pub mod notify;
 pub mod proxy;
 pub mod reload;
 pub mod resources;
@@ -73,7 +72,7 @@ pub async fn run(
                            "version": env!("CARGO_PKG_VERSION")}),
     );
     info!(address = %hive.address, hive_id = %hive.hive_id(), "hive listening");
-    notify::notify("READY=1\nSTATUS=serving");
+    rbee_systemd::notify("READY=1\nSTATUS=serving");
     tokio::select! {
         _ = stop => {}
         r = &mut server => {
@@ -87,7 +86,7 @@ pub async fn run(
             return Err(HiveError::Io(e));
         }
     }
-    notify::notify("STOPPING=1\nSTATUS=stopping workers");
+    rbee_systemd::notify("STOPPING=1\nSTATUS=stopping workers");
     let took = hive.shutdown().await;
     let _ = done_tx.send(());
     // Event streams (worker events, download progress) never end by themselves.

@@ -107,9 +107,9 @@ pub struct Reloader {
 /// Re-reads configuration and tokens, applies what can change live, logs the rest.
 /// A bad new configuration changes nothing.
 pub fn reload(hive: &Hive, r: &Reloader) {
-    crate::notify::reloading();
+    rbee_systemd::reloading();
     let outcome = apply(hive, r);
-    crate::notify::notify("READY=1\nSTATUS=serving");
+    rbee_systemd::notify("READY=1\nSTATUS=serving");
     match outcome {
         Ok(()) => hive.metrics.config_reloads.inc(&["ok"]),
         Err(e) => {

@@ -37,6 +37,7 @@ pub async fn run(
         serde_json::json!({"address": address.to_string(), "version": env!("CARGO_PKG_VERSION")}),
     );
     info!(%address, "queen listening");
+    rbee_systemd::notify("READY=1\nSTATUS=serving");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server =
         axum::serve(listener, api::router(queen.clone())).with_graceful_shutdown(async move {
