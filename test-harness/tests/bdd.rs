@@ -8,8 +8,8 @@ use cucumber::{World, given, then, when};
 use std::time::{Duration, Instant};
 
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, SseData, SseReader, WorkerOptions, WorkerProcess, end_event,
-    joined_text, process_alive, test_model, workspace_binary,
+    HiveOptions, HiveProcess, QueenOptions, QueenProcess, SseData, SseReader, WorkerOptions,
+    WorkerProcess, end_event, joined_text, process_alive, test_model, workspace_binary,
 };
 use serde_json::{Value, json};
 
@@ -27,6 +27,9 @@ struct RbeeWorld {
     hive: Option<HiveProcess>,
     /// The last worker view the hive returned.
     hive_worker: Value,
+    queen: Option<QueenProcess>,
+    /// The last JSON body the queen answered.
+    answer: Value,
 }
 
 impl std::fmt::Debug for RbeeWorld {
@@ -362,6 +365,112 @@ async fn hive_exits(w: &mut RbeeWorld, secs: u64) {
 #[then("no worker process is left")]
 async fn no_worker_left(w: &mut RbeeWorld) {
     assert!(!process_alive(w.worker_pid()));
+}
+
+const JOIN: &str = "bdd-join-token-0123456789";
+
+impl RbeeWorld {
+    fn queen(&self) -> &QueenProcess {
+        self.queen.as_ref().expect("a queen is running")
+    }
+
+    async fn ask_queen(&mut self, body: Value) {
+        let resp = reqwest::Client::new()
+            .post(self.queen().url("/v1/chat/completions"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        self.status = resp.status().as_u16();
+        self.answer = resp.json().await.unwrap_or(Value::Null);
+        self.error = self.answer["error"].clone();
+    }
+}
+
+#[given("a queen with one hive joined")]
+async fn queen_with_hive(w: &mut RbeeWorld) {
+    let queen = QueenProcess::start(
+        QueenOptions {
+            clients: vec![("bdd".into(), TOKEN.into())],
+            join_token: Some(JOIN.into()),
+            hive_token: Some(TOKEN.into()),
+            config_tail: "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n".into(),
+            ..QueenOptions::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("QUEEN__URL", &queen.base_url)
+            .env("QUEEN__HEARTBEAT_SECONDS", 1)
+            .env("JOIN_TOKEN", JOIN),
+    )
+    .await
+    .unwrap();
+    queen
+        .wait_hives_up(&reqwest::Client::new(), TOKEN, 1)
+        .await
+        .unwrap();
+    w.queen = Some(queen);
+    w.hive = Some(hive);
+}
+
+#[when(expr = "I ask the queen {string} with max_tokens {int}")]
+async fn ask_the_queen(w: &mut RbeeWorld, question: String, max_tokens: u32) {
+    w.ask_queen(
+        json!({"model": "smollm2", "max_tokens": max_tokens, "temperature": 0,
+                       "messages": [{"role": "user", "content": question}]}),
+    )
+    .await;
+    assert_eq!(w.status, 200, "{}", w.answer);
+}
+
+#[when(expr = "I ask the queen for model {string}")]
+async fn ask_for_model(w: &mut RbeeWorld, model: String) {
+    w.ask_queen(json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+}
+
+#[then(expr = "the answer has {int} completion tokens and finish_reason {string}")]
+async fn answer_has(w: &mut RbeeWorld, tokens: u64, finish: String) {
+    assert_eq!(
+        w.answer["usage"]["completion_tokens"], tokens,
+        "{}",
+        w.answer
+    );
+    assert_eq!(w.answer["choices"][0]["finish_reason"], finish.as_str());
+    assert!(
+        !w.answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+    );
+}
+
+#[then(expr = "the queen spawned {int} worker(s)")]
+async fn queen_spawned(w: &mut RbeeWorld, n: u64) {
+    let metrics = reqwest::get(w.queen().url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let spawned: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("rbee_queen_worker_spawns_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(spawned, n as f64, "{metrics}");
+}
+
+#[when("I list the queen's models without a token")]
+async fn queen_models_without_token(w: &mut RbeeWorld) {
+    let req = reqwest::Client::new().get(w.queen().url("/v1/models"));
+    w.send(req).await;
 }
 
 #[tokio::main]
