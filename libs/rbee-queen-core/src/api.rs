@@ -284,6 +284,7 @@ struct Finish {
     client: String,
     accepted: Instant,
     first_token: Option<Instant>,
+    last_token: Option<Instant>,
     outcome: (u16, String),
     usage: Option<(u32, u32)>,
     /// request id, model reference, hive, worker, whether the worker was spawned for it.
@@ -318,6 +319,7 @@ impl Finish {
             client: client.to_owned(),
             accepted,
             first_token: None,
+            last_token: None,
             outcome: (200, String::new()),
             usage: None,
         }
@@ -325,12 +327,23 @@ impl Finish {
 
     fn see(&mut self, ev: &StreamEvent) {
         match ev {
-            StreamEvent::Token { .. } if self.first_token.is_none() => {
-                self.first_token = Some(Instant::now());
-                self.q
-                    .metrics
-                    .ttft
-                    .observe(&[&self.model], self.accepted.elapsed().as_secs_f64());
+            StreamEvent::Token { .. } => {
+                let now = Instant::now();
+                match self.last_token {
+                    None => {
+                        self.first_token = Some(now);
+                        self.q
+                            .metrics
+                            .ttft
+                            .observe(&[&self.model], self.accepted.elapsed().as_secs_f64());
+                    }
+                    Some(prev) => self
+                        .q
+                        .metrics
+                        .inter_token
+                        .observe(&[&self.model], (now - prev).as_secs_f64()),
+                }
+                self.last_token = Some(now);
             }
             StreamEvent::End {
                 prompt_tokens,

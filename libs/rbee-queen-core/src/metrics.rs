@@ -19,6 +19,9 @@ pub struct QueenMetrics {
     pub retries: Counter,
     pub heartbeats: Counter,
     pub hives: Gauge,
+    pub workers: Gauge,
+    pub queue_depth: Gauge,
+    pub inter_token: Histogram,
     pub inflight: Gauge,
 }
 
@@ -101,6 +104,22 @@ impl QueenMetrics {
                 &["hive"],
             ),
             hives: r.gauge("rbee_queen_hives", "Hives by state (up, down).", &["state"]),
+            workers: r.gauge(
+                "rbee_queen_workers",
+                "Workers on hives that are up, by state and model, as the last heartbeats report.",
+                &["state", "model"],
+            ),
+            queue_depth: r.gauge(
+                "rbee_queen_queue_depth",
+                "Requests waiting for a worker, by model reference.",
+                &["model"],
+            ),
+            inter_token: r.histogram(
+                "rbee_queen_inter_token_seconds",
+                "Time between two tokens as the client receives them.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
             inflight: r.gauge(
                 "rbee_queen_inflight_requests",
                 "Client requests being served now.",

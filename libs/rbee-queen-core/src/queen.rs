@@ -55,6 +55,8 @@ pub struct Queen {
     busy: Mutex<std::collections::HashSet<(String, String)>>,
     /// Workers this queen spawned that are not ready yet: model reference → (hive, worker).
     pending: Mutex<HashMap<String, (String, String)>>,
+    /// (state, model) series of `rbee_queen_workers` set so far, to zero the ones that vanish.
+    worker_series: Mutex<std::collections::BTreeSet<(String, String)>>,
     /// Requests in flight per client token name.
     per_client: Mutex<HashMap<String, u32>>,
     /// Requests waiting per model reference.
@@ -105,6 +107,7 @@ impl Queen {
             pending: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             per_client: Mutex::new(HashMap::new()),
+            worker_series: Mutex::new(Default::default()),
             spawn_refused_until: Mutex::new(HashMap::new()),
             freed: Notify::new(),
             recent: Mutex::new(Vec::new()),
@@ -298,6 +301,7 @@ impl Queen {
                 });
             }
             *n += 1;
+            self.metrics.queue_depth.set(&[model_ref], f64::from(*n));
             *n - 1
         };
         let _waiting = WaitGuard {
@@ -587,6 +591,27 @@ impl Queen {
             .count();
         self.metrics.hives.set(&["up"], up as f64);
         self.metrics.hives.set(&["down"], (all.len() - up) as f64);
+        let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for h in all
+            .iter()
+            .filter(|h| h.state == rbee_registry::HiveState::Up)
+        {
+            for w in h.heartbeat.iter().flat_map(|hb| hb.workers.iter()) {
+                *counts
+                    .entry((w.state.clone(), w.model.clone()))
+                    .or_insert(0) += 1;
+            }
+        }
+        let mut seen = lock(&self.worker_series);
+        for key in seen.iter() {
+            if !counts.contains_key(key) {
+                self.metrics.workers.set(&[&key.0, &key.1], 0.0);
+            }
+        }
+        for ((state, model), n) in &counts {
+            self.metrics.workers.set(&[state, model], *n as f64);
+            seen.insert((state.clone(), model.clone()));
+        }
     }
 }
 
@@ -626,6 +651,10 @@ impl Drop for WaitGuard {
     fn drop(&mut self) {
         if let Some(n) = lock(&self.queen.waiting).get_mut(&self.model) {
             *n = n.saturating_sub(1);
+            self.queen
+                .metrics
+                .queue_depth
+                .set(&[&self.model], f64::from(*n));
         }
     }
 }
