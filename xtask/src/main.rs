@@ -1,7 +1,12 @@
 //! `cargo xtask`: project tasks that need more than `cargo test`.
 //!
 //! - `fetch-model [--dir DIR]`: the default model into the cache, verified; prints its path.
-//! - `demo [--max-tokens N] "PROMPT"`: fetches the model, starts a worker, streams the answer.
+//! - `demo [--max-tokens N] "PROMPT"`: fetches the model, builds the three release binaries,
+//!   starts a queen and one hive on loopback ports (fresh tokens and configs in a temporary
+//!   directory) and streams the answer through the queen's `/v1/chat/completions`; the first
+//!   request makes the queen spawn the worker.
+//! - `demo --serve`: the same stack, kept up until Ctrl-C; prints the URL, the client token
+//!   file and a curl command.
 //! - `test [ARGS]`: fetches the model, runs `cargo test --workspace` (all of it, even after a
 //!   failure) and closes with one `N passed, M failed` line over every runner.
 //! - `bench worker [--threads N]`: load time, prompt and decode speed, TTFT, peak RSS, and the
@@ -10,6 +15,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rbee_test_harness::{
@@ -21,7 +27,8 @@ use sha2::{Digest, Sha256};
 
 const USAGE: &str = "usage: cargo xtask <command>
   fetch-model [--dir DIR]           download + verify the default model, print its path
-  demo [--max-tokens N] \"PROMPT\"    stream an answer from a local worker
+  demo [--max-tokens N] \"PROMPT\"    start a queen + hive, stream an answer through them
+  demo --serve                      the same queen + hive, up until Ctrl-C (prints a curl)
   test [CARGO TEST ARGS]            fetch the model, run every test, print one summary line
   bench worker [--threads N]        worker speed, beside llama-bench when available";
 
@@ -196,7 +203,7 @@ fn fetch_model(dir: &Path) -> anyhow::Result<PathBuf> {
 fn test(extra: &[String]) -> anyhow::Result<()> {
     fetch_model(&model_dir())?;
     ensure_openai_sdk()?;
-    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut child = Command::new(cargo())
         .current_dir(workspace_root())
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
@@ -273,21 +280,33 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Builds the release worker and returns its path.
-fn build_release_worker() -> anyhow::Result<PathBuf> {
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Builds `packages` in release mode (one cargo invocation) and returns the directory that
+/// holds the binaries.
+fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
-    eprintln!("building llm-worker-rbee (release) ...");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "llm-worker-rbee"])
-        .status()?;
-    if !status.success() {
+    eprintln!("building {} (release) ...", packages.join(", "));
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(&root)
+        .args(["build", "--release", "--quiet"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    if !cmd.status().context("running cargo build")?.success() {
         bail!("cargo build failed");
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release").join("llm-worker-rbee"))
+    Ok(target.join("release"))
+}
+
+/// Builds the release worker and returns its path.
+fn build_release_worker() -> anyhow::Result<PathBuf> {
+    Ok(build_release(&["llm-worker-rbee"])?.join("llm-worker-rbee"))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -297,65 +316,563 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+const DEMO_USAGE: &str =
+    "usage: cargo xtask demo [--max-tokens N] \"PROMPT\"\n       cargo xtask demo --serve";
+/// The name clients use for the default model (a `[[models]]` alias in the queen's config).
+const DEMO_MODEL: &str = "smollm2";
+
+/// `demo "PROMPT"`: a queen and one hive on loopback, the answer streamed through the queen's
+/// `/v1/chat/completions`. `demo --serve`: the same stack, kept up until Ctrl-C.
 fn demo(args: &[String]) -> anyhow::Result<()> {
+    let serve = args.iter().any(|a| a == "--serve");
     let max_tokens: u32 = flag(args, "--max-tokens")?
         .map(|s| s.parse())
         .transpose()
         .context("--max-tokens must be a number")?
-        .unwrap_or(256);
-    let prompt = positional(args, &["--max-tokens"]).join(" ");
-    if prompt.trim().is_empty() {
-        bail!("usage: cargo xtask demo [--max-tokens N] \"PROMPT\"");
+        .unwrap_or(128);
+    let prompt = positional(args, &["--max-tokens"])
+        .into_iter()
+        .filter(|a| a != "--serve")
+        .collect::<Vec<_>>()
+        .join(" ");
+    if serve && !prompt.trim().is_empty() {
+        bail!("--serve takes no prompt\n{DEMO_USAGE}");
+    }
+    if !serve && prompt.trim().is_empty() {
+        bail!("{DEMO_USAGE}");
     }
     let model = fetch_model(&model_dir())?;
-    let binary = build_release_worker()?;
+    let bin = build_release(&["queen-rbee", "rbee-hive", "llm-worker-rbee"])?;
     runtime()?.block_on(async move {
-        let worker = WorkerProcess::start(WorkerOptions::new(binary, model)).await?;
+        // Registered before any daemon starts: from here Ctrl-C (or SIGTERM) stops them in
+        // order instead of killing xtask. Everything below runs on this (the main) thread,
+        // which the daemons' PR_SET_PDEATHSIG is tied to.
+        let mut signals = Signals::new()?;
+        let mut stack = tokio::select! {
+            s = Stack::start(&bin, &model) => s?,
+            sig = signals.recv() => bail!("{sig} during startup; stopped"),
+        };
+        let result = if serve {
+            serve_until_signal(&mut stack, &mut signals).await
+        } else {
+            tokio::select! {
+                r = ask(&stack, &prompt, max_tokens) => r,
+                sig = signals.recv() => {
+                    println!();
+                    Err(anyhow::anyhow!("{sig}: stopped mid-answer"))
+                }
+            }
+        };
+        let stopped = stack.stop().await;
+        if let (Err(_), Err(e)) = (&result, &stopped) {
+            eprintln!("{e:#}");
+        }
+        result.and(stopped)
+    })
+}
+
+/// SIGINT and SIGTERM to xtask, handled instead of the default exit.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// libc's `kill` and `prctl`, which std links anyway (xtask has no libc crate).
+mod sys {
+    use std::ffi::c_int;
+
+    pub const SIGKILL: c_int = 9;
+    pub const SIGTERM: c_int = 15;
+    #[cfg(target_os = "linux")]
+    pub const PR_SET_PDEATHSIG: c_int = 1;
+
+    unsafe extern "C" {
+        pub fn kill(pid: i32, sig: c_int) -> c_int;
+        #[cfg(target_os = "linux")]
+        pub fn prctl(option: c_int, ...) -> c_int;
+    }
+}
+
+/// One daemon of the demo stack, its stderr in a log file. Killed if dropped while running.
+struct Daemon {
+    name: &'static str,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(
+        name: &'static str,
+        binary: &Path,
+        config: &Path,
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            // Its own process group: a terminal Ctrl-C reaches only xtask, which stops the
+            // hive (and so its workers) first and then the queen.
+            .process_group(0);
+        // Only the files written below configure the stack.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("RBEE_") {
+                cmd.env_remove(key);
+            }
+        }
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The
+        // daemon dies with xtask even when xtask is killed outright.
+        unsafe {
+            cmd.pre_exec(|| {
+                sys::prctl(sys::PR_SET_PDEATHSIG, sys::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self { name, child, log })
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            sys::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last lines of the daemon's log, indented.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(25)..].join("\n    ");
+        format!("last lines of {}:\n    {tail}", self.log.display())
+    }
+
+    /// Waits (up to 30 s) for the daemon's `<marker> address=...` log line.
+    async fn wait_listening(&mut self, marker: &str) -> anyhow::Result<std::net::SocketAddr> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(addr) = listening_address(&log, marker) {
+                return Ok(addr);
+            }
+            if let Some(status) = self.exited() {
+                bail!(
+                    "{} exited before listening ({status}); {}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{} not listening within 30 s; {}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL. Err when it had to be
+    /// killed or exited with a failure.
+    async fn stop(&mut self, grace: Duration) -> anyhow::Result<()> {
+        if let Some(status) = self.exited() {
+            bail!(
+                "{} had already exited ({status}); {}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        self.signal(sys::SIGTERM);
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!("{} exited with {status}; {}", self.name, self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        bail!("{} did not stop within {grace:?}; killed it", self.name)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The address in a `<marker> address=HOST:PORT` log line.
+fn listening_address(log: &str, marker: &str) -> Option<std::net::SocketAddr> {
+    log.lines()
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(&p.display().to_string())
+}
+
+/// A fresh random token in a 0600 file.
+fn write_secret(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    Ok(token)
+}
+
+/// A queen and one hive on loopback ports, configured in a fresh temporary directory.
+struct Stack {
+    // The hive first: on an error path it is dropped (killed) before the queen.
+    hive: Daemon,
+    queen: Daemon,
+    dir: PathBuf,
+    url: String,
+    client_token: String,
+    client_token_file: PathBuf,
+}
+
+impl Stack {
+    async fn start(bin: &Path, model: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = rbee_test_harness::temp_dir("demo");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let client_token_file = dir.join("client-token");
+        let join_token_file = dir.join("join-token");
+        let hive_token_file = dir.join("hive-token");
+        let client_token = write_secret(&client_token_file)?;
+        write_secret(&join_token_file)?;
+        write_secret(&hive_token_file)?;
+        let model_dir = model.parent().context("model path has no directory")?;
+        let model_file = model
+            .file_name()
+            .context("model path has no file name")?
+            .to_string_lossy();
+
+        let queen_toml = dir.join("queen.toml");
+        std::fs::write(
+            &queen_toml,
+            format!(
+                "listen = \"127.0.0.1:0\"\n\
+                 join_token_file = {}\n\
+                 hive_token_file = {}\n\
+                 registry_path = {}\n\n\
+                 [[client_tokens]]\nname = \"demo\"\nfile = {}\n\n\
+                 [[models]]\nname = {}\nreference = {}\n\n\
+                 [scheduling]\nheartbeat_seconds = 1\n",
+                toml_path(&join_token_file),
+                toml_path(&hive_token_file),
+                toml_path(&dir.join("registry.sqlite")),
+                toml_path(&client_token_file),
+                toml_str(DEMO_MODEL),
+                toml_str(&format!("file:{model_file}")),
+            ),
+        )?;
+        let queen_log = dir.join("queen.log");
+        let hive_log = dir.join("hive.log");
         eprintln!(
-            "worker ready at {} (model loaded in {:.2} s)\n",
-            worker.base_url,
-            worker.ready["load_seconds"].as_f64().unwrap_or(0.0)
+            "demo directory {} (configs, tokens)\nlogs: {} and {}",
+            dir.display(),
+            queen_log.display(),
+            hive_log.display()
         );
-        let body = json!({
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": 0.2,
-            "repetition_penalty": 1.1,
-        });
-        let resp = worker
-            .post(&reqwest::Client::new(), "/v1/inference", &body)
+        let mut queen = Daemon::spawn(
+            "queen-rbee",
+            &bin.join("queen-rbee"),
+            &queen_toml,
+            queen_log,
+        )?;
+        let queen_addr = queen.wait_listening("queen listening").await?;
+        let url = format!("http://{queen_addr}");
+
+        let hive_toml = dir.join("hive.toml");
+        std::fs::write(
+            &hive_toml,
+            format!(
+                "listen = \"127.0.0.1:0\"\n\
+                 token_file = {}\n\
+                 model_dirs = [{}]\n\n\
+                 [workers]\nbinary = {}\n\n\
+                 [queen]\nurl = {}\njoin_token_file = {}\nheartbeat_seconds = 1\n",
+                toml_path(&hive_token_file),
+                toml_path(model_dir),
+                toml_path(&bin.join("llm-worker-rbee")),
+                toml_str(&url),
+                toml_path(&join_token_file),
+            ),
+        )?;
+        let mut hive = Daemon::spawn("rbee-hive", &bin.join("rbee-hive"), &hive_toml, hive_log)?;
+        let hive_addr = hive.wait_listening("hive listening").await?;
+        let mut stack = Self {
+            hive,
+            queen,
+            dir,
+            url,
+            client_token,
+            client_token_file,
+        };
+        stack.wait_hive_up().await?;
+        eprintln!(
+            "queen at {} with one hive at http://{hive_addr}, up\n",
+            stack.url
+        );
+        Ok(stack)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    async fn admin(&self, client: &reqwest::Client, path: &str) -> anyhow::Result<Value> {
+        let resp = client
+            .get(self.url(path))
+            .bearer_auth(&self.client_token)
             .send()
             .await?;
-        if !resp.status().is_success() {
-            bail!("worker answered {}: {}", resp.status(), resp.text().await?);
+        let status = resp.status();
+        if !status.is_success() {
+            bail!("GET {path} answered {status}: {}", resp.text().await?);
         }
-        let mut reader = SseReader::new(resp);
-        let mut stdout = std::io::stdout();
-        while let Some(ev) = reader.next().await? {
-            let SseData::Event(v) = ev else { break };
-            match v["type"].as_str() {
-                Some("token") => {
-                    print!("{}", v["text"].as_str().unwrap_or_default());
-                    stdout.flush()?;
+        Ok(resp.json().await?)
+    }
+
+    /// Polls `GET /v1/admin/hives` until the hive's heartbeat has it `up` (30 s at most).
+    async fn wait_hive_up(&mut self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let last = match self.admin(&client, "/v1/admin/hives").await {
+                Ok(v) => {
+                    let hives = v["hives"].as_array().cloned().unwrap_or_default();
+                    if hives.iter().any(|h| h["state"] == "up") {
+                        return Ok(());
+                    }
+                    v.to_string()
                 }
-                Some("end") => {
-                    let t = &v["timings"];
-                    let decode_tps = tokens_per_second(&v);
-                    eprintln!(
-                        "\n\n[{} | {} prompt + {} generated tokens | TTFT {:.0} ms | {:.1} tok/s]",
-                        v["stop_reason"].as_str().unwrap_or("?"),
-                        v["prompt_tokens"],
-                        v["completion_tokens"],
-                        t["ttft_ms"].as_f64().unwrap_or(0.0),
-                        decode_tps
-                    );
-                }
-                Some("error") => bail!("generation failed: {v}"),
-                _ => {}
+                Err(e) => format!("{e:#}"),
+            };
+            self.check_running()?;
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the hive did not join the queen within 30 s (last answer: {last})\n{}\n{}",
+                    self.queen.log_tail(),
+                    self.hive.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Err (with the log tail) when either daemon has exited.
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        for d in [&mut self.queen, &mut self.hive] {
+            if let Some(status) = d.exited() {
+                bail!("{} exited ({status}); {}", d.name, d.log_tail());
             }
         }
         Ok(())
-    })
+    }
+
+    /// SIGTERM to the hive (which stops its workers), then to the queen; waits for both. The
+    /// directory is removed after a clean stop and kept (with the logs) otherwise.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        eprintln!("stopping the hive (and its workers) and the queen ...");
+        // The hive's own shutdown ends within 30 s; the queen drains for up to 10 s.
+        let hive = self.hive.stop(Duration::from_secs(35)).await;
+        let queen = self.queen.stop(Duration::from_secs(15)).await;
+        match (hive, queen) {
+            (Ok(()), Ok(())) => {
+                let _ = std::fs::remove_dir_all(&self.dir);
+                eprintln!("stopped");
+                Ok(())
+            }
+            (h, q) => {
+                let errors: Vec<String> = [h.err(), q.err()]
+                    .into_iter()
+                    .flatten()
+                    .map(|e| format!("{e:#}"))
+                    .collect();
+                bail!(
+                    "{}\n(kept {} with the logs)",
+                    errors.join("\n"),
+                    self.dir.display()
+                )
+            }
+        }
+    }
+}
+
+/// One streamed chat completion through the queen: the text to stdout as it arrives, then a
+/// summary line on stderr.
+async fn ask(stack: &Stack, prompt: &str, max_tokens: u32) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let workers = stack.admin(&client, "/v1/admin/workers").await?;
+    let cold = workers["workers"].as_array().is_none_or(|w| w.is_empty());
+    let body = json!({
+        "model": DEMO_MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": max_tokens,
+    });
+    let t0 = std::time::Instant::now();
+    let resp = client
+        .post(stack.url("/v1/chat/completions"))
+        .bearer_auth(&stack.client_token)
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!(
+            "the queen answered {}: {}",
+            resp.status(),
+            resp.text().await?
+        );
+    }
+    let mut reader = SseReader::new(resp);
+    let mut stdout = std::io::stdout();
+    let (mut ttft, mut pieces, mut usage, mut finish) = (None, 0u64, Value::Null, None);
+    while let Some(data) = reader.next().await? {
+        let SseData::Event(v) = data else { break };
+        if let Some(err) = v.get("error") {
+            println!();
+            bail!("the stream ended with an error: {err}");
+        }
+        if v["usage"].is_object() {
+            usage = v["usage"].clone();
+        }
+        let choice = &v["choices"][0];
+        if let Some(text) = choice["delta"]["content"].as_str()
+            && !text.is_empty()
+        {
+            ttft.get_or_insert_with(|| t0.elapsed());
+            pieces += 1;
+            print!("{text}");
+            stdout.flush()?;
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+    }
+    let total = t0.elapsed();
+    println!();
+    let Some(ttft) = ttft else {
+        bail!("the stream ended without any text");
+    };
+    let generated = usage["completion_tokens"].as_u64().unwrap_or(pieces);
+    let decode = total.saturating_sub(ttft).as_secs_f64();
+    let tps = if generated > 1 && decode > 0.0 {
+        (generated - 1) as f64 / decode
+    } else {
+        0.0
+    };
+    eprintln!(
+        "\n[{} | {} prompt + {generated} generated tokens | TTFT {:.0} ms{} | total {:.2} s | {tps:.1} tok/s]",
+        finish.as_deref().unwrap_or("no finish_reason"),
+        usage["prompt_tokens"]
+            .as_u64()
+            .map_or("?".into(), |n| n.to_string()),
+        ttft.as_secs_f64() * 1e3,
+        if cold {
+            " (cold: the queen spawned the worker, which loaded the model)"
+        } else {
+            ""
+        },
+        total.as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// Prints how to reach the stack, then waits for Ctrl-C (or SIGTERM, or a daemon's exit).
+async fn serve_until_signal(stack: &mut Stack, signals: &mut Signals) -> anyhow::Result<()> {
+    let token = stack.client_token_file.display();
+    println!("queen:        {}", stack.url);
+    println!("client token: {token}");
+    println!("model:        {DEMO_MODEL}");
+    println!();
+    println!("curl -N {}/v1/chat/completions \\", stack.url);
+    println!(
+        "  -H \"Authorization: Bearer $(cat {token})\" -H 'Content-Type: application/json' \\"
+    );
+    println!(
+        "  -d '{{\"model\":\"{DEMO_MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Write one sentence about the ocean.\"}}],\"stream\":true,\"max_tokens\":128}}'"
+    );
+    println!();
+    std::io::stdout().flush()?;
+    eprintln!("The first request spawns the worker (the model loads in about a second).");
+    eprintln!(
+        "OpenAI SDKs: base_url {}/v1, api_key the token above.",
+        stack.url
+    );
+    eprintln!("Ctrl-C stops the hive, its workers and the queen.");
+    loop {
+        tokio::select! {
+            sig = signals.recv() => {
+                eprintln!("\n{sig} received");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => stack.check_running()?,
+        }
+    }
 }
 
 /// Decode speed from an `end` event: tokens after the first over the decode time.
@@ -520,7 +1037,27 @@ fn llama_bench(model: &Path, threads: usize) -> anyhow::Result<Option<(f64, f64)
 
 #[cfg(test)]
 mod tests {
-    use super::{count_results, strip_ansi};
+    use super::{count_results, listening_address, strip_ansi, toml_str};
+
+    #[test]
+    fn listening_address_is_read_from_the_log_line() {
+        let log = "2025-01-01T00:00:00Z  INFO rbee_queen_core: client token loaded\n\
+                   2025-01-01T00:00:00Z  INFO rbee_queen_core: queen listening address=127.0.0.1:40123\n";
+        assert_eq!(
+            listening_address(log, "queen listening"),
+            Some("127.0.0.1:40123".parse().unwrap())
+        );
+        assert_eq!(listening_address(log, "hive listening"), None);
+        assert_eq!(
+            listening_address("queen listening address=", "queen listening"),
+            None
+        );
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_str(r#"/tmp/a "b"\c"#), r#""/tmp/a \"b\"\\c""#);
+    }
 
     #[test]
     fn libtest_and_cucumber_summaries_are_counted() {
