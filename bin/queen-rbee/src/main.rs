@@ -329,10 +329,20 @@ fn load_tokens(cfg: &QueenConfig, env: &EnvTokens) -> Result<Tokens, String> {
     )
     .map_err(|e| format!("hive token: {e}"))?
     .map(|(t, _)| t);
+    let mut per_hive = std::collections::HashMap::new();
+    for h in &cfg.hives {
+        if let Some(f) = &h.token_file {
+            let t = rbee_auth::load_token_file(Path::new(f))
+                .map_err(|e| format!("hives `{}` token_file: {e}", h.id))?;
+            info!(hive = %h.id, fingerprint = %t.fingerprint(), "hive token loaded");
+            per_hive.insert(h.id.clone(), t);
+        }
+    }
     Ok(Tokens {
         clients,
         join,
         hive,
+        per_hive,
     })
 }
 

@@ -713,3 +713,40 @@ async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
         .unwrap();
     assert_eq!(workers["workers"][0]["state"], "ready", "{workers}");
 }
+
+#[tokio::test]
+async fn a_hive_with_its_own_token_is_reached_with_it() {
+    let port = free_port();
+    let queen_url = format!("http://127.0.0.1:{port}");
+    let own = "hive-b-own-token-0123456789";
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(own)
+            .env("QUEEN__URL", &queen_url)
+            .env("QUEEN__HEARTBEAT_SECONDS", 1)
+            .env("HIVE_ID", "hive-own")
+            .env("JOIN_TOKEN", JOIN),
+    )
+    .await
+    .unwrap();
+    let dir = rbee_test_harness::temp_dir("hive-own-token");
+    let token_file = rbee_test_harness::write_token_file(&dir, own);
+    let queen = QueenProcess::start(
+        queen_options(
+            None,
+            &format!(
+                "\n[[hives]]\nid = \"hive-own\"\nurl = {:?}\ntoken_file = {:?}\n",
+                hive.base_url,
+                token_file.display().to_string()
+            ),
+        ),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await
+    .unwrap();
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    // The shared hive token (HIVE) would be refused by this hive; its own one works.
+    let resp = chat(&c, &queen, CLIENT, 2).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}

@@ -676,7 +676,7 @@ async fn cancel(
     for h in hives {
         let url = format!("{}/v1/inference/{request_id}", h.url.trim_end_matches('/'));
         if let Ok(r) = q
-            .hive_delete(&url)
+            .hive_delete(&h.id, &url)
             .timeout(Duration::from_secs(5))
             .send()
             .await
@@ -878,7 +878,7 @@ async fn admin_spawn(
         json!({"hive": hive, "model": model_ref, "request_id": rid.0}),
     );
     let sent = q
-        .hive_post(&format!("{url}/v1/workers"))
+        .hive_post(&hive, &format!("{url}/v1/workers"))
         .json(&spawn)
         .timeout(Duration::from_secs(10))
         .send()
@@ -902,7 +902,7 @@ async fn admin_stop(
         json!({"hive": hive, "worker": id, "request_id": rid.0}),
     );
     let sent = q
-        .hive_delete(&format!("{url}/v1/workers/{id}"))
+        .hive_delete(&hive, &format!("{url}/v1/workers/{id}"))
         .timeout(Duration::from_secs(30))
         .send()
         .await;
@@ -966,7 +966,7 @@ async fn admin_pull(
         json!({"hive": req.hive, "model": req.model, "request_id": rid.0}),
     );
     let sent = q
-        .hive_post(&format!("{url}/v1/models/downloads"))
+        .hive_post(&req.hive, &format!("{url}/v1/models/downloads"))
         .json(&json!({"model": req.model}))
         .timeout(Duration::from_secs(10))
         .send()
@@ -985,7 +985,7 @@ async fn admin_pull_events(
         Err(r) => return *r,
     };
     match q
-        .hive_get(&format!("{url}/v1/models/downloads/{id}/events"))
+        .hive_get(&hive, &format!("{url}/v1/models/downloads/{id}/events"))
         .send()
         .await
     {

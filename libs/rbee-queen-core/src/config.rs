@@ -55,6 +55,9 @@ pub struct ClientToken {
 pub struct StaticHive {
     pub id: String,
     pub url: String,
+    /// This hive's own token (mode 0600); default: `hive_token_file`.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

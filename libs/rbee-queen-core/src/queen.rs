@@ -26,6 +26,8 @@ pub struct Tokens {
     pub join: Option<Token>,
     /// What the queen presents to hives.
     pub hive: Option<Token>,
+    /// Hive-specific tokens (`[[hives]] token_file`), by hive id.
+    pub per_hive: HashMap<String, Token>,
 }
 
 /// A worker chosen for one request; dropping it frees the worker for the next.
@@ -193,27 +195,29 @@ impl Queen {
         out.into_iter().map(|(k, (s, w))| (k, s, w)).collect()
     }
 
-    fn hive_token(&self) -> Option<Token> {
-        self.tokens().hive
+    /// The token for `hive_id`: its own from the config, else the shared hive token.
+    fn hive_token(&self, hive_id: &str) -> Option<Token> {
+        let t = self.tokens();
+        t.per_hive.get(hive_id).cloned().or(t.hive)
     }
 
-    fn hive_request(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.hive_token() {
+    fn hive_request(&self, hive_id: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.hive_token(hive_id) {
             Some(t) => req.bearer_auth(t.expose()),
             None => req,
         }
     }
 
-    pub fn hive_get(&self, url: &str) -> reqwest::RequestBuilder {
-        self.hive_request(self.http.get(url))
+    pub fn hive_get(&self, hive_id: &str, url: &str) -> reqwest::RequestBuilder {
+        self.hive_request(hive_id, self.http.get(url))
     }
 
-    pub fn hive_post(&self, url: &str) -> reqwest::RequestBuilder {
-        self.hive_request(self.http.post(url))
+    pub fn hive_post(&self, hive_id: &str, url: &str) -> reqwest::RequestBuilder {
+        self.hive_request(hive_id, self.http.post(url))
     }
 
-    pub fn hive_delete(&self, url: &str) -> reqwest::RequestBuilder {
-        self.hive_request(self.http.delete(url))
+    pub fn hive_delete(&self, hive_id: &str, url: &str) -> reqwest::RequestBuilder {
+        self.hive_request(hive_id, self.http.delete(url))
     }
 
     /// Counts a request against its client's `max_concurrent`; 429 when over.
@@ -457,7 +461,7 @@ impl Queen {
         for h in hives {
             let url = format!("{}/v1/workers", h.url.trim_end_matches('/'));
             let sent = self
-                .hive_post(&url)
+                .hive_post(&h.id, &url)
                 .json(&json!({"model": model_ref}))
                 .timeout(Duration::from_secs(10))
                 .send()
@@ -499,7 +503,7 @@ impl Queen {
         };
         let url = format!("{}/v1/workers/{worker_id}", hive.url.trim_end_matches('/'));
         let view: Value = match self
-            .hive_get(&url)
+            .hive_get(hive_id, &url)
             .timeout(Duration::from_secs(5))
             .send()
             .await

@@ -61,7 +61,7 @@ pub async fn start(
         let sent = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let sent = queen
-                .hive_post(&url)
+                .hive_post(&lease.hive_id, &url)
                 .header(HEADER_REQUEST_ID, request_id)
                 .header(HEADER_DEADLINE_MS, deadline_ms.to_string())
                 .json(req)
