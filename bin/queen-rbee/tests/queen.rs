@@ -750,3 +750,51 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     let resp = chat(&c, &queen, CLIENT, 2).await;
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
 }
+
+#[tokio::test]
+async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
+    let s = stack().await;
+    let c = reqwest::Client::new();
+    assert_eq!(chat(&c, &s.queen, CLIENT, 1).await.status(), 200);
+    let workers: Value = c
+        .get(s.hive.url("/v1/workers"))
+        .bearer_auth(HIVE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = workers["workers"][0]["pid"].as_i64().unwrap() as i32;
+    // A long prompt keeps the worker in prefill for a while; kill it there.
+    let prompt: String = (0..250).map(|i| format!("w{} ", i % 97)).collect();
+    let req = c
+        .post(s.queen.url("/v1/completions"))
+        .bearer_auth(CLIENT)
+        .json(&json!({"model": "smollm2", "prompt": prompt, "max_tokens": 3, "temperature": 0}))
+        .send();
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    };
+    let (resp, ()) = tokio::join!(req, killer);
+    let resp = resp.unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    let metrics = reqwest::get(s.queen.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rbee_queen_upstream_errors_total{stage=\"before_first_token\"} 1")
+            || metrics.contains("rbee_queen_upstream_errors_total{stage=\"hive_unreachable\"}")
+            || metrics.contains("rbee_queen_retries_total 1"),
+        "{metrics}"
+    );
+}

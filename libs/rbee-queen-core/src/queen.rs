@@ -342,7 +342,8 @@ impl Queen {
                 Some((hive_id, worker_id)) => {
                     self.check_pending(model_ref, &hive_id, &worker_id).await;
                 }
-                None if (self.ready_workers(model_ref).is_empty() || ahead > 0)
+                // The worker a retry avoids does not count: it just failed this request.
+                None if (self.usable_workers(model_ref, avoid) == 0 || ahead > 0)
                     && !self.spawn_refused_recently(model_ref) =>
                 {
                     match self.spawn(model_ref).await {
@@ -374,6 +375,13 @@ impl Queen {
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
         }
+    }
+
+    fn usable_workers(&self, model_ref: &str, avoid: Option<(&str, &str)>) -> usize {
+        self.ready_workers(model_ref)
+            .iter()
+            .filter(|(h, w)| avoid != Some((h.id.as_str(), w.id.as_str())))
+            .count()
     }
 
     fn spawn_refused_recently(&self, model_ref: &str) -> bool {

@@ -109,13 +109,53 @@ pub async fn start(
         };
         match sent {
             Ok(r) if r.status().is_success() => {
-                let body = r.bytes_stream();
-                return Ok(Upstream {
-                    events: parse_events(body),
-                    lease,
-                    accepted,
-                    model_ref: model_ref.to_owned(),
-                });
+                let mut events = parse_events(r.bytes_stream());
+                // Hold the events back until the first token: a worker that fails before it
+                // (crashed during prefill, gone) is worth one more try elsewhere, and the
+                // client has seen nothing yet.
+                let mut held = Vec::new();
+                let failed = loop {
+                    match events.next().await {
+                        Some(ev @ StreamEvent::Token { .. })
+                        | Some(ev @ StreamEvent::End { .. }) => {
+                            held.push(ev);
+                            break None;
+                        }
+                        Some(StreamEvent::Error { code, message })
+                            if attempt == 0 && retry_worthy(&code) =>
+                        {
+                            break Some((code, message));
+                        }
+                        Some(ev @ StreamEvent::Error { .. }) => {
+                            held.push(ev);
+                            break None;
+                        }
+                        Some(ev) => held.push(ev),
+                        None => break None,
+                    }
+                };
+                match failed {
+                    None => {
+                        let events = futures_util::stream::iter(held).chain(events);
+                        return Ok(Upstream {
+                            events: Box::pin(events),
+                            lease,
+                            accepted,
+                            model_ref: model_ref.to_owned(),
+                        });
+                    }
+                    Some((code, message)) => {
+                        queen.metrics.upstream_errors.inc(&["before_first_token"]);
+                        warn!(hive = %lease.hive_id, worker = %lease.worker_id, %code, %message,
+                              "failed before the first token; retrying on another worker");
+                        avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                        last_err = Some(ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            static_code(&code),
+                            message,
+                        ));
+                    }
+                }
             }
             Ok(r) => {
                 let status = r.status();
@@ -171,6 +211,14 @@ pub async fn start(
 enum BusyOrError {
     /// A 503 that is not "busy" (shutting down, loading): its body.
     Refused(axum::body::Bytes),
+}
+
+/// Failures of the worker itself (not of the request) before any token.
+fn retry_worthy(code: &str) -> bool {
+    matches!(
+        code,
+        codes::WORKER_UNAVAILABLE | codes::INFERENCE_FAILED | codes::SHUTTING_DOWN
+    )
 }
 
 /// Error codes travel as `&'static str` in `ApiError`; map known ones, else a generic code.
