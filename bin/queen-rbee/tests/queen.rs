@@ -157,6 +157,23 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
             .unwrap()
             .contains(CLIENT)
     );
+    // The file's hash, once the hive has hashed it, names the exact model in later records.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert_eq!(
+            chat(&reqwest::Client::new(), &s.queen, CLIENT, 1)
+                .await
+                .status(),
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let text = std::fs::read_to_string(&usage_path).unwrap_or_default();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        if last["model_sha256"] == rbee_test_harness::MODEL_SHA256 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no hash in {last}");
+    }
     drop(s.hive);
 }
 

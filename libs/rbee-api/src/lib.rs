@@ -214,6 +214,9 @@ pub struct HiveHeartbeat {
     pub workers: Vec<HeartbeatWorker>,
     /// Model references on disk (`hf:org/repo:file` or `file:path`).
     pub models: Vec<String>,
+    /// SHA-256 of each model file, by reference, once the hive has hashed it.
+    #[serde(default)]
+    pub model_sha256: std::collections::BTreeMap<String, String>,
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub async fn build(hive: &Hive) -> HiveHeartbeat {
     } else {
         cfg.advertise_url.clone()
     };
+    let models = hive.models().await;
     HiveHeartbeat {
         hive_id: cfg.hive_id.clone(),
         url,
@@ -35,12 +36,8 @@ pub async fn build(hive: &Hive) -> HiveHeartbeat {
                 busy: w.busy,
             })
             .collect(),
-        models: hive
-            .models()
-            .await
-            .into_iter()
-            .map(|m| m.reference)
-            .collect(),
+        model_sha256: hive.model_hashes(&models),
+        models: models.into_iter().map(|m| m.reference).collect(),
     }
 }
 

@@ -63,11 +63,16 @@ pub struct Hive {
     pub http: reqwest::Client,
     pub started: Instant,
     worker_dir: PathBuf,
+    /// SHA-256 per model file, keyed by path with the size and mtime it was computed for.
+    hashes: Mutex<HashMap<PathBuf, FileHash>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A file's (size, mtime) when hashed, and its SHA-256.
+type FileHash = (u64, Option<u64>, String);
 
 /// A spawn request after parsing.
 #[derive(Debug, Clone)]
@@ -118,6 +123,7 @@ impl Hive {
             http,
             started: Instant::now(),
             worker_dir,
+            hashes: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -698,6 +704,44 @@ impl Hive {
         tokio::task::spawn_blocking(move || catalog.list())
             .await
             .unwrap_or_default()
+    }
+
+    /// SHA-256 of each model file by reference, for those hashed so far.
+    pub fn model_hashes(
+        &self,
+        models: &[rbee_models::ModelEntry],
+    ) -> std::collections::BTreeMap<String, String> {
+        let cache = lock(&self.hashes);
+        models
+            .iter()
+            .filter_map(|m| {
+                let (bytes, modified, sha) = cache.get(&m.path)?;
+                (*bytes == m.bytes && *modified == m.modified)
+                    .then(|| (m.reference.clone(), sha.clone()))
+            })
+            .collect()
+    }
+
+    /// Hashes model files that are new or changed, one at a time, forever (every 30 s).
+    pub async fn hash_loop(self: Arc<Self>) {
+        loop {
+            for m in self.models().await {
+                let fresh = lock(&self.hashes)
+                    .get(&m.path)
+                    .is_some_and(|(b, t, _)| *b == m.bytes && *t == m.modified);
+                if fresh || self.draining.load(Ordering::SeqCst) {
+                    continue;
+                }
+                match rbee_models::file_sha256(&m.path).await {
+                    Ok(sha) => {
+                        debug!(model = %m.reference, %sha, "model hashed");
+                        lock(&self.hashes).insert(m.path.clone(), (m.bytes, m.modified, sha));
+                    }
+                    Err(e) => warn!(model = %m.reference, error = %e, "cannot hash model"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
     }
 
     /// Whether any live worker serves the model at `path`.

@@ -60,6 +60,7 @@ pub async fn run(
 ) -> Result<Duration, HiveError> {
     tokio::spawn(hive.clone().supervise_loop());
     tokio::spawn(heartbeat::run(hive.clone()));
+    tokio::spawn(hive.clone().hash_loop());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let app = server::router(hive.clone());
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

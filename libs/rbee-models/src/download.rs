@@ -476,6 +476,13 @@ async fn hash_file(path: &Path, limit: u64) -> Result<(Sha256, u64), ModelError>
     res.map_err(|e| ModelError::io("cannot hash", path, e))
 }
 
+/// SHA-256 of a whole file as lowercase hex (off the async runtime), as the hub reports it
+/// for LFS files; the hive reports it per model so usage records can name the exact file.
+pub async fn file_sha256(path: &Path) -> Result<String, ModelError> {
+    let (hasher, _) = hash_file(path, u64::MAX).await?;
+    Ok(hex(&hasher.finalize()))
+}
+
 /// `bytes START-END/TOTAL` → (START, TOTAL unless `*`).
 fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes ")?;

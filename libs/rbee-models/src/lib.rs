@@ -18,7 +18,7 @@ mod hub;
 mod reference;
 
 pub use catalog::{Catalog, FreeSpaceFn, MAX_DEPTH, ModelEntry, free_space, part_path};
-pub use download::{DownloadProgress, DownloadState, ProgressError, download};
+pub use download::{DownloadProgress, DownloadState, ProgressError, download, file_sha256};
 pub use error::ModelError;
 pub use gguf::{
     GgufSummary, KV_ELEMENT_BYTES, MemoryEstimate, OVERHEAD_FIXED_BYTES, OVERHEAD_WEIGHTS_PERCENT,

@@ -385,6 +385,14 @@ impl Drop for Finish {
         ]);
         let (rid, model_ref, hive, worker, spawned) = &self.trip;
         let (prompt, completion) = self.usage.unwrap_or((0, 0));
+        let sha = self
+            .q
+            .registry
+            .get(hive)
+            .ok()
+            .flatten()
+            .and_then(|h| h.heartbeat)
+            .and_then(|hb| hb.model_sha256.get(model_ref).cloned());
         self.q.usage(json!({
             "ts_unix_ms": rbee_http::unix_ms(),
             "request_id": rid,
@@ -392,6 +400,7 @@ impl Drop for Finish {
             "route": self.route,
             "model": self.model,
             "model_ref": model_ref,
+            "model_sha256": sha,
             "hive": hive,
             "worker": worker,
             "spawned_worker": spawned,

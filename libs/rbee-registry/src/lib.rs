@@ -895,6 +895,7 @@ mod tests {
                 busy,
             }],
             models: vec!["hf:org/repo:file.gguf".into()],
+            model_sha256: Default::default(),
         }
     }
 

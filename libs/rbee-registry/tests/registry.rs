@@ -63,6 +63,7 @@ fn heartbeat(id: &str, url: &str) -> HiveHeartbeat {
             busy: false,
         }],
         models: vec!["hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf".into()],
+        model_sha256: Default::default(),
     }
 }
 
