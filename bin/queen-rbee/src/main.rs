@@ -99,6 +99,13 @@ fn main() -> ExitCode {
             cfg.listen
         );
     }
+    if tokens.join.is_none() && !cfg.listen.ip().is_loopback() {
+        error!(
+            "refusing to listen on {} without a join token: set join_token_file, the systemd credential `join-token`, or {JOIN_TOKEN_ENV}",
+            cfg.listen
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let registry = if cfg.registry_path.is_empty() {
         rbee_registry::Registry::open_in_memory()
     } else {

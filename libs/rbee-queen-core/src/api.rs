@@ -142,7 +142,10 @@ async fn require_token(
     let path = req.uri().path().to_owned();
     let name = if path == "/v1/hives/heartbeat" {
         match &tokens.join {
-            None => Some("dev".to_owned()),
+            // Without a join token heartbeats are open only in dev mode (no client tokens
+            // either); otherwise anyone could join a hive and receive prompts.
+            None if tokens.clients.is_empty() => Some("dev".to_owned()),
+            None => None,
             Some(t) => presented
                 .as_deref()
                 .filter(|p| t.matches(p))
@@ -414,6 +417,12 @@ impl Drop for Finish {
 }
 
 fn count_refusal(q: &Queen, route: &str, model: &str, client: &str, resp: &Response) {
+    // `model` comes from the client: only names the queen serves become label values.
+    let model = if q.resolve_model(model).is_some() {
+        model
+    } else {
+        "unknown"
+    };
     q.metrics
         .requests
         .inc(&[route, model, client, resp.status().as_str(), "refused"]);
@@ -542,6 +551,7 @@ fn sse_response(body: Body) -> Response {
 /// a client that leaves drops both, and the worker's generation is cancelled down the chain.
 fn openai_stream(up: relay::Upstream, chunks: ChunkStream, finish: Finish) -> Response {
     let relay::Upstream { events, lease, .. } = up;
+    let events = lease.queen().cuttable(events);
     let state = (events, chunks, finish, lease);
     let frames = futures_util::stream::unfold(
         state,
@@ -572,9 +582,8 @@ async fn aggregate(
     rid: &str,
     build: impl FnOnce(Aggregator) -> Result<Value, OpenAiError>,
 ) -> Response {
-    let relay::Upstream {
-        mut events, lease, ..
-    } = up;
+    let relay::Upstream { events, lease, .. } = up;
+    let mut events = lease.queen().cuttable(events);
     let mut agg = Aggregator::new();
     while let Some(ev) = events.next().await {
         finish.see(&ev);
@@ -649,6 +658,7 @@ async fn native_inference(
     };
     let finish = Finish::new(&q, route, &model, &client.0, &rid.0, &upstream, slot);
     let relay::Upstream { events, lease, .. } = upstream;
+    let events = q.cuttable(events);
     let state = (events, finish, lease, false);
     let frames =
         futures_util::stream::unfold(state, |(mut events, mut finish, lease, done)| async move {
@@ -680,6 +690,15 @@ async fn cancel(
     Extension(rid): Extension<RequestId>,
     Path(request_id): Path<String>,
 ) -> Response {
+    if !rbee_http::valid_request_id(&request_id) || request_id.contains("..") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            codes::INVALID_PARAMETER,
+            "a request id is 1-128 letters, digits, `-`, `_`, `.` or `:`",
+            None,
+            &rid.0,
+        );
+    }
     // The hives know which worker carries the request; ask each that is up.
     let hives = q.registry.up().unwrap_or_default();
     for h in hives {
@@ -901,6 +920,15 @@ async fn admin_stop(
     Extension(client): Extension<ClientName>,
     Path((hive, id)): Path<(String, String)>,
 ) -> Response {
+    if !rbee_http::valid_request_id(&id) || id.contains("..") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            codes::INVALID_PARAMETER,
+            "invalid worker id",
+            None,
+            &rid.0,
+        );
+    }
     let url = match hive_url(&q, &hive, &rid.0) {
         Ok(u) => u,
         Err(r) => return *r,
@@ -989,6 +1017,15 @@ async fn admin_pull_events(
     Extension(rid): Extension<RequestId>,
     Path((hive, id)): Path<(String, String)>,
 ) -> Response {
+    if !rbee_http::valid_request_id(&id) || id.contains("..") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            codes::INVALID_PARAMETER,
+            "invalid download id",
+            None,
+            &rid.0,
+        );
+    }
     let url = match hive_url(&q, &hive, &rid.0) {
         Ok(u) => u,
         Err(r) => return *r,

@@ -167,11 +167,20 @@ impl Validate for QueenConfig {
         if s.queue_length == 0 {
             e.push(err("scheduling.queue_length", "must be at least 1"));
         }
-        if s.default_timeout_seconds == 0 {
-            e.push(err(
+        for (field, v) in [
+            (
                 "scheduling.default_timeout_seconds",
-                "must be at least 1",
-            ));
+                s.default_timeout_seconds,
+            ),
+            ("scheduling.queue_wait_seconds", s.queue_wait_seconds),
+            ("scheduling.spawn_wait_seconds", s.spawn_wait_seconds),
+        ] {
+            if v == 0 || v > 86_400 {
+                e.push(err(field, "must be 1..=86400 seconds"));
+            }
+        }
+        if s.heartbeat_seconds > 300 {
+            e.push(err("scheduling.heartbeat_seconds", "must be at most 300"));
         }
         e
     }

@@ -54,8 +54,14 @@ pub async fn run(
         "shutting down: no new connections; finishing requests"
     );
     if tokio::time::timeout(drain, &mut server).await.is_err() {
-        warn!("requests still running after the drain window; closing");
-        server.abort();
+        warn!("requests still running after the drain window; cutting them");
+        queen.cut_streams();
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
     }
     queen.audit("queen.stop", "queen", serde_json::json!({}));
     tokio::task::block_in_place(|| queen.flush());

@@ -40,6 +40,12 @@ pub struct Lease {
     pub spawned: bool,
 }
 
+impl Lease {
+    pub fn queen(&self) -> &Arc<Queen> {
+        &self.queen
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         lock(&self.queen.busy).remove(&(self.hive_id.clone(), self.worker_id.clone()));
@@ -71,6 +77,8 @@ pub struct Queen {
     pub started: Instant,
     audit: Option<rbee_audit::AuditWriter>,
     usage: Option<crate::usage::UsageLog>,
+    /// Set when the shutdown drain window is over: open streams end with an error event.
+    cut: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,6 +124,7 @@ impl Queen {
             started: Instant::now(),
             audit,
             usage,
+            cut: tokio::sync::watch::channel(false).0,
         }))
     }
 
@@ -142,6 +151,33 @@ impl Queen {
         if let Some(u) = &self.usage {
             u.write(record);
         }
+    }
+
+    /// Ends every open stream (with an `error` event) after the shutdown drain window.
+    pub fn cut_streams(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// `events` until the stream ends or the queen cuts it, then an `error` event.
+    pub fn cuttable(&self, events: crate::relay::EventStream) -> crate::relay::EventStream {
+        use futures_util::StreamExt;
+        let mut rx = self.cut.subscribe();
+        let cut = Box::pin(async move {
+            let _ = rx.wait_for(|c| *c).await;
+        });
+        let tail = futures_util::stream::once(async {
+            rbee_api::StreamEvent::Error {
+                code: codes::SHUTTING_DOWN.into(),
+                message: "the queen is shutting down; the stream was cut after the drain window"
+                    .into(),
+            }
+        });
+        // A stream that ends by itself ends there; only a cut one gets the error.
+        let cut_flag = self.cut.subscribe();
+        Box::pin(events.take_until(cut).chain(tail.filter(move |_| {
+            let was_cut = *cut_flag.borrow();
+            async move { was_cut }
+        })))
     }
 
     pub fn config(&self) -> QueenConfig {
@@ -281,10 +317,11 @@ impl Queen {
         avoid: Option<(&str, &str)>,
     ) -> Result<Lease, ApiError> {
         let cfg = self.config().scheduling;
-        let queue_deadline = deadline.min(
-            Instant::now()
-                + Duration::from_secs(cfg.queue_wait_seconds.max(cfg.spawn_wait_seconds)),
-        );
+        let now = Instant::now();
+        // Waiting for a busy worker is bounded by queue_wait_seconds; waiting for a worker
+        // being spawned by spawn_wait_seconds; both by the request's deadline.
+        let queue_deadline = add_secs(now, cfg.queue_wait_seconds);
+        let spawn_deadline = add_secs(now, cfg.spawn_wait_seconds);
         let ahead = {
             let mut w = lock(&self.waiting);
             let n = w.entry(model_ref.to_owned()).or_insert(0);
@@ -338,21 +375,28 @@ impl Queen {
                 });
             }
             let pending = lock(&self.pending).get(model_ref).cloned();
+            let spawning = pending.is_some();
             match pending {
+                // Another request is between asking a hive and its answer: wait for it.
+                Some((hive_id, _)) if hive_id.is_empty() => {}
                 Some((hive_id, worker_id)) => {
                     self.check_pending(model_ref, &hive_id, &worker_id).await;
                 }
                 // The worker a retry avoids does not count: it just failed this request.
                 None if (self.usable_workers(model_ref, avoid) == 0 || ahead > 0)
-                    && !self.spawn_refused_recently(model_ref) =>
+                    && !self.spawn_refused_recently(model_ref)
+                    && self.claim_spawn(model_ref) =>
                 {
                     match self.spawn(model_ref).await {
                         Ok(()) => {
                             spawned = true;
                             spawn_started = Some(Instant::now());
                         }
-                        Err(e) if self.ready_workers(model_ref).is_empty() => return Err(e),
                         Err(e) => {
+                            lock(&self.pending).remove(model_ref);
+                            if self.usable_workers(model_ref, avoid) == 0 {
+                                return Err(e);
+                            }
                             info!(error = %e.message, "could not add a worker; waiting for a busy one");
                             lock(&self.spawn_refused_until).insert(
                                 model_ref.to_owned(),
@@ -363,7 +407,23 @@ impl Queen {
                 }
                 None => {}
             }
-            if Instant::now() >= queue_deadline {
+            let now = Instant::now();
+            if now >= deadline {
+                self.metrics.queue_rejections.inc(&["deadline"]);
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    codes::DEADLINE_EXCEEDED,
+                    format!(
+                        "the request's deadline passed while waiting for a worker for `{model_ref}`"
+                    ),
+                ));
+            }
+            let limit = if spawned || spawning {
+                spawn_deadline
+            } else {
+                queue_deadline
+            };
+            if now >= limit {
                 let ready = self.ready_workers(model_ref).len();
                 let retry = self.retry_after(ready, ahead);
                 self.metrics.queue_rejections.inc(&["timeout"]);
@@ -377,10 +437,21 @@ impl Queen {
         }
     }
 
+    /// Marks a spawn for `model_ref` as under way (before asking any hive), so concurrent
+    /// cold requests wait for one worker instead of each starting their own.
+    fn claim_spawn(&self, model_ref: &str) -> bool {
+        let mut p = lock(&self.pending);
+        if p.contains_key(model_ref) {
+            return false;
+        }
+        p.insert(model_ref.to_owned(), (String::new(), String::new()));
+        true
+    }
+
     fn usable_workers(&self, model_ref: &str, avoid: Option<(&str, &str)>) -> usize {
         self.ready_workers(model_ref)
             .iter()
-            .filter(|(h, w)| avoid != Some((h.id.as_str(), w.id.as_str())))
+            .filter(|(h, w)| !avoided(avoid, &h.id, &w.id))
             .count()
     }
 
@@ -416,7 +487,7 @@ impl Queen {
             .ready_workers(model_ref)
             .into_iter()
             .filter(|(h, w)| !busy.contains(&(h.id.clone(), w.id.clone())))
-            .filter(|(h, w)| avoid != Some((h.id.as_str(), w.id.as_str())))
+            .filter(|(h, w)| !avoided(avoid, &h.id, &w.id))
             .map(|(h, w)| {
                 let load = busy.iter().filter(|(hid, _)| *hid == h.id).count();
                 (load, h, w.id)
@@ -625,6 +696,18 @@ impl Queen {
             seen.insert((state.clone(), model.clone()));
         }
     }
+}
+
+/// Whether a retry avoids this worker: the one that failed, or every worker of a hive that
+/// could not be reached (`worker` = `*`).
+fn avoided(avoid: Option<(&str, &str)>, hive: &str, worker: &str) -> bool {
+    avoid.is_some_and(|(h, w)| h == hive && (w == "*" || w == worker))
+}
+
+/// `now + secs`, saturating far in the future instead of overflowing.
+fn add_secs(now: Instant, secs: u64) -> Instant {
+    now.checked_add(Duration::from_secs(secs))
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
 }
 
 /// How long the queen waits before asking hives again for a worker they just refused.

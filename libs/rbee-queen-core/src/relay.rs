@@ -175,7 +175,9 @@ pub async fn start(
                     });
                 // A worker refusing the request itself (400, 504) is the client's answer; a
                 // busy or broken worker is worth one more try elsewhere.
-                let retryable = status.is_server_error() && status != StatusCode::GATEWAY_TIMEOUT;
+                // A 404 is a worker the hive no longer has (stopped after its keep-alive).
+                let retryable = (status.is_server_error() && status != StatusCode::GATEWAY_TIMEOUT)
+                    || status == StatusCode::NOT_FOUND;
                 let err = ApiError {
                     retry_after,
                     ..ApiError::new(
@@ -194,8 +196,9 @@ pub async fn start(
             }
             Err(e) => {
                 queen.metrics.upstream_errors.inc(&["hive_unreachable"]);
-                warn!(hive = %lease.hive_id, error = %e, "hive unreachable; retrying on another worker");
-                avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                warn!(hive = %lease.hive_id, error = %e, "hive unreachable; retrying on another hive");
+                // The whole hive is unreachable, not just this worker.
+                avoid = Some((lease.hive_id.clone(), "*".to_owned()));
                 last_err = Some(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     codes::WORKER_UNAVAILABLE,
