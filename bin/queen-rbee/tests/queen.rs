@@ -815,3 +815,54 @@ async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_request_waiting_for_a_worker_can_be_cancelled() {
+    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let hive = hive_for(&queen.base_url, "hive-c", &[("WORKERS__MAX_WORKERS", "1")]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
+    let long = json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 200, "temperature": 0});
+    let resp = c
+        .post(queen.url("/v1/inference"))
+        .bearer_auth(CLIENT)
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut busy = SseReader::new(resp);
+    busy.next().await.unwrap();
+    let waiting = {
+        let (c, url) = (c.clone(), queen.url("/v1/completions"));
+        tokio::spawn(async move {
+            c.post(url)
+                .bearer_auth(CLIENT)
+                .header("x-request-id", "queued-1")
+                .json(&json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let del = c
+        .delete(queen.url("/v1/inference/queued-1"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    let body: Value = del.json().await.unwrap();
+    assert_eq!(body["queued"], true);
+    let resp = waiting.await.unwrap();
+    assert_eq!(resp.status().as_u16(), 499);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "CANCELLED");
+    // The running request was not disturbed.
+    let rest = busy.collect().await.unwrap();
+    assert_eq!(end_event(&rest).unwrap()["completion_tokens"], 200);
+    drop(hive);
+}

@@ -41,6 +41,7 @@ pub mod codes {
     pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
     pub const QUEUE_FULL: &str = "QUEUE_FULL";
     pub const CLIENT_LIMIT: &str = "CLIENT_LIMIT";
+    pub const CANCELLED: &str = "CANCELLED";
     pub const NO_CAPACITY: &str = "NO_CAPACITY";
     pub const MODEL_NOT_SERVED: &str = "MODEL_NOT_SERVED";
 }

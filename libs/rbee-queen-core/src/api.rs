@@ -699,6 +699,11 @@ async fn cancel(
             &rid.0,
         );
     }
+    if q.cancel_queued(&request_id) {
+        info!(%request_id, "cancelled while waiting for a worker");
+        return Json(json!({"request_id": request_id, "cancelled": true, "queued": true}))
+            .into_response();
+    }
     // The hives know which worker carries the request; ask each that is up.
     let hives = q.registry.up().unwrap_or_default();
     for h in hives {

@@ -65,6 +65,8 @@ pub struct Queen {
     pending: Mutex<HashMap<String, (String, String)>>,
     /// (state, model) series of `rbee_queen_workers` set so far, to zero the ones that vanish.
     worker_series: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// Requests waiting for a worker, by request id, with their cancel flag.
+    queued: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
     /// Requests in flight per client token name.
     per_client: Mutex<HashMap<String, u32>>,
     /// Requests waiting per model reference.
@@ -117,6 +119,7 @@ impl Queen {
             pending: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             per_client: Mutex::new(HashMap::new()),
+            queued: Mutex::new(HashMap::new()),
             worker_series: Mutex::new(Default::default()),
             spawn_refused_until: Mutex::new(HashMap::new()),
             freed: Notify::new(),
@@ -150,6 +153,18 @@ impl Queen {
     pub fn usage(&self, record: Value) {
         if let Some(u) = &self.usage {
             u.write(record);
+        }
+    }
+
+    /// Cancels a request still waiting for a worker; false when none waits with that id.
+    pub fn cancel_queued(&self, request_id: &str) -> bool {
+        match lock(&self.queued).get(request_id) {
+            Some(flag) => {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.freed.notify_waiters();
+                true
+            }
+            None => false,
         }
     }
 
@@ -298,7 +313,7 @@ impl Queen {
 
     /// Seconds until a place frees up, from the recent request durations and the number of
     /// ready workers for the model: at least 1.
-    fn retry_after(&self, workers: usize, ahead: u32) -> u32 {
+    pub fn retry_after(&self, workers: usize, ahead: u32) -> u32 {
         let r = lock(&self.recent);
         let mean = if r.is_empty() {
             5.0
@@ -313,6 +328,7 @@ impl Queen {
     pub async fn lease(
         self: &Arc<Self>,
         model_ref: &str,
+        request_id: &str,
         deadline: Instant,
         avoid: Option<(&str, &str)>,
     ) -> Result<Lease, ApiError> {
@@ -345,9 +361,12 @@ impl Queen {
             self.metrics.queue_depth.set(&[model_ref], f64::from(*n));
             *n - 1
         };
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        lock(&self.queued).insert(request_id.to_owned(), cancelled.clone());
         let _waiting = WaitGuard {
             queen: self.clone(),
             model: model_ref.to_owned(),
+            request_id: request_id.to_owned(),
         };
         let t0 = Instant::now();
         let mut spawned = false;
@@ -406,6 +425,14 @@ impl Queen {
                     }
                 }
                 None => {}
+            }
+            if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                self.metrics.queue_rejections.inc(&["cancelled"]);
+                return Err(ApiError::new(
+                    StatusCode::from_u16(499).unwrap_or(StatusCode::CONFLICT),
+                    codes::CANCELLED,
+                    "the request was cancelled while waiting for a worker",
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -530,10 +557,12 @@ impl Queen {
     async fn spawn(&self, model_ref: &str) -> Result<(), ApiError> {
         let hives = self.ranked_hives(model_ref);
         if hives.is_empty() {
+            // Nothing drains here: the soonest change is a hive's next heartbeat.
+            let retry = self.config().scheduling.heartbeat_seconds.clamp(1, 300) as u32;
             return Err(ApiError::unavailable(
                 codes::NO_CAPACITY,
                 "no hive is up to run a worker",
-                5,
+                retry,
             ));
         }
         let mut last = String::new();
@@ -566,10 +595,12 @@ impl Queen {
             }
             warn!("{last}");
         }
+        // Room appears when a running request finishes somewhere.
+        let retry = self.retry_after(self.ready_workers(model_ref).len(), 0);
         Err(ApiError::unavailable(
             codes::NO_CAPACITY,
             format!("no hive could start a worker for `{model_ref}`: {last}"),
-            5,
+            retry,
         ))
     }
 
@@ -740,10 +771,12 @@ impl Drop for ClientSlot {
 struct WaitGuard {
     queen: Arc<Queen>,
     model: String,
+    request_id: String,
 }
 
 impl Drop for WaitGuard {
     fn drop(&mut self) {
+        lock(&self.queen.queued).remove(&self.request_id);
         if let Some(n) = lock(&self.queen.waiting).get_mut(&self.model) {
             *n = n.saturating_sub(1);
             self.queen

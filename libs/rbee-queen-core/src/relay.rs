@@ -46,6 +46,7 @@ pub async fn start(
         let lease = queen
             .lease(
                 model_ref,
+                request_id,
                 deadline,
                 avoid.as_ref().map(|(h, w)| (h.as_str(), w.as_str())),
             )
@@ -96,7 +97,8 @@ pub async fn start(
                             "the hive is unavailable".to_owned(),
                         )
                     });
-                let err = ApiError::unavailable(static_code(&code), message, 1);
+                let err =
+                    ApiError::unavailable(static_code(&code), message, queen.retry_after(1, 0));
                 if attempt == 1 {
                     return Err(err);
                 }
