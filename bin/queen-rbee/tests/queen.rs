@@ -784,14 +784,35 @@ async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
         .unwrap();
     let pid = workers["workers"][0]["pid"].as_i64().unwrap() as i32;
     // A long prompt keeps the worker in prefill for a while; kill it there.
-    let prompt: String = (0..250).map(|i| format!("w{} ", i % 97)).collect();
+    let prompt: String = (0..400).map(|i| format!("w{} ", i % 97)).collect();
     let req = c
         .post(s.queen.url("/v1/completions"))
         .bearer_auth(CLIENT)
         .json(&json!({"model": "smollm2", "prompt": prompt, "max_tokens": 3, "temperature": 0}))
         .send();
+    // Kill it as soon as the hive has the request in flight (the worker is in prefill).
+    let hive_url = s.hive.url(&format!(
+        "/v1/workers/{}",
+        workers["workers"][0]["id"].as_str().unwrap()
+    ));
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let v: Value = c
+                .get(&hive_url)
+                .bearer_auth(HIVE)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["busy"] == true {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never busy: {v}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }

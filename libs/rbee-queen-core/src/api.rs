@@ -416,6 +416,14 @@ impl Drop for Finish {
     }
 }
 
+/// Counts a request refused before it reached scheduling (bad body, parameters, limits).
+fn early(q: &Queen, route: &str, client: &str, code: &str, resp: Response) -> Response {
+    q.metrics
+        .requests
+        .inc(&[route, "unknown", client, resp.status().as_str(), code]);
+    resp
+}
+
 fn count_refusal(q: &Queen, route: &str, model: &str, client: &str, resp: &Response) {
     // `model` comes from the client: only names the queen serves become label values.
     let model = if q.resolve_model(model).is_some() {
@@ -438,20 +446,45 @@ async fn chat_completions(
     let accepted = Instant::now();
     let body = match body_or_error(body, &rid.0) {
         Ok(b) => b,
-        Err(r) => return *r,
+        Err(r) => return early(&q, "/v1/chat/completions", &client.0, "INVALID_REQUEST", *r),
     };
     let req = match ChatCompletionRequest::from_json(&body) {
         Ok(r) => r,
-        Err(e) => return openai_error(&e, &rid.0),
+        Err(e) => {
+            return early(
+                &q,
+                "/v1/chat/completions",
+                &client.0,
+                e.code(),
+                openai_error(&e, &rid.0),
+            );
+        }
     };
     let inference = match req.to_inference() {
         Ok(i) => i,
-        Err(e) => return openai_error(&e, &rid.0),
+        Err(e) => {
+            return early(
+                &q,
+                "/v1/chat/completions",
+                &client.0,
+                e.code(),
+                openai_error(&e, &rid.0),
+            );
+        }
     };
     let route = "/v1/chat/completions";
     let slot = match q.client_slot(&client.0) {
         Ok(s) => s,
-        Err(e) => return api_error(e, &rid.0),
+        Err(e) => {
+            let code = e.code;
+            return early(
+                &q,
+                "/v1/chat/completions",
+                &client.0,
+                code,
+                api_error(e, &rid.0),
+            );
+        }
     };
     let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference, accepted).await {
         Ok(u) => u,
@@ -492,20 +525,39 @@ async fn completions(
     let accepted = Instant::now();
     let body = match body_or_error(body, &rid.0) {
         Ok(b) => b,
-        Err(r) => return *r,
+        Err(r) => return early(&q, "/v1/completions", &client.0, "INVALID_REQUEST", *r),
     };
     let req = match CompletionRequest::from_json(&body) {
         Ok(r) => r,
-        Err(e) => return openai_error(&e, &rid.0),
+        Err(e) => {
+            return early(
+                &q,
+                "/v1/completions",
+                &client.0,
+                e.code(),
+                openai_error(&e, &rid.0),
+            );
+        }
     };
     let inference = match req.to_inference() {
         Ok(i) => i,
-        Err(e) => return openai_error(&e, &rid.0),
+        Err(e) => {
+            return early(
+                &q,
+                "/v1/completions",
+                &client.0,
+                e.code(),
+                openai_error(&e, &rid.0),
+            );
+        }
     };
     let route = "/v1/completions";
     let slot = match q.client_slot(&client.0) {
         Ok(s) => s,
-        Err(e) => return api_error(e, &rid.0),
+        Err(e) => {
+            let code = e.code;
+            return early(&q, "/v1/completions", &client.0, code, api_error(e, &rid.0));
+        }
     };
     let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference, accepted).await {
         Ok(u) => u,
@@ -614,7 +666,7 @@ async fn native_inference(
     let accepted = Instant::now();
     let body = match body_or_error(body, &rid.0) {
         Ok(b) => b,
-        Err(r) => return *r,
+        Err(r) => return early(&q, "/v1/inference", &client.0, "INVALID_REQUEST", *r),
     };
     let mut value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -642,12 +694,18 @@ async fn native_inference(
     };
     let req: InferenceRequest = match rbee_http::parse_json(value.to_string().as_bytes()) {
         Ok(r) => r,
-        Err(e) => return api_error(e, &rid.0),
+        Err(e) => {
+            let code = e.code;
+            return early(&q, "/v1/inference", &client.0, code, api_error(e, &rid.0));
+        }
     };
     let route = "/v1/inference";
     let slot = match q.client_slot(&client.0) {
         Ok(s) => s,
-        Err(e) => return api_error(e, &rid.0),
+        Err(e) => {
+            let code = e.code;
+            return early(&q, "/v1/inference", &client.0, code, api_error(e, &rid.0));
+        }
     };
     let upstream = match begin(&q, &rid.0, &headers, &model, &req, accepted).await {
         Ok(u) => u,

@@ -65,6 +65,8 @@ pub struct Queen {
     pending: Mutex<HashMap<String, (String, String)>>,
     /// (state, model) series of `rbee_queen_workers` set so far, to zero the ones that vanish.
     worker_series: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// Workers this queen spawned and saw ready, until a heartbeat lists them.
+    spawned_ready: Mutex<Vec<(String, HeartbeatWorker, Instant)>>,
     /// Requests waiting for a worker, by request id, with their cancel flag.
     queued: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
     /// Requests in flight per client token name.
@@ -120,6 +122,7 @@ impl Queen {
             waiting: Mutex::new(HashMap::new()),
             per_client: Mutex::new(HashMap::new()),
             queued: Mutex::new(HashMap::new()),
+            spawned_ready: Mutex::new(Vec::new()),
             worker_series: Mutex::new(Default::default()),
             spawn_refused_until: Mutex::new(HashMap::new()),
             freed: Notify::new(),
@@ -493,7 +496,7 @@ impl Queen {
     fn ready_workers(&self, model_ref: &str) -> Vec<(HiveRecord, HeartbeatWorker)> {
         let hives = self.registry.up().unwrap_or_default();
         let mut out = Vec::new();
-        for h in hives {
+        for h in &hives {
             let Some(hb) = h.heartbeat.clone() else {
                 continue;
             };
@@ -501,6 +504,28 @@ impl Queen {
                 if w.model == model_ref && w.state == "ready" {
                     out.push((h.clone(), w));
                 }
+            }
+        }
+        // Workers we saw become ready that no heartbeat lists as ready yet (kept for up to 3
+        // intervals; an older beat may still say `starting`).
+        let keep = Duration::from_secs(self.config().scheduling.heartbeat_seconds * 3);
+        let mut extra = lock(&self.spawned_ready);
+        extra.retain(|(hive_id, w, at)| {
+            let listed = hives.iter().any(|h| {
+                h.id == *hive_id
+                    && h.heartbeat.as_ref().is_some_and(|hb| {
+                        hb.workers
+                            .iter()
+                            .any(|x| x.id == w.id && x.state == "ready")
+                    })
+            });
+            !listed && at.elapsed() < keep
+        });
+        for (hive_id, w, _) in extra.iter() {
+            if w.model == model_ref
+                && let Some(h) = hives.iter().find(|h| h.id == *hive_id)
+            {
+                out.push((h.clone(), w.clone()));
             }
         }
         out
@@ -624,17 +649,19 @@ impl Queen {
         match view["state"].as_str() {
             Some("ready") => {
                 lock(&self.pending).remove(model_ref);
-                if let Some(mut hb) = hive.heartbeat.clone() {
-                    hb.workers.retain(|w| w.id != worker_id);
-                    hb.workers.push(HeartbeatWorker {
+                // Routable now, before the hive's next heartbeat lists it; the registry is
+                // left to real heartbeats.
+                lock(&self.spawned_ready).push((
+                    hive_id.to_owned(),
+                    HeartbeatWorker {
                         id: worker_id.to_owned(),
                         model: model_ref.to_owned(),
                         device: view["device"].as_str().unwrap_or("cpu").to_owned(),
                         state: "ready".into(),
                         busy: false,
-                    });
-                    let _ = self.registry.heartbeat(&hb, rbee_http::unix_ms());
-                }
+                    },
+                    Instant::now(),
+                ));
             }
             Some("starting") | Some("backoff") => {}
             _ => {
