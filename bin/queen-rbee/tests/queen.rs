@@ -131,6 +131,23 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     );
     assert!(metrics.contains("rbee_queen_scheduling_decisions_total{decision=\"reuse\"}"));
     rbee_test_harness::promtool_check_metrics(&metrics);
+    // Where the time went, per hop.
+    for stage in [
+        "validation",
+        "schedule",
+        "spawn",
+        "load",
+        "worker_queue",
+        "prefill",
+        "decode",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "rbee_queen_stage_seconds_count{{stage=\"{stage}\"}}"
+            )),
+            "stage {stage} missing"
+        );
+    }
     // One usage record per served request, naming client, model, hive and worker.
     let usage_path = std::path::Path::new(&s.queen.env_value("RBEE_QUEEN_USAGE_LOG")).to_path_buf();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

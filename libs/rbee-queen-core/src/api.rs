@@ -234,6 +234,10 @@ async fn begin(
     req: &InferenceRequest,
     accepted: Instant,
 ) -> Result<relay::Upstream, Box<Response>> {
+    // Parsing and checking the request, up to here.
+    q.metrics
+        .stage
+        .observe(&["validation"], accepted.elapsed().as_secs_f64());
     let Some(model_ref) = q.resolve_model(model) else {
         return Err(Box::new(error(
             StatusCode::NOT_FOUND,

@@ -59,7 +59,7 @@ impl QueenMetrics {
             ),
             stage: r.histogram(
                 "rbee_queen_stage_seconds",
-                "Where a request's time went, per hop: schedule (waiting for a worker, spawn included), spawn (the part of it spent on a new worker), worker_queue, prefill and decode (as the worker measured them).",
+                "Where a request's time went, per hop: validation (parsing and checks), schedule (waiting for a worker, spawn included), spawn (the part of it spent on a new worker), load (the new worker's spawn-to-ready, as its hive measured it), worker_queue, prefill and decode (as the worker measured them).",
                 &["stage"],
                 LATENCY_BUCKETS,
             ),

@@ -649,6 +649,9 @@ impl Queen {
         match view["state"].as_str() {
             Some("ready") => {
                 lock(&self.pending).remove(model_ref);
+                if let Some(secs) = view["spawn_to_ready_seconds"].as_f64() {
+                    self.metrics.stage.observe(&["load"], secs);
+                }
                 // Routable now, before the hive's next heartbeat lists it; the registry is
                 // left to real heartbeats.
                 lock(&self.spawned_ready).push((
