@@ -262,22 +262,12 @@ impl WorkerProcess {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+        signal_child(&self.child, sig);
     }
 
     /// Waits for the process to exit, up to `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
+        wait_child(&mut self.child, timeout).await
     }
 
     pub fn stderr(&self) -> String {
@@ -304,6 +294,55 @@ impl Drop for WorkerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits (up to 20 s) for a daemon's `<marker> address=<addr>` log line and returns the address.
+async fn wait_listening(
+    child: &mut Child,
+    stderr: &Arc<Mutex<String>>,
+    marker: &str,
+    name: &str,
+) -> anyhow::Result<SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = stderr.lock().unwrap().clone();
+        if let Some(addr) = log
+            .lines()
+            .find(|l| l.contains(marker))
+            .and_then(|l| l.split("address=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        {
+            return Ok(addr);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited before listening ({status}):\n{log}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{name} not listening within 20 s:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn signal_child(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// Waits for the child to exit, up to `timeout`.
+async fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
 }
 
 /// A test killed hard (timeout, SIGKILL) must not leave its daemons running.
@@ -532,27 +571,7 @@ impl HiveProcess {
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().context("spawning rbee-hive")?;
         let stderr = capture_stderr(&mut child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
-            let log = stderr.lock().unwrap().clone();
-            if let Some(addr) = log
-                .lines()
-                .find(|l| l.contains("hive listening"))
-                .and_then(|l| l.split("address=").nth(1))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-            {
-                break addr;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("rbee-hive exited before listening ({status}):\n{log}");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("rbee-hive not listening within 20 s:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let addr = wait_listening(&mut child, &stderr, "hive listening", "rbee-hive").await?;
         Ok(Self {
             child,
             addr,
@@ -573,21 +592,11 @@ impl HiveProcess {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+        signal_child(&self.child, sig);
     }
 
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
+        wait_child(&mut self.child, timeout).await
     }
 
     pub fn stderr(&self) -> String {
@@ -836,27 +845,7 @@ impl QueenProcess {
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().context("spawning queen-rbee")?;
         let stderr = capture_stderr(&mut child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let addr = loop {
-            let log = stderr.lock().unwrap().clone();
-            if let Some(addr) = log
-                .lines()
-                .find(|l| l.contains("queen listening"))
-                .and_then(|l| l.split("address=").nth(1))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-            {
-                break addr;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("queen-rbee exited before listening ({status}):\n{log}");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("queen-rbee not listening within 20 s:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let addr = wait_listening(&mut child, &stderr, "queen listening", "queen-rbee").await?;
         Ok(Self {
             child,
             env: opts.env.clone(),
@@ -886,21 +875,11 @@ impl QueenProcess {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+        signal_child(&self.child, sig);
     }
 
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
+        wait_child(&mut self.child, timeout).await
     }
 
     pub fn stderr(&self) -> String {

@@ -423,9 +423,15 @@ impl Worker {
     }
 }
 
+/// How a start ended: the ready call, or one of the [`Outcome`]s.
 enum Phase {
-    Exited(std::io::Result<ExitStatus>),
     Ready(ReadyReport),
+    Over(Outcome),
+}
+
+/// How a worker process's supervision ended.
+enum Outcome {
+    Exited(std::io::Result<ExitStatus>),
     LoadTimeout,
     Stop(StopCause),
 }
@@ -531,13 +537,13 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
             }
         };
         let phase = tokio::select! {
-            st = child.wait() => Phase::Exited(st),
+            st = child.wait() => Phase::Over(Outcome::Exited(st)),
             r = ready => Phase::Ready(r),
-            _ = tokio::time::sleep(load_timeout) => Phase::LoadTimeout,
-            c = wait_stop(&mut stop_rx) => Phase::Stop(c),
+            _ = tokio::time::sleep(load_timeout) => Phase::Over(Outcome::LoadTimeout),
+            c = wait_stop(&mut stop_rx) => Phase::Over(Outcome::Stop(c)),
         };
         lock(&worker.ready_tx).take();
-        let phase = match phase {
+        let outcome = match phase {
             Phase::Ready(report) => {
                 let secs = spawned.elapsed().as_secs_f64();
                 hive.metrics.spawn_to_ready.observe(&[], secs);
@@ -567,22 +573,22 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                     json!({"worker_id": worker.spec.id, "pid": pid, "spawn_to_ready_seconds": secs}),
                 );
                 tokio::select! {
-                    st = child.wait() => Phase::Exited(st),
-                    c = wait_stop(&mut stop_rx) => Phase::Stop(c),
+                    st = child.wait() => Outcome::Exited(st),
+                    c = wait_stop(&mut stop_rx) => Outcome::Stop(c),
                 }
             }
-            other => other,
+            Phase::Over(outcome) => outcome,
         };
 
-        let (status, reason) = match phase {
-            Phase::Stop(cause) => {
+        let (status, reason) = match outcome {
+            Outcome::Stop(cause) => {
                 worker.set_state(hive, WorkerState::Stopping);
                 let t0 = Instant::now();
                 let outcome = stop_sequence(hive, &mut child, pid, port, &token).await;
                 finish_stopped(hive, worker, cause, outcome, t0.elapsed().as_secs_f64());
                 return;
             }
-            Phase::LoadTimeout => {
+            Outcome::LoadTimeout => {
                 warn!(
                     timeout_s = load_timeout.as_secs(),
                     "no ready call in time; killing it"
@@ -598,7 +604,7 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                     ),
                 )
             }
-            Phase::Exited(st) => {
+            Outcome::Exited(st) => {
                 let was_ready = worker.view().ready_at_unix_ms.is_some();
                 let killed_unhealthy = lock(&worker.unhealthy_pid).take() == Some(pid);
                 let why = if killed_unhealthy {
@@ -611,7 +617,6 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
                 };
                 (st, why)
             }
-            Phase::Ready(_) => unreachable_phase(),
         };
         let (code, signal) = exit_fields(&status);
         hive.metrics
@@ -720,17 +725,6 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
             json!({"worker_id": worker.spec.id, "restart_count": count}),
         );
     }
-}
-
-// Phase::Ready is consumed above; kept as a function so the match stays exhaustive without
-// a panic.
-fn unreachable_phase() -> (std::io::Result<ExitStatus>, String) {
-    (
-        Err(std::io::Error::other(
-            "internal: ready phase after supervision",
-        )),
-        "internal supervision error".to_owned(),
-    )
 }
 
 /// Exponential backoff: `initial × 2^(crashes−1)`, capped, then scaled by a jitter factor in

@@ -447,76 +447,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let accepted = Instant::now();
-    let body = match body_or_error(body, &rid.0) {
-        Ok(b) => b,
-        Err(r) => return early(&q, "/v1/chat/completions", &client.0, "INVALID_REQUEST", *r),
-    };
-    let req = match ChatCompletionRequest::from_json(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return early(
-                &q,
-                "/v1/chat/completions",
-                &client.0,
-                e.code(),
-                openai_error(&e, &rid.0),
-            );
-        }
-    };
-    let inference = match req.to_inference() {
-        Ok(i) => i,
-        Err(e) => {
-            return early(
-                &q,
-                "/v1/chat/completions",
-                &client.0,
-                e.code(),
-                openai_error(&e, &rid.0),
-            );
-        }
-    };
-    let route = "/v1/chat/completions";
-    let slot = match q.client_slot(&client.0) {
-        Ok(s) => s,
-        Err(e) => {
-            let code = e.code;
-            return early(
-                &q,
-                "/v1/chat/completions",
-                &client.0,
-                code,
-                api_error(e, &rid.0),
-            );
-        }
-    };
-    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference, accepted).await {
-        Ok(u) => u,
-        Err(resp) => {
-            count_refusal(&q, route, &req.model, &client.0, &resp);
-            return *resp;
-        }
-    };
-    let finish = Finish::new(&q, route, &req.model, &client.0, &rid.0, &upstream, slot);
-    let id = rbee_openai::chat_completion_id(&rid.0);
-    if req.is_stream() {
-        let chunks = ChunkStream::new(
-            id,
-            unix_secs(),
-            req.model.clone(),
-            EndpointKind::Chat,
-            req.include_usage(),
-        )
-        .with_request_id(rid.0.clone());
-        openai_stream(upstream, chunks, finish)
-    } else {
-        let model = req.model.clone();
-        aggregate(upstream, finish, &rid.0, move |agg| {
-            agg.into_chat_completion(id, unix_secs(), model)
-                .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
-        })
-        .await
-    }
+    openai_route(q, rid, client, headers, body, EndpointKind::Chat).await
 }
 
 async fn completions(
@@ -526,70 +457,100 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    openai_route(q, rid, client, headers, body, EndpointKind::Completion).await
+}
+
+/// What both OpenAI request kinds come down to.
+struct OpenAiCall {
+    model: String,
+    inference: InferenceRequest,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn parse_openai(kind: EndpointKind, body: &[u8]) -> Result<OpenAiCall, OpenAiError> {
+    match kind {
+        EndpointKind::Chat => {
+            let r = ChatCompletionRequest::from_json(body)?;
+            Ok(OpenAiCall {
+                inference: r.to_inference()?,
+                stream: r.is_stream(),
+                include_usage: r.include_usage(),
+                model: r.model,
+            })
+        }
+        EndpointKind::Completion => {
+            let r = CompletionRequest::from_json(body)?;
+            Ok(OpenAiCall {
+                inference: r.to_inference()?,
+                stream: r.is_stream(),
+                include_usage: r.include_usage(),
+                model: r.model,
+            })
+        }
+    }
+}
+
+/// `/v1/chat/completions` and `/v1/completions`: parse, schedule, then stream chunks or
+/// answer with the aggregated response.
+async fn openai_route(
+    q: Shared,
+    rid: RequestId,
+    client: ClientName,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: EndpointKind,
+) -> Response {
     let accepted = Instant::now();
+    let route = match kind {
+        EndpointKind::Chat => "/v1/chat/completions",
+        EndpointKind::Completion => "/v1/completions",
+    };
     let body = match body_or_error(body, &rid.0) {
         Ok(b) => b,
-        Err(r) => return early(&q, "/v1/completions", &client.0, "INVALID_REQUEST", *r),
+        Err(r) => return early(&q, route, &client.0, "INVALID_REQUEST", *r),
     };
-    let req = match CompletionRequest::from_json(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return early(
-                &q,
-                "/v1/completions",
-                &client.0,
-                e.code(),
-                openai_error(&e, &rid.0),
-            );
-        }
+    let call = match parse_openai(kind, &body) {
+        Ok(c) => c,
+        Err(e) => return early(&q, route, &client.0, e.code(), openai_error(&e, &rid.0)),
     };
-    let inference = match req.to_inference() {
-        Ok(i) => i,
-        Err(e) => {
-            return early(
-                &q,
-                "/v1/completions",
-                &client.0,
-                e.code(),
-                openai_error(&e, &rid.0),
-            );
-        }
-    };
-    let route = "/v1/completions";
     let slot = match q.client_slot(&client.0) {
         Ok(s) => s,
         Err(e) => {
             let code = e.code;
-            return early(&q, "/v1/completions", &client.0, code, api_error(e, &rid.0));
+            return early(&q, route, &client.0, code, api_error(e, &rid.0));
         }
     };
-    let upstream = match begin(&q, &rid.0, &headers, &req.model, &inference, accepted).await {
+    let upstream = match begin(&q, &rid.0, &headers, &call.model, &call.inference, accepted).await {
         Ok(u) => u,
         Err(resp) => {
-            count_refusal(&q, route, &req.model, &client.0, &resp);
+            count_refusal(&q, route, &call.model, &client.0, &resp);
             return *resp;
         }
     };
-    let finish = Finish::new(&q, route, &req.model, &client.0, &rid.0, &upstream, slot);
-    let id = rbee_openai::completion_id(&rid.0);
-    if req.is_stream() {
-        let chunks = ChunkStream::new(
-            id,
-            unix_secs(),
-            req.model.clone(),
-            EndpointKind::Completion,
-            req.include_usage(),
-        )
-        .with_request_id(rid.0.clone());
-        openai_stream(upstream, chunks, finish)
-    } else {
-        let model = req.model.clone();
-        aggregate(upstream, finish, &rid.0, move |agg| {
-            agg.into_completion(id, unix_secs(), model)
-                .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
-        })
-        .await
+    let finish = Finish::new(&q, route, &call.model, &client.0, &rid.0, &upstream, slot);
+    let id = match kind {
+        EndpointKind::Chat => rbee_openai::chat_completion_id(&rid.0),
+        EndpointKind::Completion => rbee_openai::completion_id(&rid.0),
+    };
+    if call.stream {
+        let chunks = ChunkStream::new(id, unix_secs(), call.model, kind, call.include_usage)
+            .with_request_id(rid.0.clone());
+        return openai_stream(upstream, chunks, finish);
     }
+    let model = call.model;
+    aggregate(upstream, finish, &rid.0, move |agg| {
+        let value = match kind {
+            EndpointKind::Chat => {
+                serde_json::to_value(agg.into_chat_completion(id, unix_secs(), model)?)
+            }
+            EndpointKind::Completion => {
+                serde_json::to_value(agg.into_completion(id, unix_secs(), model)?)
+            }
+        };
+        Ok(value.unwrap_or(Value::Null))
+    })
+    .await
 }
 
 fn sse_response(body: Body) -> Response {
