@@ -769,6 +769,8 @@ pub fn promtool_check_metrics(text: &str) {
 pub struct QueenOptions {
     /// Client tokens by name (through 0600 files); empty is dev mode.
     pub clients: Vec<(String, String)>,
+    /// Names among `clients` whose token may use the admin routes.
+    pub admins: Vec<String>,
     pub join_token: Option<String>,
     pub hive_token: Option<String>,
     /// Extra TOML appended to the config (tables such as `[[models]]`).
@@ -827,9 +829,10 @@ impl QueenProcess {
         for (name, secret) in &opts.clients {
             let p = write(&format!("client-{name}"), secret)?;
             toml.push_str(&format!(
-                "\n[[client_tokens]]\nname = {}\nfile = {}\n",
+                "\n[[client_tokens]]\nname = {}\nfile = {}\nadmin = {}\n",
                 toml_str(name),
-                toml_str(&p.display().to_string())
+                toml_str(&p.display().to_string()),
+                opts.admins.contains(name)
             ));
         }
         toml.push_str(&opts.config_tail);
@@ -886,26 +889,12 @@ impl QueenProcess {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Waits until the queen routes to `hives` hives that are up.
-    pub async fn wait_hives_up(
-        &self,
-        client: &reqwest::Client,
-        token: &str,
-        hives: usize,
-    ) -> anyhow::Result<()> {
+    /// Waits until the queen's `/health` counts `hives` hives that are up.
+    pub async fn wait_hives_up(&self, client: &reqwest::Client, hives: u64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let v: Value = client
-                .get(self.url("/v1/admin/hives"))
-                .bearer_auth(token)
-                .send()
-                .await?
-                .json()
-                .await?;
-            let up = v["hives"]
-                .as_array()
-                .map(|a| a.iter().filter(|h| h["state"] == "up").count())
-                .unwrap_or(0);
+            let v: Value = client.get(self.url("/health")).send().await?.json().await?;
+            let up = v["hives_up"].as_u64().unwrap_or(0);
             if up >= hives {
                 return Ok(());
             }

@@ -412,7 +412,7 @@ async fn queen_with_hive(w: &mut RbeeWorld) {
     .await
     .unwrap();
     queen
-        .wait_hives_up(&reqwest::Client::new(), TOKEN, 1)
+        .wait_hives_up(&reqwest::Client::new(), 1)
         .await
         .unwrap();
     w.queen = Some(queen);

@@ -111,29 +111,45 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
 
 /// Idempotent: a file already in place with the right hash is kept.
 /// The queen's tests drive it with the stock `openai` Python package; install it when missing.
-fn ensure_openai_sdk() -> anyhow::Result<()> {
-    let have = |py: &str| {
-        Command::new(py)
-            .args(["-c", "import openai"])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if have("python3") {
-        return Ok(());
-    }
-    eprintln!("installing the openai Python package (pip)");
-    for extra in [&[][..], &["--break-system-packages"][..]] {
-        let ok = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .args(extra)
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok && have("python3") {
-            return Ok(());
+/// Python packages the tests drive: the stock OpenAI SDK as a client, and an OpenAPI
+/// validator for the queen's `/openapi.json`.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("openai", "openai"),
+    ("openapi_spec_validator", "openapi-spec-validator"),
+];
+
+fn ensure_python_packages() -> anyhow::Result<()> {
+    for (module, package) in PYTHON_PACKAGES {
+        let have = || {
+            Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if have() {
+            continue;
+        }
+        eprintln!("installing the {package} Python package (pip)");
+        let mut installed = false;
+        for extra in [&[][..], &["--break-system-packages"][..]] {
+            let ok = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", package])
+                .args(extra)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok && have() {
+                installed = true;
+                break;
+            }
+        }
+        if !installed {
+            bail!(
+                "cannot install the `{package}` Python package: run `python3 -m pip install {package}`"
+            );
         }
     }
-    bail!("cannot install the `openai` Python package: run `python3 -m pip install openai`")
+    Ok(())
 }
 
 fn fetch_model(dir: &Path) -> anyhow::Result<PathBuf> {
@@ -208,7 +224,7 @@ fn fetch_model(dir: &Path) -> anyhow::Result<PathBuf> {
 /// libtest results and the cucumber scenarios.
 fn test(extra: &[String]) -> anyhow::Result<()> {
     fetch_model(&model_dir())?;
-    ensure_openai_sdk()?;
+    ensure_python_packages()?;
     let mut child = Command::new(cargo())
         .current_dir(workspace_root())
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -624,7 +640,7 @@ impl Stack {
                  join_token_file = {}\n\
                  hive_token_file = {}\n\
                  registry_path = {}\n\n\
-                 [[client_tokens]]\nname = \"demo\"\nfile = {}\n\n\
+                 [[client_tokens]]\nname = \"demo\"\nfile = {}\nadmin = true\n\n\
                  [[models]]\nname = {}\nreference = {}\n\n\
                  [scheduling]\nheartbeat_seconds = 1\n",
                 toml_path(&join_token_file),

@@ -167,6 +167,14 @@ async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let queen = Queen::new(cfg, tokens, registry).map_err(anyhow::Error::msg)?;
+    // Hives dropped from `[[hives]]` while the queen was stopped leave the registry too.
+    let (_, removed) = queen.apply_static_hives(now_ms());
+    if !removed.is_empty() {
+        info!(
+            ?removed,
+            "hives no longer configured were removed from the registry"
+        );
+    }
     {
         let queen = queen.clone();
         tokio::spawn(async move {
@@ -196,11 +204,12 @@ async fn serve(
                             .collect();
                         queen.set_config(c);
                         *queen.tokens.write().unwrap_or_else(|e| e.into_inner()) = t;
-                        info!(clients = ?names, "SIGHUP: configuration and tokens reloaded");
+                        let (added, removed) = queen.apply_static_hives(now_ms());
+                        info!(clients = ?names, ?added, ?removed, "SIGHUP: configuration, tokens and hives reloaded");
                         queen.audit(
                             "config.reload",
                             "queen",
-                            serde_json::json!({"clients": names}),
+                            serde_json::json!({"clients": names, "hives_added": added, "hives_removed": removed}),
                         );
                     }
                     Err(e) => {
@@ -328,6 +337,13 @@ fn load_tokens(cfg: &QueenConfig, env: &EnvTokens) -> Result<Tokens, String> {
     )
     .map_err(|e| format!("join token: {e}"))?
     .map(|(t, _)| t);
+    let mut join_previous = Vec::new();
+    for f in &cfg.join_token_previous_files {
+        let t = rbee_auth::load_token_file(Path::new(f))
+            .map_err(|e| format!("join_token_previous_files `{f}`: {e}"))?;
+        info!(fingerprint = %t.fingerprint(), "previous join token still accepted");
+        join_previous.push(t);
+    }
     let hive_file = opt(&cfg.hive_token_file);
     let hive = resolve_token(
         hive_file.as_deref(),
@@ -348,6 +364,7 @@ fn load_tokens(cfg: &QueenConfig, env: &EnvTokens) -> Result<Tokens, String> {
     Ok(Tokens {
         clients,
         join,
+        join_previous,
         hive,
         per_hive,
     })

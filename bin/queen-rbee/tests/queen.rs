@@ -27,6 +27,7 @@ async fn stack() -> Stack {
                 ("RBEE_QUEEN_AUDIT_LOG".into(), logs.join("audit.jsonl").display().to_string()),
             ],
             clients: vec![("alice".into(), CLIENT.into())],
+            admins: vec!["alice".into()],
             join_token: Some(JOIN.into()),
             hive_token: Some(HIVE.into()),
             config_tail: "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n".into(),
@@ -47,7 +48,7 @@ async fn stack() -> Stack {
     .await
     .unwrap();
     queen
-        .wait_hives_up(&reqwest::Client::new(), CLIENT, 1)
+        .wait_hives_up(&reqwest::Client::new(), 1)
         .await
         .unwrap();
     Stack { queen, hive }
@@ -322,6 +323,7 @@ fn free_port() -> u16 {
 fn queen_options(registry: Option<std::path::PathBuf>, tail: &str) -> QueenOptions {
     QueenOptions {
         clients: vec![("alice".into(), CLIENT.into())],
+        admins: vec!["alice".into()],
         join_token: Some(JOIN.into()),
         hive_token: Some(HIVE.into()),
         config_tail: format!(
@@ -353,7 +355,7 @@ async fn a_dead_hive_leaves_routing_and_requests_go_to_the_other() {
     let a = hive_for(&queen.base_url, "hive-a", &[]).await;
     let b = hive_for(&queen.base_url, "hive-b", &[]).await;
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 2).await.unwrap();
+    queen.wait_hives_up(&c, 2).await.unwrap();
     let first = chat(&c, &queen, CLIENT, 4).await;
     assert_eq!(first.status(), 200);
     let workers: Value = c
@@ -418,7 +420,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-r", &[]).await;
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     assert_eq!(chat(&c, &queen, CLIENT, 2).await.status(), 200);
     queen.signal(libc::SIGTERM);
     assert!(
@@ -442,7 +444,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
         .await
         .unwrap();
     assert_eq!(h["id"], "hive-r", "{h}");
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     let resp = chat(&c, &queen, CLIENT, 2).await;
     assert_eq!(resp.status(), 200);
     drop(hive);
@@ -458,7 +460,7 @@ async fn overflow_is_refused_with_retry_after_and_nothing_is_lost() {
     .unwrap();
     let hive = hive_for(&queen.base_url, "hive-q", &[("WORKERS__MAX_WORKERS", "1")]).await;
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     // Warm the one worker up.
     assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
     let mut tasks = Vec::new();
@@ -515,7 +517,7 @@ async fn sighup_rotates_client_tokens_without_dropping_a_request() {
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-t", &[]).await;
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
     // A long stream in flight while the token changes.
     let resp = c
@@ -639,7 +641,7 @@ async fn a_client_over_its_concurrency_limit_gets_429() {
     .unwrap();
     let hive = hive_for(&queen.base_url, "hive-l", &[]).await;
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     let bob = "bob-token-0123456789abcdef";
     let resp = c
         .post(queen.url("/v1/inference"))
@@ -651,6 +653,23 @@ async fn a_client_over_its_concurrency_limit_gets_429() {
     assert_eq!(resp.status(), 200);
     let mut reader = SseReader::new(resp);
     reader.next().await.unwrap();
+    // bob's token is not an admin token: the admin routes answer 403, alice's 200.
+    let forbidden = c
+        .get(queen.url("/v1/admin/hives"))
+        .bearer_auth(bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 403);
+    let body: Value = forbidden.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "FORBIDDEN", "{body}");
+    let allowed = c
+        .get(queen.url("/v1/admin/hives"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 200);
     let second = chat(&c, &queen, bob, 2).await;
     assert_eq!(second.status(), 429);
     assert!(second.headers().get("retry-after").is_some());
@@ -714,7 +733,7 @@ async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-s", &[]).await;
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     let resp = c
         .post(queen.url("/v1/inference"))
         .bearer_auth(CLIENT)
@@ -779,7 +798,7 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     .await
     .unwrap();
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     // The shared hive token (HIVE) would be refused by this hive; its own one works.
     let resp = chat(&c, &queen, CLIENT, 2).await;
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
@@ -861,7 +880,7 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-c", &[("WORKERS__MAX_WORKERS", "1")]).await;
     let c = reqwest::Client::new();
-    queen.wait_hives_up(&c, CLIENT, 1).await.unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
     assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
     let long = json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 200, "temperature": 0});
     let resp = c
@@ -903,4 +922,187 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
     let rest = busy.collect().await.unwrap();
     assert_eq!(end_event(&rest).unwrap()["completion_tokens"], 200);
     drop(hive);
+}
+
+#[tokio::test]
+async fn waiting_requests_are_served_in_arrival_order() {
+    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+        .await
+        .unwrap();
+    // One worker at most, so every request after the first waits for it.
+    let hive = hive_for(&queen.base_url, "hive-f", &[("WORKERS__MAX_WORKERS", "1")]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, 1).await.unwrap();
+    assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
+    let resp = c
+        .post(queen.url("/v1/inference"))
+        .bearer_auth(CLIENT)
+        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 120, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let mut holder = SseReader::new(resp);
+    holder.next().await.unwrap();
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (c, order, url) = (c.clone(), order.clone(), queen.url("/v1/chat/completions"));
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .bearer_auth(CLIENT)
+                .json(
+                    &json!({"model": "smollm2", "max_tokens": 3, "temperature": 0,
+                              "messages": [{"role": "user", "content": "Say hi."}]}),
+                )
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let _ = r.bytes().await;
+            order.lock().unwrap().push(i);
+            status
+        }));
+        // Arrivals well apart, all while the worker is still held.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let rest = holder.collect().await.unwrap();
+    assert!(end_event(&rest).is_some(), "{rest:?}");
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+    drop(hive);
+}
+
+/// Polls `check` every 50 ms until it holds (10 s at most).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() {
+    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let config = queen.dir.join("queen.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let old_join = "old-join-token-0123456789abcdef";
+    let old_file = rbee_test_harness::write_token_file(&queen.dir.join("old-join"), old_join);
+    // Rotation step 1: the old join token stays accepted next to the new one; a configured
+    // hive appears; /metrics needs a client token.
+    std::fs::write(
+        &config,
+        format!(
+            "join_token_previous_files = [{:?}]\nmetrics_require_token = true\n{original}\n[[hives]]\nid = \"hive-static\"\nurl = \"http://127.0.0.1:9\"\n",
+            old_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    queen.signal(libc::SIGHUP);
+    let c = reqwest::Client::new();
+    eventually("/metrics needs a token after the reload", || async {
+        c.get(queen.url("/metrics")).send().await.unwrap().status() == 401
+    })
+    .await;
+    let scraped = c
+        .get(queen.url("/metrics"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraped.status(), 200);
+    let h: Value = c
+        .get(queen.url("/v1/admin/hives/hive-static"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["state"], "down", "{h}");
+    // A hive still holding the old join token joins.
+    let hive = HiveProcess::start(
+        HiveOptions::default()
+            .token(HIVE)
+            .env("QUEEN__URL", &queen.base_url)
+            .env("QUEEN__HEARTBEAT_SECONDS", 1)
+            .env("HIVE_ID", "hive-old-join")
+            .env("JOIN_TOKEN", old_join),
+    )
+    .await
+    .unwrap();
+    queen.wait_hives_up(&c, 1).await.unwrap();
+    // Step 2: the old token is retired and the configured hive dropped.
+    std::fs::write(&config, &original).unwrap();
+    queen.signal(libc::SIGHUP);
+    eventually("the configured hive is removed", || async {
+        c.get(queen.url("/v1/admin/hives/hive-static"))
+            .bearer_auth(CLIENT)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 404
+    })
+    .await;
+    assert_eq!(
+        c.get(queen.url("/metrics")).send().await.unwrap().status(),
+        200
+    );
+    // The old token's heartbeats are refused now: the hive goes down after 3 missed beats.
+    eventually(
+        "the hive with the retired join token leaves routing",
+        || async {
+            let v: Value = c
+                .get(queen.url("/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["hives_up"] == 0
+        },
+    )
+    .await;
+    drop(hive);
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_and_validates() {
+    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let resp = reqwest::get(queen.url("/openapi.json")).await.unwrap();
+    assert_eq!(resp.status(), 200, "public, like /health");
+    let doc: Value = resp.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (method, path, public) in rbee_queen_core::api::router_routes() {
+        let op = &doc["paths"][path][method.to_ascii_lowercase()];
+        assert!(op.is_object(), "{method} {path} is missing");
+        assert_eq!(op["security"] == json!([]), public, "{method} {path}");
+    }
+    let file = queen.dir.join("openapi.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&file)
+        .output()
+        .expect("python3 with openapi-spec-validator (cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

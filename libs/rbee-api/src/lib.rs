@@ -18,41 +18,62 @@ pub const SSE_DONE: &str = "[DONE]";
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Stable error codes; the HTTP status is chosen by the daemon that raises them.
+/// `docs/TROUBLESHOOTING.md` explains each one (a test keeps the two in step).
 pub mod codes {
-    pub const INVALID_JSON: &str = "INVALID_JSON";
-    pub const INVALID_CONTENT_TYPE: &str = "INVALID_CONTENT_TYPE";
-    pub const INVALID_PARAMETER: &str = "INVALID_PARAMETER";
-    pub const CONTEXT_LENGTH_EXCEEDED: &str = "CONTEXT_LENGTH_EXCEEDED";
-    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
-    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
-    pub const NOT_FOUND: &str = "NOT_FOUND";
-    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
-    pub const ALL_SLOTS_BUSY: &str = "ALL_SLOTS_BUSY";
-    pub const MODEL_LOADING: &str = "MODEL_LOADING";
-    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
-    pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
-    pub const INFERENCE_FAILED: &str = "INFERENCE_FAILED";
-    pub const INTERNAL: &str = "INTERNAL";
-    pub const INSUFFICIENT_RESOURCES: &str = "INSUFFICIENT_RESOURCES";
-    pub const MODEL_NOT_FOUND: &str = "MODEL_NOT_FOUND";
-    pub const MODEL_IN_USE: &str = "MODEL_IN_USE";
-    pub const INVALID_MODEL_REF: &str = "INVALID_MODEL_REF";
-    pub const WORKER_NOT_READY: &str = "WORKER_NOT_READY";
-    pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
-    pub const QUEUE_FULL: &str = "QUEUE_FULL";
-    pub const CLIENT_LIMIT: &str = "CLIENT_LIMIT";
-    pub const CANCELLED: &str = "CANCELLED";
-    pub const NO_CAPACITY: &str = "NO_CAPACITY";
-    pub const MODEL_NOT_SERVED: &str = "MODEL_NOT_SERVED";
+    macro_rules! codes {
+        ($($name:ident),* $(,)?) => {
+            $(pub const $name: &str = stringify!($name);)*
+            /// Every code a daemon may answer with.
+            pub const ALL: &[&str] = &[$($name),*];
+        };
+    }
+    codes!(
+        INVALID_JSON,
+        INVALID_CONTENT_TYPE,
+        INVALID_PARAMETER,
+        CONTEXT_LENGTH_EXCEEDED,
+        PAYLOAD_TOO_LARGE,
+        UNAUTHORIZED,
+        FORBIDDEN,
+        NOT_FOUND,
+        METHOD_NOT_ALLOWED,
+        ALL_SLOTS_BUSY,
+        MODEL_LOADING,
+        SHUTTING_DOWN,
+        DEADLINE_EXCEEDED,
+        INFERENCE_FAILED,
+        INTERNAL,
+        INSUFFICIENT_RESOURCES,
+        MODEL_NOT_FOUND,
+        MODEL_IN_USE,
+        INVALID_MODEL_REF,
+        WORKER_NOT_READY,
+        WORKER_UNAVAILABLE,
+        QUEUE_FULL,
+        CLIENT_LIMIT,
+        CANCELLED,
+        NO_CAPACITY,
+        MODEL_NOT_SERVED,
+        OUTSIDE_MODEL_DIRS,
+        AMBIGUOUS_MODEL_FILE,
+        HUB_UNAUTHORIZED,
+        HUB_UNAVAILABLE,
+        CHECKSUM_MISMATCH,
+        INSUFFICIENT_DISK,
+        DOWNLOAD_IN_PROGRESS,
+        INVALID_GGUF,
+        INVALID_CONFIG,
+        IO,
+    );
 }
 
 /// The one error body every daemon returns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
@@ -72,7 +93,7 @@ impl ErrorBody {
 }
 
 /// One chat message. Content is plain text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
@@ -81,7 +102,7 @@ pub struct ChatMessage {
 
 /// `POST /v1/inference` on a worker. Exactly one of `prompt` and `messages` is given; every
 /// sampling field is optional and validated by the worker against its model.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,7 +130,7 @@ pub struct InferenceRequest {
 }
 
 /// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     Eos,
@@ -132,7 +153,7 @@ impl StopReason {
 }
 
 /// Where the time of one generation went, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Timings {
     /// Waiting for the engine thread.
     pub queue_ms: f64,
@@ -146,7 +167,7 @@ pub struct Timings {
 }
 
 /// One event of a worker's token stream, one per SSE `data:` line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StreamEvent {
     Started {
@@ -172,7 +193,7 @@ pub enum StreamEvent {
 }
 
 /// A GPU as a hive reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GpuInfo {
     /// `cuda:N` or `metal:0`: the device string a spawn request names.
     pub device: String,
@@ -182,7 +203,7 @@ pub struct GpuInfo {
 }
 
 /// A node's capacity, as `GET /v1/resources` and heartbeats carry it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NodeResources {
     pub cpu_cores: u32,
     pub memory_total_bytes: u64,
@@ -193,7 +214,7 @@ pub struct NodeResources {
 }
 
 /// One worker in a heartbeat.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HeartbeatWorker {
     pub id: String,
     /// The model reference the worker was spawned with.
@@ -205,7 +226,7 @@ pub struct HeartbeatWorker {
 }
 
 /// What a hive POSTs to the queen's `/v1/hives/heartbeat` every few seconds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HiveHeartbeat {
     pub hive_id: String,
     /// Where the queen reaches this hive.

@@ -102,23 +102,25 @@ pub enum ModelError {
     },
 }
 
+use rbee_api::codes;
+
 impl ModelError {
     /// Stable SCREAMING_SNAKE code for the wire.
     pub fn code(&self) -> &'static str {
         match self {
-            ModelError::InvalidModelRef { .. } => "INVALID_MODEL_REF",
-            ModelError::ModelNotFound(_) => "MODEL_NOT_FOUND",
-            ModelError::OutsideModelDirs { .. } => "OUTSIDE_MODEL_DIRS",
-            ModelError::AmbiguousModelFile { .. } => "AMBIGUOUS_MODEL_FILE",
-            ModelError::HubUnauthorized { .. } => "HUB_UNAUTHORIZED",
-            ModelError::HubUnavailable(_) => "HUB_UNAVAILABLE",
-            ModelError::ChecksumMismatch { .. } => "CHECKSUM_MISMATCH",
-            ModelError::InsufficientDisk { .. } => "INSUFFICIENT_DISK",
-            ModelError::DownloadInProgress { .. } => "DOWNLOAD_IN_PROGRESS",
-            ModelError::Cancelled => "CANCELLED",
-            ModelError::InvalidGguf { .. } => "INVALID_GGUF",
-            ModelError::InvalidConfig(_) => "INVALID_CONFIG",
-            ModelError::Io { .. } => "IO",
+            ModelError::InvalidModelRef { .. } => codes::INVALID_MODEL_REF,
+            ModelError::ModelNotFound(_) => codes::MODEL_NOT_FOUND,
+            ModelError::OutsideModelDirs { .. } => codes::OUTSIDE_MODEL_DIRS,
+            ModelError::AmbiguousModelFile { .. } => codes::AMBIGUOUS_MODEL_FILE,
+            ModelError::HubUnauthorized { .. } => codes::HUB_UNAUTHORIZED,
+            ModelError::HubUnavailable(_) => codes::HUB_UNAVAILABLE,
+            ModelError::ChecksumMismatch { .. } => codes::CHECKSUM_MISMATCH,
+            ModelError::InsufficientDisk { .. } => codes::INSUFFICIENT_DISK,
+            ModelError::DownloadInProgress { .. } => codes::DOWNLOAD_IN_PROGRESS,
+            ModelError::Cancelled => codes::CANCELLED,
+            ModelError::InvalidGguf { .. } => codes::INVALID_GGUF,
+            ModelError::InvalidConfig(_) => codes::INVALID_CONFIG,
+            ModelError::Io { .. } => codes::IO,
         }
     }
 

@@ -205,12 +205,12 @@ pub fn error_body_from_rbee(status: u16, body: &ErrorBody) -> Value {
 }
 
 /// The OpenAI error body as a type, for clients and tests that parse one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiErrorBody {
     pub error: ApiErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ApiErrorDetail {
     pub message: String,
     #[serde(rename = "type")]

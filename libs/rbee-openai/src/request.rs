@@ -54,14 +54,14 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpenAiError> {
 }
 
 /// `stream_options`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 /// `stop`: one string or several.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(untagged, expecting = "a string or an array of strings")]
 pub enum Stop {
     One(String),
@@ -79,7 +79,7 @@ impl Stop {
 }
 
 /// A message's `content`: a string, or an array of content parts.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(untagged, expecting = "a string or an array of content parts")]
 pub enum MessageContent {
     Text(String),
@@ -88,7 +88,7 @@ pub enum MessageContent {
 
 /// One content part, `{"type":"text","text":"…"}`. Other types (`image_url`, `input_audio`,
 /// `file`, …) parse, so that [`ChatCompletionRequest::to_inference`] can refuse them by name.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -97,7 +97,7 @@ pub struct ContentPart {
 }
 
 /// One entry of `messages`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 pub struct RequestMessage {
     /// `system`, `user`, `assistant`, or `developer` (served as `system`); `tool` and
     /// `function` are refused.
@@ -117,7 +117,7 @@ pub struct RequestMessage {
 }
 
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<RequestMessage>,
@@ -198,7 +198,7 @@ pub struct ChatCompletionRequest {
 
 /// The prompt of a legacy completion: OpenAI allows a string, strings, token ids, or batches of
 /// token ids; rbee serves one string (alone or as a one-element array).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(
     untagged,
     expecting = "a string, an array of strings, an array of token ids, or an array of arrays of token ids"
@@ -211,7 +211,7 @@ pub enum CompletionPrompt {
 }
 
 /// `POST /v1/completions` (legacy).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 pub struct CompletionRequest {
     pub model: String,
     /// Required by rbee (OpenAI would default to an end-of-text token).

@@ -44,7 +44,9 @@ pub enum EndpointKind {
     Completion,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -62,14 +64,14 @@ impl Usage {
 }
 
 /// `choices[].message` of a chat completion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AssistantMessage {
     pub role: String,
     pub content: String,
 }
 
 /// `choices[]` of a non-streaming chat completion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
@@ -80,7 +82,7 @@ pub struct ChatChoice {
 }
 
 /// A non-streaming chat completion, `object: "chat.completion"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatCompletion {
     pub id: String,
     pub object: String,
@@ -92,7 +94,7 @@ pub struct ChatCompletion {
 
 /// `choices[]` of a legacy completion, streamed or not. `finish_reason` is null on every chunk
 /// but the last.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompletionChoice {
     pub text: String,
     pub index: u32,
@@ -104,7 +106,7 @@ pub struct CompletionChoice {
 }
 
 /// A non-streaming legacy completion, `object: "text_completion"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Completion {
     pub id: String,
     pub object: String,
@@ -115,7 +117,7 @@ pub struct Completion {
 }
 
 /// `choices[].delta` of a chat chunk; `{}` on the last one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Delta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
@@ -124,7 +126,7 @@ pub struct Delta {
 }
 
 /// `choices[]` of a chat chunk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
@@ -138,7 +140,7 @@ pub struct ChatChunkChoice {
 /// One streamed chunk: `object` is `"chat.completion.chunk"` with [`ChatChunkChoice`]s or
 /// `"text_completion"` with [`CompletionChoice`]s. `usage` is present only on the usage chunk
 /// (whose `choices` is empty).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Chunk<C> {
     pub id: String,
     pub object: String,
@@ -153,7 +155,7 @@ pub type ChatCompletionChunk = Chunk<ChatChunkChoice>;
 pub type CompletionChunk = Chunk<CompletionChoice>;
 
 /// `GET /v1/models`: `{"object":"list","data":[…]}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelList {
     pub object: String,
     pub data: Vec<ModelCard>,
@@ -170,7 +172,7 @@ impl ModelList {
 
 /// One model of `GET /v1/models`. `rbee` is free for the queen to fill, e.g.
 /// `{"state":"loaded"|"on_disk"|"configured","hives":[…]}`; it is left out when `None`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelCard {
     pub id: String,
     pub object: String,

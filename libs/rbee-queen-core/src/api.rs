@@ -44,6 +44,7 @@ fn routes() -> Vec<Route<Shared>> {
     vec![
         r("GET", "/health", true, get(health)),
         r("GET", "/metrics", true, get(metrics)),
+        r("GET", "/openapi.json", true, get(openapi)),
         r(
             "POST",
             "/v1/chat/completions",
@@ -141,16 +142,8 @@ async fn require_token(
     let presented = presented_bearer(req.headers()).map(str::to_owned);
     let path = req.uri().path().to_owned();
     let name = if path == "/v1/hives/heartbeat" {
-        match &tokens.join {
-            // Without a join token heartbeats are open only in dev mode (no client tokens
-            // either); otherwise anyone could join a hive and receive prompts.
-            None if tokens.clients.is_empty() => Some("dev".to_owned()),
-            None => None,
-            Some(t) => presented
-                .as_deref()
-                .filter(|p| t.matches(p))
-                .map(|_| "hive".to_owned()),
-        }
+        q.join_allowed(presented.as_deref())
+            .then(|| "hive".to_owned())
     } else if tokens.clients.is_empty() {
         Some("dev".to_owned())
     } else {
@@ -175,6 +168,24 @@ async fn require_token(
             &rid.0,
         );
     };
+    if path.starts_with("/v1/admin/") && !q.is_admin(&name) {
+        q.metrics.auth_failures.inc(&[]);
+        warn!(%path, client = %name, "a client token without `admin` asked for an admin route");
+        q.audit(
+            "auth.forbidden",
+            &name,
+            json!({"path": path, "request_id": rid.0}),
+        );
+        return error(
+            StatusCode::FORBIDDEN,
+            codes::FORBIDDEN,
+            &format!(
+                "client `{name}` may not use the admin routes (set `admin = true` on its token)"
+            ),
+            None,
+            &rid.0,
+        );
+    }
     req.extensions_mut().insert(ClientName(name));
     next.run(req).await
 }
@@ -195,7 +206,38 @@ async fn health(State(q): State<Shared>) -> Response {
     .into_response()
 }
 
-async fn metrics(State(q): State<Shared>) -> Response {
+async fn openapi() -> Response {
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    Json(
+        DOC.get_or_init(|| crate::openapi::document(&router_routes()))
+            .clone(),
+    )
+    .into_response()
+}
+
+async fn metrics(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+) -> Response {
+    // Public unless `metrics_require_token`; then any client token opens it.
+    if q.config().metrics_require_token {
+        let tokens = q.tokens();
+        if !tokens.clients.is_empty()
+            && presented_bearer(&headers)
+                .and_then(|p| tokens.clients.verify(p))
+                .is_none()
+        {
+            q.metrics.auth_failures.inc(&[]);
+            return error(
+                StatusCode::UNAUTHORIZED,
+                codes::UNAUTHORIZED,
+                "a valid `Authorization: Bearer <token>` header is required",
+                None,
+                &rid.0,
+            );
+        }
+    }
     (
         [(header::CONTENT_TYPE, rbee_metrics::CONTENT_TYPE)],
         q.metrics.registry.render(),
@@ -261,25 +303,17 @@ async fn begin(
         .map_err(|e| Box::new(api_error(e, rid)))
 }
 
-fn body_or_error(body: Result<Bytes, BytesRejection>, rid: &str) -> Result<Bytes, Box<Response>> {
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
-        Box::new(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            error(
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 codes::PAYLOAD_TOO_LARGE,
-                &format!("request body over {MAX_BODY_BYTES} bytes"),
-                None,
-                rid,
+                format!("request body over {MAX_BODY_BYTES} bytes"),
             )
         } else {
-            error(
-                StatusCode::BAD_REQUEST,
-                codes::INVALID_JSON,
-                &e.body_text(),
-                None,
-                rid,
-            )
-        })
+            ApiError::bad_request(codes::INVALID_JSON, e.body_text())
+        }
     })
 }
 
@@ -506,9 +540,12 @@ async fn openai_route(
         EndpointKind::Chat => "/v1/chat/completions",
         EndpointKind::Completion => "/v1/completions",
     };
-    let body = match body_or_error(body, &rid.0) {
+    let body = match body_or_error(body) {
         Ok(b) => b,
-        Err(r) => return early(&q, route, &client.0, "INVALID_REQUEST", *r),
+        Err(e) => {
+            let code = e.code;
+            return early(&q, route, &client.0, code, api_error(e, &rid.0));
+        }
     };
     let call = match parse_openai(kind, &body) {
         Ok(c) => c,
@@ -629,31 +666,42 @@ async fn native_inference(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let accepted = Instant::now();
-    let body = match body_or_error(body, &rid.0) {
+    let body = match body_or_error(body) {
         Ok(b) => b,
-        Err(r) => return early(&q, "/v1/inference", &client.0, "INVALID_REQUEST", *r),
+        Err(e) => {
+            let code = e.code;
+            return early(&q, "/v1/inference", &client.0, code, api_error(e, &rid.0));
+        }
     };
     let mut value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return error(
+            let resp = error(
                 StatusCode::BAD_REQUEST,
                 codes::INVALID_JSON,
                 &format!("invalid request body: {e}"),
                 None,
                 &rid.0,
             );
+            return early(&q, "/v1/inference", &client.0, codes::INVALID_JSON, resp);
         }
     };
     let model = match value.as_object_mut().and_then(|o| o.remove("model")) {
         Some(Value::String(m)) if !m.is_empty() => m,
         _ => {
-            return error(
+            let resp = error(
                 StatusCode::BAD_REQUEST,
                 codes::INVALID_PARAMETER,
                 "`model` (a string) is required",
                 Some("model"),
                 &rid.0,
+            );
+            return early(
+                &q,
+                "/v1/inference",
+                &client.0,
+                codes::INVALID_PARAMETER,
+                resp,
             );
         }
     };
@@ -769,9 +817,9 @@ async fn heartbeat(
     Extension(rid): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body, &rid.0) {
+    let body = match body_or_error(body) {
         Ok(b) => b,
-        Err(r) => return *r,
+        Err(e) => return api_error(e, &rid.0),
     };
     let hb: HiveHeartbeat = match rbee_http::parse_json(&body) {
         Ok(h) => h,
@@ -876,9 +924,9 @@ fn hive_url(q: &Queen, id: &str, rid: &str) -> Result<String, Box<Response>> {
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct AdminSpawn {
+pub(crate) struct AdminSpawn {
     /// A model name clients use, or a hive model reference.
     model: String,
     /// The hive to run it on; default: the best hive, as for a request.
@@ -893,9 +941,9 @@ async fn admin_spawn(
     Extension(client): Extension<ClientName>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body, &rid.0) {
+    let body = match body_or_error(body) {
         Ok(b) => b,
-        Err(r) => return *r,
+        Err(e) => return api_error(e, &rid.0),
     };
     let req: AdminSpawn = match rbee_http::parse_json(&body) {
         Ok(r) => r,
@@ -999,9 +1047,9 @@ async fn admin_models(State(q): State<Shared>) -> Response {
     Json(json!({"models": models})).into_response()
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct AdminPull {
+pub(crate) struct AdminPull {
     /// `hf:org/repo[:file]`.
     model: String,
     hive: String,
@@ -1013,9 +1061,9 @@ async fn admin_pull(
     Extension(client): Extension<ClientName>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body, &rid.0) {
+    let body = match body_or_error(body) {
         Ok(b) => b,
-        Err(r) => return *r,
+        Err(e) => return api_error(e, &rid.0),
     };
     let req: AdminPull = match rbee_http::parse_json(&body) {
         Ok(r) => r,

@@ -18,6 +18,9 @@ pub struct QueenConfig {
     /// Token hives present in their heartbeats. Empty: `$CREDENTIALS_DIRECTORY/join-token`,
     /// then `RBEE_QUEEN_JOIN_TOKEN`.
     pub join_token_file: String,
+    /// Older join tokens still accepted while hives move to the new one (rotation: add the
+    /// new file above, list the old one here, SIGHUP; later drop it and SIGHUP again).
+    pub join_token_previous_files: Vec<String>,
     /// Token the queen presents to hives. Empty: `$CREDENTIALS_DIRECTORY/hive-token`, then
     /// `RBEE_QUEEN_HIVE_TOKEN`.
     pub hive_token_file: String,
@@ -32,6 +35,8 @@ pub struct QueenConfig {
     pub usage_log: String,
     pub log_level: String,
     pub log_format: String,
+    /// Require a client token on `/metrics` too (any client token; default: open).
+    pub metrics_require_token: bool,
     /// Hives known without a heartbeat (they still must heartbeat to be routed to).
     pub hives: Vec<StaticHive>,
     /// Model names clients may use, each mapped to a model reference on the hives.
@@ -48,6 +53,9 @@ pub struct ClientToken {
     /// Most requests this client may have in flight at once (absent: no limit); more get 429.
     #[serde(default)]
     pub max_concurrent: Option<u32>,
+    /// May use the `/v1/admin/*` routes (hives, workers, model pulls). Default: no.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +98,7 @@ impl Default for QueenConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7833)),
             client_tokens: Vec::new(),
             join_token_file: String::new(),
+            join_token_previous_files: Vec::new(),
             hive_token_file: String::new(),
             registry_path: String::new(),
             audit_log: String::new(),
@@ -97,6 +106,7 @@ impl Default for QueenConfig {
             usage_log: String::new(),
             log_level: "info".into(),
             log_format: "text".into(),
+            metrics_require_token: false,
             hives: Vec::new(),
             models: Vec::new(),
             scheduling: SchedulingConfig::default(),
@@ -155,9 +165,27 @@ impl Validate for QueenConfig {
                 ));
             }
         }
+        let mut hive_ids = std::collections::BTreeSet::new();
         for (i, h) in self.hives.iter().enumerate() {
+            if !rbee_http::valid_request_id(&h.id) {
+                e.push(err(
+                    &format!("hives[{i}].id"),
+                    "use 1-128 letters, digits, `-`, `_`, `.` or `:`",
+                ));
+            }
+            if !hive_ids.insert(h.id.clone()) {
+                e.push(err(&format!("hives[{i}].id"), "ids must be unique"));
+            }
             if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
                 e.push(err(&format!("hives[{i}].url"), "must be an http(s) URL"));
+            }
+        }
+        for (i, f) in self.join_token_previous_files.iter().enumerate() {
+            if f.is_empty() {
+                e.push(err(
+                    &format!("join_token_previous_files[{i}]"),
+                    "must name a token file",
+                ));
             }
         }
         let s = &self.scheduling;

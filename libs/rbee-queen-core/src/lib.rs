@@ -4,11 +4,13 @@
 //!
 //! - [`config`]: [`config::QueenConfig`] for the shared loader.
 //! - [`queen`]: state, scheduling and leases; [`relay`]: one request's trip down the chain.
-//! - [`api`]: routes and handlers; [`metrics`].
+//! - [`api`]: routes and handlers; [`metrics`]; [`openapi`]: the API document built from the
+//!   route table.
 
 pub mod api;
 pub mod config;
 pub mod metrics;
+pub mod openapi;
 pub mod queen;
 pub mod relay;
 pub mod usage;

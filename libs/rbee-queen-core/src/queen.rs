@@ -24,6 +24,8 @@ pub struct Tokens {
     pub clients: TokenSet,
     /// What hives present in heartbeats.
     pub join: Option<Token>,
+    /// Older join tokens still accepted during a rotation.
+    pub join_previous: Vec<Token>,
     /// What the queen presents to hives.
     pub hive: Option<Token>,
     /// Hive-specific tokens (`[[hives]] token_file`), by hive id.
@@ -71,10 +73,15 @@ pub struct Queen {
     queued: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
     /// Requests in flight per client token name.
     per_client: Mutex<HashMap<String, u32>>,
-    /// Requests waiting per model reference.
-    waiting: Mutex<HashMap<String, u32>>,
+    /// Requests waiting per model reference, oldest first: a freed worker goes to the first
+    /// one that can take it.
+    waiting: Mutex<HashMap<String, Vec<Waiter>>>,
     /// After every hive refused a spawn for a model, no new try before this instant.
     spawn_refused_until: Mutex<HashMap<String, Instant>>,
+    /// A hive that refused or failed a spawn for a model ranks last for it until this instant.
+    hive_spawn_failed: Mutex<HashMap<(String, String), Instant>>,
+    /// Arrival order of waiting requests.
+    next_ticket: std::sync::atomic::AtomicU64,
     freed: Notify,
     /// Recent request durations, for `Retry-After`.
     recent: Mutex<Vec<f64>>,
@@ -125,6 +132,8 @@ impl Queen {
             spawned_ready: Mutex::new(Vec::new()),
             worker_series: Mutex::new(Default::default()),
             spawn_refused_until: Mutex::new(HashMap::new()),
+            hive_spawn_failed: Mutex::new(HashMap::new()),
+            next_ticket: std::sync::atomic::AtomicU64::new(0),
             freed: Notify::new(),
             recent: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -249,6 +258,57 @@ impl Queen {
         out.into_iter().map(|(k, (s, w))| (k, s, w)).collect()
     }
 
+    /// Whether a heartbeat may present `presented`: the join token or one being retired.
+    /// Without a join token heartbeats are open only in dev mode (no client tokens either);
+    /// otherwise anyone could join a hive and receive prompts.
+    pub fn join_allowed(&self, presented: Option<&str>) -> bool {
+        let t = self.tokens();
+        match &t.join {
+            None => t.clients.is_empty(),
+            Some(join) => presented.is_some_and(|p| {
+                join.matches(p) || t.join_previous.iter().any(|old| old.matches(p))
+            }),
+        }
+    }
+
+    /// Whether the client token `name` may use the admin routes: tokens marked `admin`, the
+    /// single operator's `RBEE_QUEEN_CLIENT_TOKEN` (`env`) and dev mode (`dev`).
+    pub fn is_admin(&self, name: &str) -> bool {
+        matches!(name, "env" | "dev")
+            || self
+                .config()
+                .client_tokens
+                .iter()
+                .any(|t| t.name == name && t.admin)
+    }
+
+    /// Brings the registry in line with `[[hives]]` after a reload: new entries are added,
+    /// changed URLs applied, and configured hives no longer listed removed. Returns the ids
+    /// added and removed.
+    pub fn apply_static_hives(&self, now_ms: i64) -> (Vec<String>, Vec<String>) {
+        let cfg = self.config();
+        let before = self.registry.list().unwrap_or_default();
+        let mut added = Vec::new();
+        for h in &cfg.hives {
+            if !before.iter().any(|r| r.id == h.id) {
+                added.push(h.id.clone());
+            }
+            if let Err(e) = self.registry.add_static(&h.id, &h.url, now_ms) {
+                warn!(hive = %h.id, error = %e, "hives: entry not applied");
+            }
+        }
+        let mut removed = Vec::new();
+        for r in before {
+            if r.source == rbee_registry::HiveSource::Config
+                && !cfg.hives.iter().any(|h| h.id == r.id)
+                && self.registry.remove(&r.id).unwrap_or(false)
+            {
+                removed.push(r.id);
+            }
+        }
+        (added, removed)
+    }
+
     /// The token for `hive_id`: its own from the config, else the shared hive token.
     fn hive_token(&self, hive_id: &str) -> Option<Token> {
         let t = self.tokens();
@@ -341,12 +401,17 @@ impl Queen {
         // being spawned by spawn_wait_seconds; both by the request's deadline.
         let queue_deadline = add_secs(now, cfg.queue_wait_seconds);
         let spawn_deadline = add_secs(now, cfg.spawn_wait_seconds);
+        // Request ids come from clients and may repeat; the queue keeps its own order.
+        let ticket = self
+            .next_ticket
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ahead = {
             let mut w = lock(&self.waiting);
-            let n = w.entry(model_ref.to_owned()).or_insert(0);
-            if *n >= cfg.queue_length {
+            let queue = w.entry(model_ref.to_owned()).or_default();
+            let n = queue.len() as u32;
+            if n >= cfg.queue_length {
                 let ready = self.ready_workers(model_ref).len();
-                let retry = self.retry_after(ready, *n);
+                let retry = self.retry_after(ready, n);
                 self.metrics.queue_rejections.inc(&["full"]);
                 return Err(ApiError {
                     retry_after: Some(retry),
@@ -354,15 +419,17 @@ impl Queen {
                         StatusCode::TOO_MANY_REQUESTS,
                         codes::QUEUE_FULL,
                         format!(
-                            "{} requests are already waiting for `{model_ref}`; retry in {retry} s",
-                            *n
+                            "{n} requests are already waiting for `{model_ref}`; retry in {retry} s",
                         ),
                     )
                 });
             }
-            *n += 1;
-            self.metrics.queue_depth.set(&[model_ref], f64::from(*n));
-            *n - 1
+            queue.push(Waiter {
+                ticket,
+                avoid: avoid.map(|(h, w)| (h.to_owned(), w.to_owned())),
+            });
+            self.metrics.queue_depth.set(&[model_ref], f64::from(n + 1));
+            n
         };
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         lock(&self.queued).insert(request_id.to_owned(), cancelled.clone());
@@ -370,13 +437,14 @@ impl Queen {
             queen: self.clone(),
             model: model_ref.to_owned(),
             request_id: request_id.to_owned(),
+            ticket,
         };
         let t0 = Instant::now();
         let mut spawned = false;
         let mut spawn_started: Option<Instant> = None;
         loop {
             let freed = self.freed.notified();
-            if let Some((hive, worker)) = self.pick(model_ref, avoid) {
+            if let Some((hive, worker)) = self.pick(model_ref, avoid, ticket) {
                 let waited = t0.elapsed().as_secs_f64();
                 self.metrics.queue_wait.observe(&[], waited);
                 self.metrics.stage.observe(&["schedule"], waited);
@@ -532,14 +600,40 @@ impl Queen {
     }
 
     /// The idle ready worker on the least-used hive (stable tie-break: hive id, worker id),
-    /// marked busy.
-    fn pick(&self, model_ref: &str, avoid: Option<(&str, &str)>) -> Option<(HiveRecord, String)> {
+    /// marked busy. First come, first served: a worker that a request waiting longer could
+    /// take is left to it.
+    fn pick(
+        &self,
+        model_ref: &str,
+        avoid: Option<(&str, &str)>,
+        ticket: u64,
+    ) -> Option<(HiveRecord, String)> {
+        let waiting = lock(&self.waiting);
+        let ahead: Vec<Waiter> = waiting
+            .get(model_ref)
+            .map(|q| {
+                q.iter()
+                    .take_while(|w| w.ticket != ticket)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(waiting);
         let mut busy = lock(&self.busy);
         let mut candidates: Vec<(usize, HiveRecord, String)> = self
             .ready_workers(model_ref)
             .into_iter()
             .filter(|(h, w)| !busy.contains(&(h.id.clone(), w.id.clone())))
             .filter(|(h, w)| !avoided(avoid, &h.id, &w.id))
+            .filter(|(h, w)| {
+                ahead.iter().all(|earlier| {
+                    let a = earlier
+                        .avoid
+                        .as_ref()
+                        .map(|(h, w)| (h.as_str(), w.as_str()));
+                    avoided(a, &h.id, &w.id)
+                })
+            })
             .map(|(h, w)| {
                 let load = busy.iter().filter(|(hid, _)| *hid == h.id).count();
                 (load, h, w.id)
@@ -568,11 +662,18 @@ impl Queen {
             .filter(|h| h.heartbeat.is_some())
             .collect();
         hives.sort_by_key(|h| {
+            let recently_failed = self.spawn_failed_recently(&h.id, model_ref);
             let hb = h.heartbeat.as_ref();
             let on_disk = hb.is_some_and(|b| b.models.iter().any(|m| m == model_ref));
             let free = hb.map_or(0, |b| b.resources.memory_available_bytes);
             let workers = hb.map_or(0, |b| b.workers.len());
-            (!on_disk, std::cmp::Reverse(free), workers, h.id.clone())
+            (
+                recently_failed,
+                !on_disk,
+                std::cmp::Reverse(free),
+                workers,
+                h.id.clone(),
+            )
         });
         hives
     }
@@ -619,6 +720,7 @@ impl Queen {
                 Err(e) => last = format!("hive {} unreachable: {e}", h.id),
             }
             warn!("{last}");
+            self.spawn_failed_on(&h.id, model_ref);
         }
         // Room appears when a running request finishes somewhere.
         let retry = self.retry_after(self.ready_workers(model_ref).len(), 0);
@@ -674,12 +776,34 @@ impl Queen {
                     "a spawned worker did not come up"
                 );
                 lock(&self.pending).remove(model_ref);
-                lock(&self.spawn_refused_until).insert(
-                    model_ref.to_owned(),
-                    Instant::now() + SPAWN_RETRY_AFTER_REFUSAL,
-                );
+                self.spawn_failed_on(hive_id, model_ref);
+                // The next try goes to another hive at once; once every hive failed, wait.
+                if self
+                    .ranked_hives(model_ref)
+                    .iter()
+                    .all(|h| self.spawn_failed_recently(&h.id, model_ref))
+                {
+                    lock(&self.spawn_refused_until).insert(
+                        model_ref.to_owned(),
+                        Instant::now() + SPAWN_RETRY_AFTER_REFUSAL,
+                    );
+                }
             }
         }
+    }
+
+    fn spawn_failed_recently(&self, hive_id: &str, model_ref: &str) -> bool {
+        lock(&self.hive_spawn_failed)
+            .get(&(hive_id.to_owned(), model_ref.to_owned()))
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// Ranks `hive_id` last for `model_ref` for a while, so the next spawn tries the others.
+    fn spawn_failed_on(&self, hive_id: &str, model_ref: &str) {
+        lock(&self.hive_spawn_failed).insert(
+            (hive_id.to_owned(), model_ref.to_owned()),
+            Instant::now() + HIVE_SPAWN_COOLDOWN,
+        );
     }
 
     /// Applies a heartbeat (from the API handler, after the join token was checked).
@@ -774,6 +898,17 @@ fn add_secs(now: Instant, secs: u64) -> Instant {
 /// How long the queen waits before asking hives again for a worker they just refused.
 const SPAWN_RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(5);
 
+/// How long a hive that failed to start a worker for a model ranks last for that model.
+const HIVE_SPAWN_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// A request waiting for a worker, in arrival order.
+#[derive(Clone)]
+struct Waiter {
+    ticket: u64,
+    /// The worker (or `*`: whole hive) a retry must not use.
+    avoid: Option<(String, String)>,
+}
+
 fn info_outcome(hb: &HiveHeartbeat, outcome: &rbee_registry::BeatOutcome) {
     match outcome {
         rbee_registry::BeatOutcome::Joined => {
@@ -802,18 +937,21 @@ struct WaitGuard {
     queen: Arc<Queen>,
     model: String,
     request_id: String,
+    ticket: u64,
 }
 
 impl Drop for WaitGuard {
     fn drop(&mut self) {
         lock(&self.queen.queued).remove(&self.request_id);
-        if let Some(n) = lock(&self.queen.waiting).get_mut(&self.model) {
-            *n = n.saturating_sub(1);
+        if let Some(q) = lock(&self.queen.waiting).get_mut(&self.model) {
+            q.retain(|w| w.ticket != self.ticket);
             self.queen
                 .metrics
                 .queue_depth
-                .set(&[&self.model], f64::from(*n));
+                .set(&[&self.model], q.len() as f64);
         }
+        // The next in line may take what this request leaves.
+        self.queen.freed.notify_waiters();
     }
 }
 
@@ -838,5 +976,46 @@ fn model_state(hives: &[HiveRecord], reference: &str) -> (&'static str, Vec<Stri
         ("on_disk", on_disk)
     } else {
         ("configured", Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rbee_api::NodeResources;
+
+    fn beat(id: &str, free: u64) -> HiveHeartbeat {
+        HiveHeartbeat {
+            hive_id: id.into(),
+            url: format!("http://127.0.0.1:1/{id}"),
+            version: "test".into(),
+            resources: NodeResources {
+                cpu_cores: 2,
+                memory_total_bytes: 8 << 30,
+                memory_available_bytes: free,
+                gpus: Vec::new(),
+                model_disk_free_bytes: 1 << 30,
+            },
+            workers: Vec::new(),
+            models: vec!["file:m.gguf".into()],
+            model_sha256: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_hive_that_failed_a_spawn_ranks_last_for_that_model_only() {
+        let queen = Queen::new(
+            QueenConfig::default(),
+            Tokens::default(),
+            Registry::open_in_memory().unwrap(),
+        )
+        .unwrap();
+        queen.heartbeat(&beat("roomy", 6 << 30)).unwrap();
+        queen.heartbeat(&beat("tight", 2 << 30)).unwrap();
+        assert_eq!(queen.best_hive("file:m.gguf").as_deref(), Some("roomy"));
+        queen.spawn_failed_on("roomy", "file:m.gguf");
+        assert_eq!(queen.best_hive("file:m.gguf").as_deref(), Some("tight"));
+        assert_eq!(queen.best_hive("file:other.gguf").as_deref(), Some("roomy"));
     }
 }
