@@ -467,6 +467,8 @@ pub struct HiveOptions {
     pub model_dirs: Vec<PathBuf>,
     /// Worker binary; default: this workspace's `llm-worker-rbee`.
     pub worker_binary: Option<PathBuf>,
+    /// Hive binary; default: this workspace's `rbee-hive`.
+    pub binary: Option<PathBuf>,
     /// Extra `RBEE_HIVE_*` (or other) environment.
     pub env: Vec<(String, String)>,
     pub extra_args: Vec<String>,
@@ -481,6 +483,7 @@ impl Default for HiveOptions {
             token: None,
             model_dirs: vec![model.parent().unwrap().to_path_buf()],
             worker_binary: None,
+            binary: None,
             env: Vec::new(),
             extra_args: Vec::new(),
             config_tables: String::new(),
@@ -559,7 +562,11 @@ impl HiveProcess {
         toml.push_str(&opts.config_tables);
         let config_path = dir.join("hive.toml");
         std::fs::write(&config_path, toml)?;
-        let mut cmd = Command::new(workspace_binary("rbee-hive"));
+        let binary = opts
+            .binary
+            .clone()
+            .unwrap_or_else(|| workspace_binary("rbee-hive"));
+        let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(&config_path)
             .args(&opts.extra_args)
@@ -778,6 +785,8 @@ pub struct QueenOptions {
     pub env: Vec<(String, String)>,
     /// Keep the registry in this SQLite file (default: a fresh one in the queen's directory).
     pub registry_path: Option<PathBuf>,
+    /// Queen binary; default: this workspace's `queen-rbee`.
+    pub binary: Option<PathBuf>,
 }
 
 /// A running `queen-rbee`; killed when dropped.
@@ -838,7 +847,11 @@ impl QueenProcess {
         toml.push_str(&opts.config_tail);
         let config = dir.join("queen.toml");
         std::fs::write(&config, toml)?;
-        let mut cmd = Command::new(workspace_binary("queen-rbee"));
+        let binary = opts
+            .binary
+            .clone()
+            .unwrap_or_else(|| workspace_binary("queen-rbee"));
+        let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(&config)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))

@@ -572,14 +572,18 @@ async fn download_events(
     let Some(d) = hive.downloads.get(&id) else {
         return err(&rid, ApiError::not_found(format!("no download `{id}`")));
     };
-    let mut finished = false;
-    let events = WatchStream::new(d.progress.clone())
-        .take_while(move |p| {
-            let go = !finished;
-            finished = is_finished(p);
-            futures_util::future::ready(go)
-        })
-        .map(|p| Ok::<_, Infallible>(json_event(&p)));
+    // The stream ends right after the first finished state (no further change would come).
+    let events = futures_util::stream::unfold(
+        (WatchStream::new(d.progress.clone()), false),
+        |(mut updates, done)| async move {
+            if done {
+                return None;
+            }
+            let p = updates.next().await?;
+            let finished = is_finished(&p);
+            Some((Ok::<_, Infallible>(json_event(&p)), (updates, finished)))
+        },
+    );
     sse(events)
 }
 

@@ -133,7 +133,7 @@ impl Catalog {
                 };
                 out.push(ModelEntry {
                     id: model_id(index, rel, &path),
-                    reference: reference_for(index, dir, rel),
+                    reference: reference_for(&self.dirs[..index], dir, rel),
                     bytes: meta.len(),
                     modified: meta
                         .modified()
@@ -185,13 +185,19 @@ impl Catalog {
         Ok(canon)
     }
 
-    /// `given` made absolute (relative to dir0), checked lexically and canonically to lie
-    /// inside the directories; the canonical path.
+    /// `given` made absolute (a relative path names a file in the first directory that has
+    /// it, else the first directory), checked lexically and canonically to lie inside the
+    /// directories; the canonical path.
     fn contained(&self, given: &Path) -> Result<PathBuf, ModelError> {
         let outside = || ModelError::OutsideModelDirs {
             path: given.to_path_buf(),
         };
-        let joined = normalize(&self.dirs[0].join(given));
+        let joined = self
+            .dirs
+            .iter()
+            .map(|d| normalize(&d.join(given)))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| normalize(&self.dirs[0].join(given)));
         let roots = self.canonical_dirs();
         if !inside(&joined, &self.dirs) && !inside(&joined, &roots) {
             return Err(outside());
@@ -444,7 +450,9 @@ pub(crate) fn model_id(index: usize, rel: &Path, full: &Path) -> String {
     id
 }
 
-fn reference_for(index: usize, dir: &Path, rel: &Path) -> String {
+/// The reference of `dir/rel`, given the directories listed before `dir`: relative (it
+/// resolves to this file) unless an earlier directory has the same path, then absolute.
+fn reference_for(earlier: &[PathBuf], dir: &Path, rel: &Path) -> String {
     let s = rel.to_string_lossy();
     let parts: Vec<&str> = s.split('/').collect();
     if parts.len() >= 3 {
@@ -454,7 +462,7 @@ fn reference_for(index: usize, dir: &Path, rel: &Path) -> String {
             return format!("hf:{repo}:{file}");
         }
     }
-    if index == 0 {
+    if !earlier.iter().any(|d| d.join(rel).exists()) {
         format!("file:{s}")
     } else {
         format!("file:{}", dir.join(rel).display())

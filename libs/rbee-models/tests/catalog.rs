@@ -153,6 +153,8 @@ fn list_finds_gguf_files_with_ids_and_references() {
     write(&d0.join(".hidden/x.gguf"), 1);
     write(&d0.join("a/b/c/d/e/f/g/too-deep.gguf"), 1);
     write(&d1.join("shared.gguf"), 20);
+    // Shadowed by d0's file of the same name: only an absolute reference reaches it.
+    write(&d1.join("flat.GGUF"), 12);
     let c = Catalog::new(vec![d0.clone(), d1.clone()]).unwrap();
 
     let list = c.list();
@@ -173,7 +175,13 @@ fn list_finds_gguf_files_with_ids_and_references() {
         .id
         .clone();
     assert_eq!(space_id.len(), "my_model.gguf~".len() + 12);
-    let shared_ref = format!("file:{}", d1.join("shared.gguf").display());
+    let shadowed_id = list
+        .iter()
+        .find(|e| e.id.starts_with("flat.GGUF~"))
+        .unwrap()
+        .id
+        .clone();
+    let shadowed_ref = format!("file:{}", d1.join("flat.GGUF").display());
     assert_eq!(
         got,
         vec![
@@ -183,8 +191,9 @@ fn list_finds_gguf_files_with_ids_and_references() {
                 100
             ),
             ("flat.GGUF", "file:flat.GGUF", 10),
+            (shadowed_id.as_str(), shadowed_ref.as_str(), 12),
             (space_id.as_str(), "file:my model.gguf", 11),
-            (shared_id.as_str(), shared_ref.as_str(), 20),
+            (shared_id.as_str(), "file:shared.gguf", 20),
         ]
     );
     for e in &list {
@@ -287,4 +296,26 @@ fn delete_removes_the_model_its_part_and_empty_folders() {
     );
     assert!(root.join("outside.gguf").is_file());
     assert!(c.list().is_empty());
+}
+
+#[test]
+fn a_relative_file_ref_is_found_in_any_model_directory_first_one_first() {
+    let root = temp_dir("cat-dirs");
+    let (first, second) = (root.join("first"), root.join("second"));
+    write(&second.join("only-second.gguf"), 4);
+    write(&first.join("both.gguf"), 4);
+    write(&second.join("both.gguf"), 4);
+    let c = Catalog::new(vec![first.clone(), second.clone()]).unwrap();
+    assert_eq!(
+        resolve(&c, "file:only-second.gguf").unwrap(),
+        fs::canonicalize(second.join("only-second.gguf")).unwrap()
+    );
+    assert_eq!(
+        resolve(&c, "file:both.gguf").unwrap(),
+        fs::canonicalize(first.join("both.gguf")).unwrap()
+    );
+    assert_eq!(
+        resolve(&c, "file:nowhere.gguf").unwrap_err().code(),
+        "MODEL_NOT_FOUND"
+    );
 }
