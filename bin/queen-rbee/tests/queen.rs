@@ -744,6 +744,23 @@ async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
     let mut reader = SseReader::new(resp);
     reader.next().await.unwrap();
     queen.signal(libc::SIGTERM);
+    // While the running request finishes, new work is refused and /health says so.
+    let mut refused = None;
+    for _ in 0..100 {
+        let r = chat(&c, &queen, CLIENT, 2).await;
+        if r.status() == 503 {
+            refused = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("a new request during the drain gets 503");
+    assert!(refused.headers().get("retry-after").is_some());
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "SHUTTING_DOWN", "{body}");
+    let health = c.get(queen.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    assert_eq!(health.json::<Value>().await.unwrap()["status"], "draining");
     let rest = reader.collect().await.unwrap();
     assert_eq!(
         end_event(&rest).expect("finished")["completion_tokens"],

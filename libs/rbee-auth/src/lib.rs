@@ -150,11 +150,10 @@ fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// Refuses files that group or others may access (`mode & 0o077 != 0`).
 /// Symlinks are followed, so the mode checked is that of the real file.
 pub fn load_token_file(path: &Path) -> Result<Token, AuthError> {
-    let io_err = |source| AuthError::Io {
+    let meta = fs::metadata(path).map_err(|source| AuthError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let meta = fs::metadata(path).map_err(io_err)?;
+    })?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(AuthError::InsecureMode {
@@ -162,6 +161,20 @@ pub fn load_token_file(path: &Path) -> Result<Token, AuthError> {
             mode,
         });
     }
+    read_token(path)
+}
+
+/// A systemd credential: no mode check, because systemd decides the file's mode (0400, or
+/// 0440 with an ACL on newer versions) inside a directory only the service can enter.
+fn load_credential(path: &Path) -> Result<Token, AuthError> {
+    read_token(path)
+}
+
+fn read_token(path: &Path) -> Result<Token, AuthError> {
+    let io_err = |source| AuthError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let contents = fs::read_to_string(path).map_err(io_err)?;
     let token = Token::new(contents, &path.display().to_string())?;
     tracing::debug!(path = %path.display(), fingerprint = %token.fingerprint(), "loaded token file");
@@ -225,7 +238,7 @@ pub fn resolve_token(
     }
     if let Some(path) = credential_path(credential) {
         return Ok(Some((
-            load_token_file(&path)?,
+            load_credential(&path)?,
             TokenOrigin::Credential(path),
         )));
     }
@@ -504,6 +517,19 @@ mod tests {
         assert_eq!(credential_path_in(dir, ".."), None);
         assert_eq!(credential_path_in(dir, "../etc"), None);
         assert_eq!(credential_path_in(Path::new(""), name), None);
+        fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn a_credential_is_read_whatever_mode_systemd_gave_it() {
+        // Newer systemd hands credentials over as 0440 with an ACL; a token file would be
+        // refused with that mode, a credential is not.
+        let file = temp_file(SECRET, 0o440);
+        assert!(matches!(
+            load_token_file(&file),
+            Err(AuthError::InsecureMode { .. })
+        ));
+        assert!(load_credential(&file).unwrap().matches(SECRET));
         fs::remove_file(&file).unwrap();
     }
 }

@@ -138,9 +138,20 @@ async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Response {
+    let path = req.uri().path().to_owned();
+    // Hives keep beating while the queen drains; everything else new is refused.
+    if q.is_draining() && path != "/v1/hives/heartbeat" {
+        return api_error(
+            ApiError::unavailable(
+                codes::SHUTTING_DOWN,
+                "the queen is shutting down; retry against another queen or after its restart",
+                5,
+            ),
+            &rid.0,
+        );
+    }
     let tokens = q.tokens();
     let presented = presented_bearer(req.headers()).map(str::to_owned);
-    let path = req.uri().path().to_owned();
     let name = if path == "/v1/hives/heartbeat" {
         q.join_allowed(presented.as_deref())
             .then(|| "hive".to_owned())
@@ -196,14 +207,23 @@ async fn health(State(q): State<Shared>) -> Response {
         .iter()
         .filter(|h| h.state == rbee_registry::HiveState::Up)
         .count();
-    Json(json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": q.started.elapsed().as_secs(),
-        "hives": hives.len(),
-        "hives_up": up,
-    }))
-    .into_response()
+    let draining = q.is_draining();
+    let status = if draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        status,
+        Json(json!({
+            "status": if draining { "draining" } else { "ok" },
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": q.started.elapsed().as_secs(),
+            "hives": hives.len(),
+            "hives_up": up,
+        })),
+    )
+        .into_response()
 }
 
 async fn openapi() -> Response {

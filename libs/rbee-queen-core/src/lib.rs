@@ -40,30 +40,42 @@ pub async fn run(
     );
     info!(%address, "queen listening");
     rbee_systemd::notify("READY=1\nSTATUS=serving");
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let server =
         axum::serve(listener, api::router(queen.clone())).with_graceful_shutdown(async move {
-            stop.await;
-            let _ = stopping_tx.send(());
+            let _ = shutdown_rx.await;
         });
     let mut server = tokio::spawn(async move { server.await });
     tokio::select! {
         r = &mut server => return r.map_err(|e| std::io::Error::other(e.to_string()))?,
-        _ = stopping_rx => {}
+        _ = stop => {}
     }
+    // Still listening: new requests get 503 SHUTTING_DOWN (and /health 503) while the
+    // running ones finish.
+    queen.start_draining();
+    rbee_systemd::notify("STOPPING=1\nSTATUS=draining");
     info!(
         drain_s = drain.as_secs(),
-        "shutting down: no new connections; finishing requests"
+        active = queen.active_requests(),
+        "shutting down: refusing new requests; finishing running ones"
     );
-    if tokio::time::timeout(drain, &mut server).await.is_err() {
-        warn!("requests still running after the drain window; cutting them");
+    let deadline = tokio::time::Instant::now() + drain;
+    while queen.active_requests() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if queen.active_requests() > 0 {
+        warn!(
+            active = queen.active_requests(),
+            "requests still running after the drain window; cutting them"
+        );
         queen.cut_streams();
-        if tokio::time::timeout(Duration::from_secs(2), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
+    }
+    let _ = shutdown_tx.send(());
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
     }
     queen.audit("queen.stop", "queen", serde_json::json!({}));
     tokio::task::block_in_place(|| queen.flush());

@@ -90,6 +90,10 @@ pub struct Queen {
     usage: Option<crate::usage::UsageLog>,
     /// Set when the shutdown drain window is over: open streams end with an error event.
     cut: tokio::sync::watch::Sender<bool>,
+    /// Set at SIGTERM: new client work gets 503 while running requests finish.
+    draining: std::sync::atomic::AtomicBool,
+    /// Client requests holding a slot (from validation to the end of their response).
+    active: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,6 +144,8 @@ impl Queen {
             audit,
             usage,
             cut: tokio::sync::watch::channel(false).0,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            active: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -178,6 +184,21 @@ impl Queen {
             }
             None => false,
         }
+    }
+
+    /// From now on new client work is refused with 503 `SHUTTING_DOWN`.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Client requests not finished yet (waiting, running or streaming).
+    pub fn active_requests(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends every open stream (with an `error` event) after the shutdown drain window.
@@ -359,6 +380,8 @@ impl Queen {
             });
         }
         *n += 1;
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(ClientSlot {
             queen: self.clone(),
             client: client.to_owned(),
@@ -930,6 +953,9 @@ impl Drop for ClientSlot {
         if let Some(n) = lock(&self.queen.per_client).get_mut(&self.client) {
             *n = n.saturating_sub(1);
         }
+        self.queen
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
