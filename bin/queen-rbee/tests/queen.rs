@@ -1123,3 +1123,64 @@ async fn the_openapi_document_lists_every_route_and_validates() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_worker_that_cannot_start_is_reported_once_and_another_hive_is_used() {
+    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+        .await
+        .unwrap();
+    // Its worker binary exits at once and the hive does not restart it.
+    let broken = hive_for(
+        &queen.base_url,
+        "hive-broken",
+        &[
+            ("WORKERS__BINARY", "/bin/false"),
+            ("RESTART__ENABLED", "false"),
+        ],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, 1).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let resp = chat(&c, &queen, CLIENT, 2).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "NO_CAPACITY", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("hive-broken"), "{message}");
+    println!("failed start reported after {:?}: {message}", t0.elapsed());
+    let metrics = c
+        .get(queen.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rbee_queen_requests_total{")
+                && l.contains(r#"status="503""#)
+                && l.contains(r#"code="NO_CAPACITY""#)),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"rbee_queen_queue_rejections_total{reason="spawn_failed"} 1"#));
+    // One attempt, not a worker per retry.
+    let workers: Value = broken
+        .get(&c, "/v1/workers")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 1, "{workers}");
+    // A hive that joins now is tried at once, without waiting out the failed one's cooldown.
+    let good = hive_for(&queen.base_url, "hive-good", &[]).await;
+    queen.wait_hives_up(&c, 2).await.unwrap();
+    let resp = chat(&c, &queen, CLIENT, 2).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    drop((broken, good));
+}

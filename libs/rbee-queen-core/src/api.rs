@@ -101,6 +101,10 @@ pub fn router(queen: Shared) -> Router {
     .with_state(queen)
 }
 
+/// The code of an error response, for the request counter.
+#[derive(Clone)]
+struct ErrorCode(String);
+
 /// Errors in OpenAI's shape, which also carries rbee's `code`, `message` and `request_id`.
 fn error(
     status: StatusCode,
@@ -111,6 +115,7 @@ fn error(
 ) -> Response {
     let body = rbee_openai::error_body(status.as_u16(), code, message, param, rid);
     let mut resp = (status, Json(body)).into_response();
+    resp.extensions_mut().insert(ErrorCode(code.to_owned()));
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -129,7 +134,9 @@ fn api_error(e: ApiError, rid: &str) -> Response {
 
 fn openai_error(e: &OpenAiError, rid: &str) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    (status, Json(e.to_body(rid))).into_response()
+    let mut resp = (status, Json(e.to_body(rid))).into_response();
+    resp.extensions_mut().insert(ErrorCode(e.code().to_owned()));
+    resp
 }
 
 async fn require_token(
@@ -489,9 +496,13 @@ fn count_refusal(q: &Queen, route: &str, model: &str, client: &str, resp: &Respo
     } else {
         "unknown"
     };
+    let code = resp
+        .extensions()
+        .get::<ErrorCode>()
+        .map_or("refused", |c| c.0.as_str());
     q.metrics
         .requests
-        .inc(&[route, model, client, resp.status().as_str(), "refused"]);
+        .inc(&[route, model, client, resp.status().as_str(), code]);
 }
 
 async fn chat_completions(

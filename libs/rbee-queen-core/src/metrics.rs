@@ -65,7 +65,7 @@ impl QueenMetrics {
             ),
             queue_rejections: r.counter(
                 "rbee_queen_queue_rejections_total",
-                "Requests refused because the model's queue was full (429) or no worker freed in time (503).",
+                "Requests that left the wait for a worker without one: full (429), timeout or spawn_failed (503), deadline (504), cancelled.",
                 &["reason"],
             ),
             decisions: r.counter(

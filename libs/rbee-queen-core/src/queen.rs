@@ -78,6 +78,8 @@ pub struct Queen {
     waiting: Mutex<HashMap<String, Vec<Waiter>>>,
     /// After every hive refused a spawn for a model, no new try before this instant.
     spawn_refused_until: Mutex<HashMap<String, Instant>>,
+    /// Why the last worker spawned for a model did not come up (for the client's error).
+    spawn_failure: Mutex<HashMap<String, String>>,
     /// A hive that refused or failed a spawn for a model ranks last for it until this instant.
     hive_spawn_failed: Mutex<HashMap<(String, String), Instant>>,
     /// Arrival order of waiting requests.
@@ -137,6 +139,7 @@ impl Queen {
             worker_series: Mutex::new(Default::default()),
             spawn_refused_until: Mutex::new(HashMap::new()),
             hive_spawn_failed: Mutex::new(HashMap::new()),
+            spawn_failure: Mutex::new(HashMap::new()),
             next_ticket: std::sync::atomic::AtomicU64::new(0),
             freed: Notify::new(),
             recent: Mutex::new(Vec::new()),
@@ -496,8 +499,26 @@ impl Queen {
                     self.check_pending(model_ref, &hive_id, &worker_id).await;
                 }
                 // The worker a retry avoids does not count: it just failed this request.
+                // Every hive just failed to start one and nothing else can serve: say why now
+                // rather than starting the same failure again.
+                None if self.usable_workers(model_ref, avoid) == 0
+                    && self.spawn_blocked(model_ref)
+                    && let Some(reason) = lock(&self.spawn_failure).get(model_ref).cloned() =>
+                {
+                    let retry = lock(&self.spawn_refused_until)
+                        .get(model_ref)
+                        .map_or(1, |t| {
+                            t.saturating_duration_since(Instant::now()).as_secs() as u32 + 1
+                        });
+                    self.metrics.queue_rejections.inc(&["spawn_failed"]);
+                    return Err(ApiError::unavailable(
+                        codes::NO_CAPACITY,
+                        format!("no worker for `{model_ref}` could be started: {reason}"),
+                        retry,
+                    ));
+                }
                 None if (self.usable_workers(model_ref, avoid) == 0 || ahead > 0)
-                    && !self.spawn_refused_recently(model_ref)
+                    && !self.spawn_blocked(model_ref)
                     && self.claim_spawn(model_ref) =>
                 {
                     match self.spawn(model_ref).await {
@@ -576,10 +597,17 @@ impl Queen {
             .count()
     }
 
-    fn spawn_refused_recently(&self, model_ref: &str) -> bool {
-        lock(&self.spawn_refused_until)
+    /// No spawn for `model_ref` now: every hive refused or failed one moments ago (a hive
+    /// that joined since, or one that has not failed, is still tried).
+    fn spawn_blocked(&self, model_ref: &str) -> bool {
+        let refused = lock(&self.spawn_refused_until)
             .get(model_ref)
-            .is_some_and(|t| Instant::now() < *t)
+            .is_some_and(|t| Instant::now() < *t);
+        refused
+            && self
+                .ranked_hives(model_ref)
+                .iter()
+                .all(|h| self.spawn_failed_recently(&h.id, model_ref))
     }
 
     /// Ready workers for a model on hives that are up, as the last heartbeats (and our own
@@ -793,11 +821,14 @@ impl Queen {
             }
             Some("starting") | Some("backoff") => {}
             _ => {
+                let reason = failure_reason(hive_id, worker_id, &view);
                 warn!(
                     hive = hive_id,
                     worker = worker_id,
+                    %reason,
                     "a spawned worker did not come up"
                 );
+                lock(&self.spawn_failure).insert(model_ref.to_owned(), reason);
                 lock(&self.pending).remove(model_ref);
                 self.spawn_failed_on(hive_id, model_ref);
                 // The next try goes to another hive at once; once every hive failed, wait.
@@ -904,6 +935,30 @@ impl Queen {
             seen.insert((state.clone(), model.clone()));
         }
     }
+}
+
+/// What the hive says about a worker that failed to start: its failure, last exit and the
+/// last line it wrote to stderr.
+fn failure_reason(hive_id: &str, worker_id: &str, view: &Value) -> String {
+    let mut reason = format!("worker {worker_id} on hive {hive_id}");
+    match view["state"].as_str() {
+        Some(state) => reason.push_str(&format!(" is {state}")),
+        None => reason.push_str(" could not be inspected"),
+    }
+    if let Some(f) = view["failure"].as_str() {
+        reason.push_str(&format!(": {f}"));
+    }
+    if let Some(exit) = view["last_exit"].as_object() {
+        reason.push_str(&format!("; last exit {}", Value::Object(exit.clone())));
+    }
+    if let Some(line) = view["stderr_tail"]
+        .as_array()
+        .and_then(|t| t.last())
+        .and_then(Value::as_str)
+    {
+        reason.push_str(&format!("; stderr: {line}"));
+    }
+    reason
 }
 
 /// Whether a retry avoids this worker: the one that failed, or every worker of a hive that
