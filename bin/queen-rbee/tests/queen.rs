@@ -819,6 +819,29 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     // The shared hive token (HIVE) would be refused by this hive; its own one works.
     let resp = chat(&c, &queen, CLIENT, 2).await;
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    // A wrong token for the hive is the operator's problem: 502 naming it, not a 401.
+    std::fs::write(&token_file, "not-the-hive-token-0123456789").unwrap();
+    queen.signal(libc::SIGHUP);
+    let mut last = None;
+    for _ in 0..100 {
+        let resp = chat(&c, &queen, CLIENT, 2).await;
+        if resp.status() != 200 {
+            last = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = last.expect("the reload took effect");
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "INTERNAL", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused the queen's credentials"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

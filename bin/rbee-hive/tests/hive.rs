@@ -303,6 +303,18 @@ async fn sighup_rotates_the_token_without_a_restart() {
     let c = client();
     let token_file = hive.dir.join("secrets/token");
     let new = "rotated-hive-token-9876543210";
+    // Zero-downtime rotation: the new token in token_file, the old one still accepted from
+    // token_previous_files until the next reload drops it.
+    let old_file = rbee_test_harness::write_token_file(&hive.dir.join("old"), TOKEN);
+    let original = std::fs::read_to_string(&hive.config_path).unwrap();
+    std::fs::write(
+        &hive.config_path,
+        format!(
+            "token_previous_files = [{:?}]\n{original}",
+            old_file.display().to_string()
+        ),
+    )
+    .unwrap();
     std::fs::write(&token_file, new).unwrap();
     hive.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -319,13 +331,40 @@ async fn sighup_rotates_the_token_without_a_restart() {
         assert!(Instant::now() < deadline, "new token not accepted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let old = c
+    let both = c
         .get(hive.url("/v1/workers"))
         .bearer_auth(TOKEN)
         .send()
         .await
         .unwrap();
-    assert_eq!(old.status(), 401);
+    assert_eq!(
+        both.status(),
+        200,
+        "the old token works during the rotation"
+    );
+    std::fs::write(&hive.config_path, &original).unwrap();
+    hive.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let old = c
+            .get(hive.url("/v1/workers"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if old.status() == 401 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retired token still works");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let current = c
+        .get(hive.url("/v1/workers"))
+        .bearer_auth(new)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(current.status(), 200);
     assert!(process_alive(hive.pid()), "no restart");
     let log = hive.stderr();
     assert!(

@@ -26,6 +26,9 @@ pub struct HiveConfig {
     /// File with the token the queen (or an operator) presents to this hive (mode 0600).
     /// Empty: `$CREDENTIALS_DIRECTORY/hive-token`, then `RBEE_HIVE_TOKEN` (with a warning).
     pub token_file: String,
+    /// Older hive tokens still accepted while the queen moves to the new one (rotation: new
+    /// file in `token_file`, old one listed here, SIGHUP; later empty this and SIGHUP again).
+    pub token_previous_files: Vec<String>,
     /// Require the token on `/metrics` too.
     pub metrics_require_token: bool,
     /// `trace`, `debug`, `info`, `warn`, `error` or a tracing filter. Reloadable.
@@ -144,6 +147,7 @@ impl Default for HiveConfig {
             hive_id: String::new(),
             advertise_url: String::new(),
             token_file: String::new(),
+            token_previous_files: Vec::new(),
             metrics_require_token: false,
             log_level: "info".into(),
             log_format: "text".into(),
@@ -235,6 +239,10 @@ impl Default for QueenConfig {
 /// Keys a SIGHUP applies without a restart (prefixes of dotted keys).
 pub const RELOADABLE: &[&str] = &[
     "log_level",
+    "token_file",
+    "token_previous_files",
+    "queen.join_token_file",
+    "hub.token_file",
     "metrics_require_token",
     "workers.max_workers",
     "workers.keep_alive_seconds",

@@ -35,6 +35,8 @@ pub struct WorkerEvent {
 pub struct Tokens {
     /// What callers of the hive API must present (None: dev mode).
     pub api: Option<Token>,
+    /// Older API tokens still accepted during a rotation.
+    pub api_previous: Vec<Token>,
     /// What the hive presents to the queen.
     pub join: Option<Token>,
     /// What the hive presents to the model hub.
@@ -134,6 +136,17 @@ impl Hive {
 
     pub fn set_config(&self, cfg: HiveConfig) {
         *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// Whether a caller presenting `presented` may use the API: the hive token or one being
+    /// retired; anyone in dev mode (no token).
+    pub fn accepts(&self, presented: Option<&str>) -> bool {
+        let t = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        match &t.api {
+            None => true,
+            Some(api) => presented
+                .is_some_and(|p| api.matches(p) || t.api_previous.iter().any(|old| old.matches(p))),
+        }
     }
 
     pub fn api_token(&self) -> Option<Token> {

@@ -55,6 +55,13 @@ pub fn load_tokens(
     env: &EnvTokens,
 ) -> Result<(Tokens, Vec<TokenNote>), HiveError> {
     let mut seen = Vec::new();
+    let mut api_previous = Vec::new();
+    for f in &cfg.token_previous_files {
+        let t = rbee_auth::load_token_file(Path::new(f))
+            .map_err(|e| HiveError::Config(format!("token_previous_files `{f}`: {e}")))?;
+        seen.push(("api_previous", TokenOrigin::File(f.into()), t.fingerprint()));
+        api_previous.push(t);
+    }
     let api = resolve(
         &cfg.token_file,
         "hive-token",
@@ -88,6 +95,7 @@ pub fn load_tokens(
     Ok((
         Tokens {
             api: api.map(|(t, _)| t),
+            api_previous,
             join: join.map(|(t, _)| t),
             hub: hub_secret,
         },

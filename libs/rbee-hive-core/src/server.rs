@@ -124,10 +124,7 @@ async fn require_token(
 ) -> Response {
     let presented = presented_bearer(req.headers()).map(str::to_owned);
     let path = req.uri().path().to_owned();
-    let api_ok = match hive.api_token() {
-        None => true, // dev mode
-        Some(t) => presented.as_deref().is_some_and(|p| t.matches(p)),
-    };
+    let api_ok = hive.accepts(presented.as_deref());
     let worker_ok = || {
         ready_route_worker(&path)
             .and_then(|id| hive.get(id))
@@ -190,10 +187,7 @@ async fn metrics(
     Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
 ) -> Response {
-    if hive.config().metrics_require_token
-        && let Some(t) = hive.api_token()
-        && !presented_bearer(&headers).is_some_and(|p| t.matches(p))
-    {
+    if hive.config().metrics_require_token && !hive.accepts(presented_bearer(&headers)) {
         hive.metrics.auth_failures.inc(&[]);
         return err(&rid, ApiError::unauthorized());
     }

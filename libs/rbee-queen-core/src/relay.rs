@@ -14,7 +14,7 @@ use rbee_api::{
     codes,
 };
 use rbee_http::{ApiError, SseParser};
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::queen::{Lease, Queen};
 
@@ -43,14 +43,19 @@ pub async fn start(
     let mut avoid: Option<(String, String)> = None;
     let mut last_err = None;
     for attempt in 0..2 {
-        let lease = queen
+        let lease = match queen
             .lease(
                 model_ref,
                 request_id,
                 deadline,
                 avoid.as_ref().map(|(h, w)| (h.as_str(), w.as_str())),
             )
-            .await?;
+            .await
+        {
+            Ok(l) => l,
+            // No other worker for the retry: the first failure is the one worth reporting.
+            Err(e) => return Err(last_err.unwrap_or(e)),
+        };
         let url = format!(
             "{}/v1/workers/{}/inference",
             lease.hive_url.trim_end_matches('/'),
@@ -178,6 +183,27 @@ pub async fn start(
                 // A worker refusing the request itself (400, 504) is the client's answer; a
                 // busy or broken worker is worth one more try elsewhere.
                 // A 404 is a worker the hive no longer has (stopped after its keep-alive).
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                    // The queen's own token for this hive is wrong: an operator's problem, not
+                    // the client's; another hive may take it.
+                    error!(hive = %lease.hive_id, %status, "the hive refused the queen's hive token: check hive_token_file or the hive's [[hives]] token_file");
+                    queen.metrics.upstream_errors.inc(&["hive_auth"]);
+                    let err = ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        codes::INTERNAL,
+                        format!(
+                            "hive {} refused the queen's credentials ({status}); the operator must fix the queen's hive token",
+                            lease.hive_id
+                        ),
+                    );
+                    if attempt == 1 {
+                        return Err(err);
+                    }
+                    avoid = Some((lease.hive_id.clone(), "*".to_owned()));
+                    last_err = Some(err);
+                    queen.metrics.retries.inc(&[]);
+                    continue;
+                }
                 let retryable = (status.is_server_error() && status != StatusCode::GATEWAY_TIMEOUT)
                     || status == StatusCode::NOT_FOUND;
                 let err = ApiError {
