@@ -321,7 +321,7 @@ async fn every_invalid_input_is_a_400_naming_the_field() {
     .await;
     assert_eq!(
         (status, e["code"].as_str().unwrap()),
-        (400, "INVALID_CONTENT_TYPE")
+        (415, "INVALID_CONTENT_TYPE")
     );
     let (status, e) = error_of(raw("[1,2,NaN]", "application/json").send().await.unwrap()).await;
     assert_eq!((status, e["code"].as_str().unwrap()), (400, "INVALID_JSON"));

@@ -1207,3 +1207,66 @@ async fn a_worker_that_cannot_start_is_reported_once_and_another_hive_is_used() 
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     drop((broken, good));
 }
+
+#[tokio::test]
+async fn only_the_sender_or_an_admin_can_cancel_a_request() {
+    let dir = rbee_test_harness::temp_dir("owners");
+    let (bob, carol) = ("bob-token-0123456789abcdef", "carol-token-0123456789abcd");
+    let bob_file = rbee_test_harness::write_token_file(&dir.join("bob"), bob);
+    let carol_file = rbee_test_harness::write_token_file(&dir.join("carol"), carol);
+    let queen = QueenProcess::start(
+        queen_options(
+            None,
+            &format!(
+                "\n[[client_tokens]]\nname = \"bob\"\nfile = {:?}\n\n[[client_tokens]]\nname = \"carol\"\nfile = {:?}\n",
+                bob_file.display().to_string(),
+                carol_file.display().to_string()
+            ),
+        ),
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let hive = hive_for(&queen.base_url, "hive-o", &[]).await;
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, 1).await.unwrap();
+    let resp = c
+        .post(queen.url("/v1/inference"))
+        .bearer_auth(bob)
+        .header("X-Request-Id", "bob-req-1")
+        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 150, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap();
+    // Carol neither sees nor cancels Bob's request, nor borrows its id.
+    let foreign = c
+        .delete(queen.url("/v1/inference/bob-req-1"))
+        .bearer_auth(carol)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 404);
+    let reused = c
+        .post(queen.url("/v1/inference"))
+        .bearer_auth(carol)
+        .header("X-Request-Id", "bob-req-1")
+        .json(&json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reused.status(), 409);
+    let own = c
+        .delete(queen.url("/v1/inference/bob-req-1"))
+        .bearer_auth(bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200, "{}", own.text().await.unwrap());
+    let rest = reader.collect().await.unwrap();
+    let end = end_event(&rest).expect("the cancelled stream ends");
+    assert_eq!(end["stop_reason"], "cancelled", "{end}");
+    drop(hive);
+}

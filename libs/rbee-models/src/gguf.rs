@@ -65,7 +65,8 @@ impl GgufSummary {
             .len();
         let content = Content::read(&mut file).map_err(|e| ModelError::InvalidGguf {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            // candle appends a backtrace when RUST_BACKTRACE is set: keep the message only.
+            reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
         })?;
         let bad = |reason: String| ModelError::InvalidGguf {
             path: path.to_path_buf(),

@@ -582,7 +582,7 @@ async fn openai_route(
         Ok(c) => c,
         Err(e) => return early(&q, route, &client.0, e.code(), openai_error(&e, &rid.0)),
     };
-    let slot = match q.client_slot(&client.0) {
+    let slot = match q.client_slot(&client.0, &rid.0) {
         Ok(s) => s,
         Err(e) => {
             let code = e.code;
@@ -744,7 +744,7 @@ async fn native_inference(
         }
     };
     let route = "/v1/inference";
-    let slot = match q.client_slot(&client.0) {
+    let slot = match q.client_slot(&client.0, &rid.0) {
         Ok(s) => s,
         Err(e) => {
             let code = e.code;
@@ -790,6 +790,7 @@ async fn native_inference(
 async fn cancel(
     State(q): State<Shared>,
     Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
     Path(request_id): Path<String>,
 ) -> Response {
     if !rbee_http::valid_request_id(&request_id) || request_id.contains("..") {
@@ -797,6 +798,20 @@ async fn cancel(
             StatusCode::BAD_REQUEST,
             codes::INVALID_PARAMETER,
             "a request id is 1-128 letters, digits, `-`, `_`, `.` or `:`",
+            None,
+            &rid.0,
+        );
+    }
+    // Only the client that sent it (or an admin) may cancel a request; to anyone else it
+    // does not exist.
+    let mine = q
+        .owner_of(&request_id)
+        .is_some_and(|owner| owner == client.0 || q.is_admin(&client.0));
+    if !mine {
+        return error(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            &format!("no request `{request_id}` of yours is in flight"),
             None,
             &rid.0,
         );

@@ -73,6 +73,8 @@ pub struct Queen {
     queued: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
     /// Requests in flight per client token name.
     per_client: Mutex<HashMap<String, u32>>,
+    /// Requests in flight by request id: the client that sent them, and how many share it.
+    owners: Mutex<HashMap<String, (String, u32)>>,
     /// Requests waiting per model reference, oldest first: a freed worker goes to the first
     /// one that can take it.
     waiting: Mutex<HashMap<String, Vec<Waiter>>>,
@@ -134,6 +136,7 @@ impl Queen {
             pending: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             per_client: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             queued: Mutex::new(HashMap::new()),
             spawned_ready: Mutex::new(Vec::new()),
             worker_series: Mutex::new(Default::default()),
@@ -358,8 +361,41 @@ impl Queen {
         self.hive_request(hive_id, self.http.delete(url))
     }
 
-    /// Counts a request against its client's `max_concurrent`; 429 when over.
-    pub fn client_slot(self: &Arc<Self>, client: &str) -> Result<ClientSlot, ApiError> {
+    /// The client that sent the request in flight under `request_id`, if any.
+    pub fn owner_of(&self, request_id: &str) -> Option<String> {
+        lock(&self.owners).get(request_id).map(|(c, _)| c.clone())
+    }
+
+    /// Counts a request against its client's `max_concurrent` (429 when over) and records
+    /// who sent it, so only that client (or an admin) can cancel it. A request id another
+    /// client has in flight is refused (409): cancelling by id must not reach someone else's.
+    pub fn client_slot(
+        self: &Arc<Self>,
+        client: &str,
+        request_id: &str,
+    ) -> Result<ClientSlot, ApiError> {
+        {
+            let mut owners = lock(&self.owners);
+            match owners.get_mut(request_id) {
+                Some((owner, _)) if owner != client => {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        codes::INVALID_PARAMETER,
+                        format!(
+                            "request id `{request_id}` is in use by another client; send another X-Request-Id"
+                        ),
+                    ));
+                }
+                Some((_, n)) => *n += 1,
+                None => {
+                    owners.insert(request_id.to_owned(), (client.to_owned(), 1));
+                }
+            }
+        }
+        let owned = OwnedId {
+            queen: self.clone(),
+            request_id: request_id.to_owned(),
+        };
         let limit = self
             .config()
             .client_tokens
@@ -388,6 +424,7 @@ impl Queen {
         Ok(ClientSlot {
             queen: self.clone(),
             client: client.to_owned(),
+            _owned: owned,
         })
     }
 
@@ -1001,6 +1038,25 @@ fn info_outcome(hb: &HiveHeartbeat, outcome: &rbee_registry::BeatOutcome) {
 pub struct ClientSlot {
     queen: Arc<Queen>,
     client: String,
+    _owned: OwnedId,
+}
+
+/// A request id recorded as in flight until dropped.
+struct OwnedId {
+    queen: Arc<Queen>,
+    request_id: String,
+}
+
+impl Drop for OwnedId {
+    fn drop(&mut self) {
+        let mut owners = lock(&self.queen.owners);
+        if let Some((_, n)) = owners.get_mut(&self.request_id) {
+            *n -= 1;
+            if *n == 0 {
+                owners.remove(&self.request_id);
+            }
+        }
+    }
 }
 
 impl Drop for ClientSlot {

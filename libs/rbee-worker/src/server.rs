@@ -33,9 +33,7 @@ use tracing::{error, info, warn};
 use crate::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::validate::{fit_to_context, validate};
-use rbee_http::{
-    ApiError, RequestId, Route, build_router, is_json, parse_deadline, parse_json, presented_bearer,
-};
+use rbee_http::{ApiError, RequestId, Route, build_router, parse_deadline, presented_bearer};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -492,13 +490,7 @@ async fn start_inference(
             ApiError::bad_request(codes::INVALID_JSON, format!("cannot read the body: {e}"))
         }
     })?;
-    if !is_json(headers) {
-        return Err(ApiError::bad_request(
-            codes::INVALID_CONTENT_TYPE,
-            "`Content-Type` must be application/json",
-        ));
-    }
-    let req: InferenceRequest = parse_json(&body)?;
+    let req: InferenceRequest = rbee_http::parse_json_request(headers, &body)?;
     let deadline = match parse_deadline(headers)
         .map_err(|m| ApiError::bad_request(codes::INVALID_PARAMETER, m))?
     {
