@@ -17,6 +17,16 @@ use rbee_queen_core::{Queen, Tokens};
 use tracing::{error, info, warn};
 
 const EXIT_CONFIG: u8 = 64;
+/// Settings read once at start; a SIGHUP that changes them says so.
+const NEEDS_RESTART: &[&str] = &[
+    "listen",
+    "registry_path",
+    "audit_log",
+    "audit_max_bytes",
+    "usage_log",
+    "log_level",
+    "log_format",
+];
 const CLIENT_TOKEN_ENV: &str = "RBEE_QUEEN_CLIENT_TOKEN";
 const JOIN_TOKEN_ENV: &str = "RBEE_QUEEN_JOIN_TOKEN";
 const HIVE_TOKEN_ENV: &str = "RBEE_QUEEN_HIVE_TOKEN";
@@ -86,25 +96,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(e) = check_security(&cfg, &tokens) {
+        error!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if tokens.clients.is_empty() {
-        if !cfg.listen.ip().is_loopback() {
-            error!(
-                "refusing to listen on {} without client tokens: set client_tokens or {CLIENT_TOKEN_ENV}",
-                cfg.listen
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
         warn!(
             "DEV MODE: no client tokens; every request is accepted. Only loopback ({}) is served",
             cfg.listen
         );
-    }
-    if tokens.join.is_none() && !cfg.listen.ip().is_loopback() {
-        error!(
-            "refusing to listen on {} without a join token: set join_token_file, the systemd credential `join-token`, or {JOIN_TOKEN_ENV}",
-            cfg.listen
-        );
-        return ExitCode::from(EXIT_CONFIG);
     }
     let registry = if cfg.registry_path.is_empty() {
         rbee_registry::Registry::open_in_memory()
@@ -196,6 +196,17 @@ async fn serve(
                         );
                     }
                     Ok((c, t)) => {
+                        let changed = rbee_config::changed_keys(&queen.config(), &c);
+                        let needs_restart: Vec<&String> = changed
+                            .iter()
+                            .filter(|k| NEEDS_RESTART.contains(&k.as_str()))
+                            .collect();
+                        if !needs_restart.is_empty() {
+                            warn!(
+                                ?needs_restart,
+                                "SIGHUP: these settings change only after a restart"
+                            );
+                        }
                         let names: Vec<String> = t
                             .clients
                             .fingerprints()
@@ -205,7 +216,7 @@ async fn serve(
                         queen.set_config(c);
                         *queen.tokens.write().unwrap_or_else(|e| e.into_inner()) = t;
                         let (added, removed) = queen.apply_static_hives(now_ms());
-                        info!(clients = ?names, ?added, ?removed, "SIGHUP: configuration, tokens and hives reloaded");
+                        info!(clients = ?names, ?changed, ?added, ?removed, "SIGHUP: configuration, tokens and hives reloaded");
                         queen.audit(
                             "config.reload",
                             "queen",
@@ -269,19 +280,19 @@ fn check_config(args: &Args, file: &Path) -> ExitCode {
         hive: std::env::var(HIVE_TOKEN_ENV).ok(),
     };
     match load_tokens(&cfg, &env) {
-        Ok(t) if t.clients.is_empty() && !cfg.listen.ip().is_loopback() => {
-            eprintln!(
-                "{}: listen = {} is not loopback but no client token is configured",
-                file.display(),
-                cfg.listen
-            );
+        // The same checks the daemon makes before it binds.
+        Ok(t) if let Err(e) = check_security(&cfg, &t) => {
+            eprintln!("{}: {e}", file.display());
             ExitCode::from(EXIT_CONFIG)
         }
         Ok(_) => {
-            println!("{}: ok", file.display());
+            // A closed pipe (`check-config ... | head`) is not an error worth a panic.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}: ok", file.display());
             if let Ok(origins) = loader.origins() {
                 for (key, source) in origins {
-                    println!("  {key} <- {source}");
+                    let _ = writeln!(out, "  {key} <- {source}");
                 }
             }
             ExitCode::SUCCESS
@@ -291,6 +302,23 @@ fn check_config(args: &Args, file: &Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// What the queen refuses to start without: client and join tokens beyond loopback.
+fn check_security(cfg: &QueenConfig, tokens: &Tokens) -> Result<(), String> {
+    if tokens.clients.is_empty() && !cfg.listen.ip().is_loopback() {
+        return Err(format!(
+            "refusing to listen on {} without client tokens: set client_tokens or {CLIENT_TOKEN_ENV}",
+            cfg.listen
+        ));
+    }
+    if tokens.join.is_none() && !cfg.listen.ip().is_loopback() {
+        return Err(format!(
+            "refusing to listen on {} without a join token: set join_token_file, the systemd credential `join-token`, or {JOIN_TOKEN_ENV}",
+            cfg.listen
+        ));
+    }
+    Ok(())
 }
 
 fn loader(args: &Args) -> Loader {
@@ -336,7 +364,7 @@ fn load_tokens(cfg: &QueenConfig, env: &EnvTokens) -> Result<Tokens, String> {
         env.join.as_deref().map(|v| (JOIN_TOKEN_ENV, v)),
     )
     .map_err(|e| format!("join token: {e}"))?
-    .map(|(t, _)| t);
+    .map(|(t, origin)| warn_env("join", t, origin));
     let mut join_previous = Vec::new();
     for f in &cfg.join_token_previous_files {
         let t = rbee_auth::load_token_file(Path::new(f))
@@ -351,7 +379,7 @@ fn load_tokens(cfg: &QueenConfig, env: &EnvTokens) -> Result<Tokens, String> {
         env.hive.as_deref().map(|v| (HIVE_TOKEN_ENV, v)),
     )
     .map_err(|e| format!("hive token: {e}"))?
-    .map(|(t, _)| t);
+    .map(|(t, origin)| warn_env("hive", t, origin));
     let mut per_hive = std::collections::HashMap::new();
     for h in &cfg.hives {
         if let Some(f) = &h.token_file {
@@ -368,6 +396,18 @@ fn load_tokens(cfg: &QueenConfig, env: &EnvTokens) -> Result<Tokens, String> {
         hive,
         per_hive,
     })
+}
+
+/// Logs where a token came from (by fingerprint), warning when it was the environment.
+fn warn_env(which: &str, token: Token, origin: rbee_auth::TokenOrigin) -> Token {
+    match origin {
+        rbee_auth::TokenOrigin::Env(var) => warn!(
+            fingerprint = %token.fingerprint(),
+            "{which} token taken from {var}; prefer a file or a systemd credential"
+        ),
+        other => info!(fingerprint = %token.fingerprint(), source = %other, "{which} token loaded"),
+    }
+    token
 }
 
 fn init_logging(cfg: &QueenConfig) {

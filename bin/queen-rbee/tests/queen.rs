@@ -716,6 +716,19 @@ fn the_example_config_checks_and_bad_ones_exit_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("scheduling.queue_lenght"));
+    // check-config makes the start-up checks too: beyond loopback a join token is needed.
+    let out = std::process::Command::new(&bin)
+        .args(["--listen", "0.0.0.0:7833", "check-config"])
+        .arg(&file)
+        .env_remove("RBEE_QUEEN_JOIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("without a join token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Not loopback and no client token: refused before binding.
     let out = std::process::Command::new(&bin)
         .args(["--listen", "0.0.0.0:0"])

@@ -446,13 +446,10 @@ fn check_config(args: &Args, file: &Path) -> ExitCode {
         hub: std::env::var(HUB_TOKEN_ENV).ok(),
     };
     match load_tokens(&cfg, &env_tokens) {
+        // The same checks the daemon makes before it binds.
         Ok((tokens, _)) => {
-            if tokens.api.is_none() && !cfg.listen.ip().is_loopback() {
-                eprintln!(
-                    "{}: listen = {} is not loopback but no hive token is configured",
-                    file.display(),
-                    cfg.listen
-                );
+            if let Err(e) = check_security(&cfg, &tokens) {
+                eprintln!("{}: {e:#}", file.display());
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
@@ -461,10 +458,13 @@ fn check_config(args: &Args, file: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
-    println!("{}: ok", file.display());
+    // A closed pipe (`check-config ... | head`) is not an error worth a panic.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}: ok", file.display());
     if let Ok(origins) = loader.origins() {
         for (key, source) in origins {
-            println!("  {key} <- {source}");
+            let _ = writeln!(out, "  {key} <- {source}");
         }
     }
     ExitCode::SUCCESS

@@ -40,6 +40,7 @@ const SPAWN_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.
 impl HiveMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        r.build_info("rbee_hive_build_info", env!("CARGO_PKG_VERSION"));
         Self {
             http_requests: r.counter(
                 "rbee_hive_http_requests_total",

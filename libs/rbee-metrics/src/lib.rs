@@ -184,6 +184,17 @@ impl Registry {
         Counter(self.register(name, help, labels, Kind::Counter, &[]))
     }
 
+    /// `<name>{version="..."} 1`: which build a daemon runs, for dashboards and for checking
+    /// that an upgrade reached every node.
+    pub fn build_info(&self, name: &str, version: &str) {
+        self.gauge(
+            name,
+            "The running build (always 1), labelled with its version.",
+            &["version"],
+        )
+        .set(&[version], 1.0);
+    }
+
     /// Registers (or finds) a gauge family.
     pub fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> Gauge {
         Gauge(self.register(name, help, labels, Kind::Gauge, &[]))

@@ -1130,7 +1130,18 @@ async fn admin_pull(
         .timeout(Duration::from_secs(10))
         .send()
         .await;
-    passthrough(sent, &req.hive, &rid.0).await
+    let r = match sent {
+        Ok(r) if r.status().is_success() => r,
+        other => return passthrough(other, &req.hive, &rid.0).await,
+    };
+    let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::ACCEPTED);
+    let mut download: Value = r.json().await.unwrap_or(Value::Null);
+    // The client follows the progress here, not on the hive it may not reach.
+    if let Some(id) = download["id"].as_str().map(str::to_owned) {
+        download["events"] = json!(format!("/v1/admin/models/pull/{}/{id}/events", req.hive));
+        download["hive"] = json!(req.hive);
+    }
+    (status, Json(download)).into_response()
 }
 
 /// The hive's download progress (SSE), passed through.

@@ -28,6 +28,7 @@ pub struct QueenMetrics {
 impl QueenMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        r.build_info("rbee_queen_build_info", env!("CARGO_PKG_VERSION"));
         Self {
             requests: r.counter(
                 "rbee_queen_requests_total",

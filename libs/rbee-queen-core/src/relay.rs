@@ -104,10 +104,10 @@ pub async fn start(
                     });
                 let err =
                     ApiError::unavailable(static_code(&code), message, queen.retry_after(1, 0));
+                queen.metrics.upstream_errors.inc(&["worker_refused"]);
                 if attempt == 1 {
                     return Err(err);
                 }
-                queen.metrics.upstream_errors.inc(&["worker_refused"]);
                 avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
                 last_err = Some(err);
                 queen.metrics.retries.inc(&[]);
@@ -214,10 +214,12 @@ pub async fn start(
                         message,
                     )
                 };
+                if retryable {
+                    queen.metrics.upstream_errors.inc(&["worker_refused"]);
+                }
                 if !retryable || attempt == 1 {
                     return Err(err);
                 }
-                queen.metrics.upstream_errors.inc(&["worker_refused"]);
                 warn!(hive = %lease.hive_id, worker = %lease.worker_id, code, "retrying on another worker");
                 avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
                 last_err = Some(err);

@@ -28,6 +28,7 @@ pub struct WorkerMetrics {
 impl WorkerMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        r.build_info("rbee_worker_build_info", env!("CARGO_PKG_VERSION"));
         Self {
             requests: r.counter(
                 "rbee_worker_requests_total",
