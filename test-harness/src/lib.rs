@@ -789,6 +789,42 @@ pub struct QueenOptions {
     pub binary: Option<PathBuf>,
 }
 
+/// The model alias every cluster test uses (`smollm2` → the test model file) and a 1 s
+/// heartbeat, as `QueenOptions::config_tail`; more tables may follow it.
+pub const SMOLLM2_CLUSTER_CONFIG: &str = "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n";
+
+impl QueenOptions {
+    /// A queen with one client token (`admin` as given), a join and a hive token, and
+    /// [`SMOLLM2_CLUSTER_CONFIG`].
+    pub fn cluster(client: (&str, &str), admin: bool, join: &str, hive: &str) -> Self {
+        Self {
+            clients: vec![(client.0.to_owned(), client.1.to_owned())],
+            admins: if admin {
+                vec![client.0.to_owned()]
+            } else {
+                Vec::new()
+            },
+            join_token: Some(join.to_owned()),
+            hive_token: Some(hive.to_owned()),
+            config_tail: SMOLLM2_CLUSTER_CONFIG.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+impl HiveOptions {
+    /// A hive with API token `token` that joins the queen at `queen_url` as `hive_id` with
+    /// `join`, beating every second.
+    pub fn joined(queen_url: &str, hive_id: &str, token: &str, join: &str) -> Self {
+        Self::default()
+            .token(token)
+            .env("QUEEN__URL", queen_url)
+            .env("QUEEN__HEARTBEAT_SECONDS", 1)
+            .env("HIVE_ID", hive_id)
+            .env("JOIN_TOKEN", join)
+    }
+}
+
 /// A running `queen-rbee`; killed when dropped.
 pub struct QueenProcess {
     child: Child,

@@ -391,24 +391,17 @@ impl RbeeWorld {
 #[given("a queen with one hive joined")]
 async fn queen_with_hive(w: &mut RbeeWorld) {
     let queen = QueenProcess::start(
-        QueenOptions {
-            clients: vec![("bdd".into(), TOKEN.into())],
-            join_token: Some(JOIN.into()),
-            hive_token: Some(TOKEN.into()),
-            config_tail: "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n".into(),
-            ..QueenOptions::default()
-        },
+        QueenOptions::cluster(("bdd", TOKEN), false, JOIN, TOKEN),
         "127.0.0.1:0",
     )
     .await
     .unwrap();
-    let hive = HiveProcess::start(
-        HiveOptions::default()
-            .token(TOKEN)
-            .env("QUEEN__URL", &queen.base_url)
-            .env("QUEEN__HEARTBEAT_SECONDS", 1)
-            .env("JOIN_TOKEN", JOIN),
-    )
+    let hive = HiveProcess::start(HiveOptions::joined(
+        &queen.base_url,
+        "bdd-hive",
+        TOKEN,
+        JOIN,
+    ))
     .await
     .unwrap();
     queen

@@ -100,11 +100,7 @@ async fn the_single_node_stack_runs_from_the_tarball() {
     let queen = QueenProcess::start(
         QueenOptions {
             binary: Some(bin.join("queen-rbee")),
-            clients: vec![("ops".into(), CLIENT.into())],
-            join_token: Some(JOIN.into()),
-            hive_token: Some(HIVE.into()),
-            config_tail: "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n".into(),
-            ..QueenOptions::default()
+            ..QueenOptions::cluster(("ops", CLIENT), false, JOIN, HIVE)
         },
         "127.0.0.1:0",
     )
@@ -113,12 +109,7 @@ async fn the_single_node_stack_runs_from_the_tarball() {
     let hive = HiveProcess::start(HiveOptions {
         binary: Some(bin.join("rbee-hive")),
         worker_binary: Some(bin.join("llm-worker-rbee")),
-        ..HiveOptions::default()
-            .token(HIVE)
-            .env("QUEEN__URL", &queen.base_url)
-            .env("QUEEN__HEARTBEAT_SECONDS", 1)
-            .env("HIVE_ID", "dist-hive")
-            .env("JOIN_TOKEN", JOIN)
+        ..HiveOptions::joined(&queen.base_url, "dist-hive", HIVE, JOIN)
     })
     .await
     .unwrap();

@@ -116,14 +116,7 @@ async fn stack() -> Stack {
     .await
     .unwrap();
     let queen = QueenProcess::start(
-        QueenOptions {
-            clients: vec![("ops".into(), CLIENT.into())],
-            admins: vec!["ops".into()],
-            join_token: Some(JOIN.into()),
-            hive_token: Some(HIVE.into()),
-            config_tail: "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n".into(),
-            ..QueenOptions::default()
-        },
+        QueenOptions::cluster(("ops", CLIENT), true, JOIN, HIVE),
         "127.0.0.1:0",
     )
     .await
@@ -133,13 +126,8 @@ async fn stack() -> Stack {
         HiveOptions {
             // Downloads land in the first directory: a fresh one, not the model cache.
             model_dirs: vec![temp_dir("docs-models"), model_dir],
-            ..HiveOptions::default()
+            ..HiveOptions::joined(&queen.base_url, "hive-1", HIVE, JOIN)
         }
-        .token(HIVE)
-        .env("QUEEN__URL", &queen.base_url)
-        .env("QUEEN__HEARTBEAT_SECONDS", 1)
-        .env("HIVE_ID", "hive-1")
-        .env("JOIN_TOKEN", JOIN)
         .env("HUB__ENDPOINT", hub.endpoint()),
     )
     .await

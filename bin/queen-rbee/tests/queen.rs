@@ -23,30 +23,22 @@ async fn stack() -> Stack {
     let queen = QueenProcess::start(
         QueenOptions {
             env: vec![
-                ("RBEE_QUEEN_USAGE_LOG".into(), logs.join("usage.jsonl").display().to_string()),
-                ("RBEE_QUEEN_AUDIT_LOG".into(), logs.join("audit.jsonl").display().to_string()),
+                (
+                    "RBEE_QUEEN_USAGE_LOG".into(),
+                    logs.join("usage.jsonl").display().to_string(),
+                ),
+                (
+                    "RBEE_QUEEN_AUDIT_LOG".into(),
+                    logs.join("audit.jsonl").display().to_string(),
+                ),
             ],
-            clients: vec![("alice".into(), CLIENT.into())],
-            admins: vec!["alice".into()],
-            join_token: Some(JOIN.into()),
-            hive_token: Some(HIVE.into()),
-            config_tail: "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n".into(),
-            ..QueenOptions::default()
+            ..QueenOptions::cluster(("alice", CLIENT), true, JOIN, HIVE)
         },
         "127.0.0.1:0",
     )
     .await
     .unwrap();
-    let hive = HiveProcess::start(
-        HiveOptions::default()
-            .token(HIVE)
-            .env("QUEEN__URL", &queen.base_url)
-            .env("QUEEN__HEARTBEAT_SECONDS", 1)
-            .env("HIVE_ID", "hive-a")
-            .env("JOIN_TOKEN", JOIN),
-    )
-    .await
-    .unwrap();
+    let hive = hive_for(&queen.base_url, "hive-a", &[]).await;
     queen
         .wait_hives_up(&reqwest::Client::new(), 1)
         .await
@@ -321,26 +313,14 @@ fn free_port() -> u16 {
 }
 
 fn queen_options(registry: Option<std::path::PathBuf>, tail: &str) -> QueenOptions {
-    QueenOptions {
-        clients: vec![("alice".into(), CLIENT.into())],
-        admins: vec!["alice".into()],
-        join_token: Some(JOIN.into()),
-        hive_token: Some(HIVE.into()),
-        config_tail: format!(
-            "\n[[models]]\nname = \"smollm2\"\nreference = \"file:SmolLM2-135M-Instruct.Q4_1.gguf\"\n\n[scheduling]\nheartbeat_seconds = 1\n{tail}"
-        ),
-        registry_path: registry,
-        ..QueenOptions::default()
-    }
+    let mut opts = QueenOptions::cluster(("alice", CLIENT), true, JOIN, HIVE);
+    opts.config_tail.push_str(tail);
+    opts.registry_path = registry;
+    opts
 }
 
 async fn hive_for(queen_url: &str, id: &str, extra: &[(&str, &str)]) -> HiveProcess {
-    let mut opts = HiveOptions::default()
-        .token(HIVE)
-        .env("QUEEN__URL", queen_url)
-        .env("QUEEN__HEARTBEAT_SECONDS", 1)
-        .env("HIVE_ID", id)
-        .env("JOIN_TOKEN", JOIN);
+    let mut opts = HiveOptions::joined(queen_url, id, HIVE, JOIN);
     for (k, v) in extra {
         opts = opts.env(k, v);
     }
@@ -750,34 +730,36 @@ async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
     let resp = c
         .post(queen.url("/v1/inference"))
         .bearer_auth(CLIENT)
-        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 120, "temperature": 0}))
+        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 300, "temperature": 0}))
         .send()
         .await
         .unwrap();
     let mut reader = SseReader::new(resp);
     reader.next().await.unwrap();
     queen.signal(libc::SIGTERM);
-    // While the running request finishes, new work is refused and /health says so.
-    let mut refused = None;
-    for _ in 0..100 {
-        let r = chat(&c, &queen, CLIENT, 2).await;
-        if r.status() == 503 {
-            refused = Some(r);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let refused = refused.expect("a new request during the drain gets 503");
+    // While the running request finishes, /health says so and new work is refused.
+    eventually("/health reports the drain", || async {
+        c.get(queen.url("/health")).send().await.unwrap().status() == 503
+    })
+    .await;
+    let health: Value = c
+        .get(queen.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "draining");
+    let refused = chat(&c, &queen, CLIENT, 2).await;
+    assert_eq!(refused.status(), 503);
     assert!(refused.headers().get("retry-after").is_some());
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "SHUTTING_DOWN", "{body}");
-    let health = c.get(queen.url("/health")).send().await.unwrap();
-    assert_eq!(health.status(), 503);
-    assert_eq!(health.json::<Value>().await.unwrap()["status"], "draining");
     let rest = reader.collect().await.unwrap();
     assert_eq!(
         end_event(&rest).expect("finished")["completion_tokens"],
-        120
+        300
     );
     let status = queen
         .wait_exit(Duration::from_secs(15))
@@ -802,16 +784,9 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     let port = free_port();
     let queen_url = format!("http://127.0.0.1:{port}");
     let own = "hive-b-own-token-0123456789";
-    let hive = HiveProcess::start(
-        HiveOptions::default()
-            .token(own)
-            .env("QUEEN__URL", &queen_url)
-            .env("QUEEN__HEARTBEAT_SECONDS", 1)
-            .env("HIVE_ID", "hive-own")
-            .env("JOIN_TOKEN", JOIN),
-    )
-    .await
-    .unwrap();
+    let hive = HiveProcess::start(HiveOptions::joined(&queen_url, "hive-own", own, JOIN))
+        .await
+        .unwrap();
     let dir = rbee_test_harness::temp_dir("hive-own-token");
     let token_file = rbee_test_harness::write_token_file(&dir, own);
     let queen = QueenProcess::start(
@@ -990,7 +965,7 @@ async fn waiting_requests_are_served_in_arrival_order() {
     let resp = c
         .post(queen.url("/v1/inference"))
         .bearer_auth(CLIENT)
-        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 120, "temperature": 0}))
+        .json(&json!({"model": "smollm2", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 250, "temperature": 0}))
         .send()
         .await
         .unwrap();
@@ -1084,14 +1059,12 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
         .unwrap();
     assert_eq!(h["state"], "down", "{h}");
     // A hive still holding the old join token joins.
-    let hive = HiveProcess::start(
-        HiveOptions::default()
-            .token(HIVE)
-            .env("QUEEN__URL", &queen.base_url)
-            .env("QUEEN__HEARTBEAT_SECONDS", 1)
-            .env("HIVE_ID", "hive-old-join")
-            .env("JOIN_TOKEN", old_join),
-    )
+    let hive = HiveProcess::start(HiveOptions::joined(
+        &queen.base_url,
+        "hive-old-join",
+        HIVE,
+        old_join,
+    ))
     .await
     .unwrap();
     queen.wait_hives_up(&c, 1).await.unwrap();
