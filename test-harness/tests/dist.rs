@@ -91,6 +91,8 @@ fn the_tarball_holds_binaries_docs_units_configs_and_checksums() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains(env!("CARGO_PKG_VERSION")), "{bin}: {text}");
     }
+    // A quarter of a gigabyte unpacked: not left behind.
+    let _ = std::fs::remove_dir_all(root.parent().unwrap());
 }
 
 #[tokio::test]
@@ -143,4 +145,6 @@ async fn the_single_node_stack_runs_from_the_tarball() {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, bin.join("llm-worker-rbee").canonicalize().unwrap());
     drop(hive);
+    drop(queen);
+    let _ = std::fs::remove_dir_all(root.parent().unwrap());
 }

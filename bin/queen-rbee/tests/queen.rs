@@ -600,6 +600,19 @@ async fn admins_spawn_list_and_stop_workers_through_the_queen() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+    // The hive's refusal keeps its status and code, in the queen's (OpenAI) error shape.
+    let refused = c
+        .post(s.queen.url("/v1/admin/workers"))
+        .bearer_auth(CLIENT)
+        .json(&json!({"model": "file:no-such-model.gguf", "hive": "hive-a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 404);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "MODEL_NOT_FOUND", "{body}");
+    assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+    assert!(body["error"]["request_id"].is_string(), "{body}");
     drop(s.hive);
 }
 

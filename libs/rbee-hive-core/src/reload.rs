@@ -74,7 +74,8 @@ pub fn load_tokens(
         JOIN_TOKEN_ENV,
         env.join.as_ref(),
     )?;
-    // Hub tokens are the hub's business: no minimum length beyond non-empty.
+    // A hub token file follows the same rules as every token file (mode 0600, 16+ bytes);
+    // HF_TOKEN from the environment is passed on as given.
     let hub = if !cfg.hub.token_file.is_empty() || rbee_auth::credential_path("hf-token").is_some()
     {
         resolve(&cfg.hub.token_file, "hf-token", HUB_TOKEN_ENV, None)?

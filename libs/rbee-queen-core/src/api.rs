@@ -945,6 +945,13 @@ async fn passthrough(sent: reqwest::Result<reqwest::Response>, hive: &str, rid: 
             let status =
                 StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let body = r.bytes().await.unwrap_or_default();
+            // A hive's error is re-shaped like the queen's own (one error shape per daemon),
+            // keeping its status, code and message.
+            if !status.is_success()
+                && let Ok(e) = serde_json::from_slice::<rbee_api::ErrorBody>(&body)
+            {
+                return error(status, &e.error.code, &e.error.message, None, rid);
+            }
             (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => error(
