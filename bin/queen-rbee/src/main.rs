@@ -195,6 +195,14 @@ async fn serve(
                             "SIGHUP: the new configuration has no client tokens; keeping the current ones"
                         );
                     }
+                    Ok((_, t)) if t.join.is_none() && queen.tokens().join.is_some() => {
+                        warn!(
+                            "SIGHUP: the new configuration has no join token; keeping the running configuration (restart to run without one)"
+                        );
+                    }
+                    Ok((c, t)) if let Err(e) = check_security(&c, &t) => {
+                        warn!(error = %e, "SIGHUP: reload refused; keeping the running configuration");
+                    }
                     Ok((c, t)) => {
                         let changed = rbee_config::changed_keys(&queen.config(), &c);
                         let needs_restart: Vec<&String> = changed

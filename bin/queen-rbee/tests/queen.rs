@@ -709,6 +709,23 @@ fn the_example_config_checks_and_bad_ones_exit_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("scheduling.queue_lenght"));
+    // Names that mean something else are reserved.
+    let reserved = dir.join("reserved.toml");
+    std::fs::write(
+        &reserved,
+        format!(
+            "[[client_tokens]]\nname = \"dev\"\nfile = {:?}\n",
+            token.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("check-config")
+        .arg(&reserved)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reserved"));
     // check-config makes the start-up checks too: beyond loopback a join token is needed.
     let out = std::process::Command::new(&bin)
         .args(["--listen", "0.0.0.0:7833", "check-config"])
@@ -769,6 +786,14 @@ async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
     assert!(refused.headers().get("retry-after").is_some());
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "SHUTTING_DOWN", "{body}");
+    // Cancelling still works while draining (no such request here: 404, not 503).
+    let cancel = c
+        .delete(queen.url("/v1/inference/no-such-request"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 404);
     let rest = reader.collect().await.unwrap();
     assert_eq!(
         end_event(&rest).expect("finished")["completion_tokens"],

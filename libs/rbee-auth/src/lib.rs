@@ -164,9 +164,21 @@ pub fn load_token_file(path: &Path) -> Result<Token, AuthError> {
     read_token(path)
 }
 
-/// A systemd credential: no mode check, because systemd decides the file's mode (0400, or
-/// 0440 with an ACL on newer versions) inside a directory only the service can enter.
+/// A systemd credential: systemd decides the file's mode (0400, or 0440 with an ACL on newer
+/// versions) inside a directory only the service can enter, so group bits are accepted; a file
+/// anyone may read (a `CREDENTIALS_DIRECTORY` set by hand) is still refused.
 fn load_credential(path: &Path) -> Result<Token, AuthError> {
+    let meta = fs::metadata(path).map_err(|source| AuthError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(AuthError::InsecureMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
     read_token(path)
 }
 
@@ -531,5 +543,11 @@ mod tests {
         ));
         assert!(load_credential(&file).unwrap().matches(SECRET));
         fs::remove_file(&file).unwrap();
+        let open = temp_file(SECRET, 0o444);
+        assert!(matches!(
+            load_credential(&open),
+            Err(AuthError::InsecureMode { .. })
+        ));
+        fs::remove_file(&open).unwrap();
     }
 }

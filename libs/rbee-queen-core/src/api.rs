@@ -146,8 +146,11 @@ async fn require_token(
     next: Next,
 ) -> Response {
     let path = req.uri().path().to_owned();
-    // Hives keep beating while the queen drains; everything else new is refused.
-    if q.is_draining() && path != "/v1/hives/heartbeat" {
+    // Hives keep beating and clients may cancel while the queen drains; everything else new
+    // is refused.
+    let cancelling =
+        req.method() == axum::http::Method::DELETE && path.starts_with("/v1/inference/");
+    if q.is_draining() && path != "/v1/hives/heartbeat" && !cancelling {
         return api_error(
             ApiError::unavailable(
                 codes::SHUTTING_DOWN,
@@ -945,6 +948,19 @@ async fn passthrough(sent: reqwest::Result<reqwest::Response>, hive: &str, rid: 
             let status =
                 StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let body = r.bytes().await.unwrap_or_default();
+            // The hive refusing the queen's own token is the operator's problem, not the
+            // client's: not a 401 that would blame the client's token.
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    codes::INTERNAL,
+                    &format!(
+                        "hive {hive} refused the queen's credentials ({status}); the operator must fix the queen's hive token"
+                    ),
+                    None,
+                    rid,
+                );
+            }
             // A hive's error is re-shaped like the queen's own (one error shape per daemon),
             // keeping its status, code and message.
             if !status.is_success()

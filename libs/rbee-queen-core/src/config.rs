@@ -144,6 +144,12 @@ impl Validate for QueenConfig {
                     "use 1-128 letters, digits, `-`, `_`, `.` or `:`",
                 ));
             }
+            if matches!(t.name.as_str(), "env" | "dev" | "hive") {
+                e.push(err(
+                    &format!("client_tokens[{i}].name"),
+                    "`env`, `dev` and `hive` are reserved (the RBEE_QUEEN_CLIENT_TOKEN token, dev mode, heartbeats)",
+                ));
+            }
             if !names.insert(t.name.clone()) {
                 e.push(err(
                     &format!("client_tokens[{i}].name"),

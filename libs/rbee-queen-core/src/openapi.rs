@@ -54,6 +54,13 @@ pub fn document(routes: &[(&str, &str, bool)]) -> Value {
             ok.into(),
             json!({"description": "Success", "content": content(op.response)}),
         );
+        if path.starts_with("/v1/admin/") {
+            responses.insert(
+                "403".into(),
+                json!({"description": "A client token without `admin = true`",
+                       "content": {"application/json": {"schema": error}}}),
+            );
+        }
         if !public {
             responses.insert(
                 "401".into(),

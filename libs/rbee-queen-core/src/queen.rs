@@ -301,7 +301,8 @@ impl Queen {
     /// Whether the client token `name` may use the admin routes: tokens marked `admin`, the
     /// single operator's `RBEE_QUEEN_CLIENT_TOKEN` (`env`) and dev mode (`dev`).
     pub fn is_admin(&self, name: &str) -> bool {
-        matches!(name, "env" | "dev")
+        (name == "dev" && self.tokens().clients.is_empty())
+            || name == "env"
             || self
                 .config()
                 .client_tokens
@@ -464,6 +465,7 @@ impl Queen {
         // being spawned by spawn_wait_seconds; both by the request's deadline.
         let queue_deadline = add_secs(now, cfg.queue_wait_seconds);
         let spawn_deadline = add_secs(now, cfg.spawn_wait_seconds);
+        let in_io = IoFlag::default();
         // Request ids come from clients and may repeat; the queue keeps its own order.
         let ticket = self
             .next_ticket
@@ -489,6 +491,7 @@ impl Queen {
             }
             queue.push(Waiter {
                 ticket,
+                in_io: in_io.0.clone(),
                 avoid: avoid.map(|(h, w)| (h.to_owned(), w.to_owned())),
             });
             self.metrics.queue_depth.set(&[model_ref], f64::from(n + 1));
@@ -507,6 +510,21 @@ impl Queen {
         let mut spawn_started: Option<Instant> = None;
         loop {
             let freed = self.freed.notified();
+            if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                self.metrics.queue_rejections.inc(&["cancelled"]);
+                return Err(ApiError::new(
+                    StatusCode::from_u16(499).unwrap_or(StatusCode::CONFLICT),
+                    codes::CANCELLED,
+                    "the request was cancelled while waiting for a worker",
+                ));
+            }
+            if *self.cut.borrow() {
+                return Err(ApiError::unavailable(
+                    codes::SHUTTING_DOWN,
+                    "the queen shut down before a worker was free for this request",
+                    5,
+                ));
+            }
             if let Some((hive, worker)) = self.pick(model_ref, avoid, ticket) {
                 let waited = t0.elapsed().as_secs_f64();
                 self.metrics.queue_wait.observe(&[], waited);
@@ -533,6 +551,7 @@ impl Queen {
                 // Another request is between asking a hive and its answer: wait for it.
                 Some((hive_id, _)) if hive_id.is_empty() => {}
                 Some((hive_id, worker_id)) => {
+                    let _io = in_io.set();
                     self.check_pending(model_ref, &hive_id, &worker_id).await;
                 }
                 // The worker a retry avoids does not count: it just failed this request.
@@ -558,7 +577,11 @@ impl Queen {
                     && !self.spawn_blocked(model_ref)
                     && self.claim_spawn(model_ref) =>
                 {
-                    match self.spawn(model_ref).await {
+                    let spawn = {
+                        let _io = in_io.set();
+                        self.spawn(model_ref).await
+                    };
+                    match spawn {
                         Ok(()) => {
                             spawned = true;
                             spawn_started = Some(Instant::now());
@@ -577,14 +600,6 @@ impl Queen {
                     }
                 }
                 None => {}
-            }
-            if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
-                self.metrics.queue_rejections.inc(&["cancelled"]);
-                return Err(ApiError::new(
-                    StatusCode::from_u16(499).unwrap_or(StatusCode::CONFLICT),
-                    codes::CANCELLED,
-                    "the request was cancelled while waiting for a worker",
-                ));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -714,13 +729,18 @@ impl Queen {
             .filter(|(h, w)| !busy.contains(&(h.id.clone(), w.id.clone())))
             .filter(|(h, w)| !avoided(avoid, &h.id, &w.id))
             .filter(|(h, w)| {
-                ahead.iter().all(|earlier| {
-                    let a = earlier
-                        .avoid
-                        .as_ref()
-                        .map(|(h, w)| (h.as_str(), w.as_str()));
-                    avoided(a, &h.id, &w.id)
-                })
+                // A waiter busy asking a hive (spawn, status poll) does not hold back a free
+                // worker; it picks again when its call returns.
+                ahead
+                    .iter()
+                    .filter(|earlier| !earlier.in_io.load(std::sync::atomic::Ordering::SeqCst))
+                    .all(|earlier| {
+                        let a = earlier
+                            .avoid
+                            .as_ref()
+                            .map(|(h, w)| (h.as_str(), w.as_str()));
+                        avoided(a, &h.id, &w.id)
+                    })
             })
             .map(|(h, w)| {
                 let load = busy.iter().filter(|(hid, _)| *hid == h.id).count();
@@ -827,6 +847,8 @@ impl Queen {
             return;
         };
         let url = format!("{}/v1/workers/{worker_id}", hive.url.trim_end_matches('/'));
+        // One failed poll (a timeout, a 5xx, a token mid-rotation) is not a failed worker: only
+        // a hive that no longer knows it, a hive that went down, or a failed state is.
         let view: Value = match self
             .hive_get(hive_id, &url)
             .timeout(Duration::from_secs(5))
@@ -834,11 +856,18 @@ impl Queen {
             .await
         {
             Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
-            Ok(_) | Err(_) => Value::Null,
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+                json!({"state": "gone", "failure": "the hive no longer has this worker"})
+            }
+            _ if hive.state == rbee_registry::HiveState::Down => {
+                json!({"state": "unreachable", "failure": "the hive went down"})
+            }
+            Ok(_) | Err(_) => return,
         };
         match view["state"].as_str() {
             Some("ready") => {
                 lock(&self.pending).remove(model_ref);
+                lock(&self.spawn_failure).remove(model_ref);
                 if let Some(secs) = view["spawn_to_ready_seconds"].as_f64() {
                     self.metrics.stage.observe(&["load"], secs);
                 }
@@ -856,7 +885,7 @@ impl Queen {
                     Instant::now(),
                 ));
             }
-            Some("starting") | Some("backoff") => {}
+            Some("starting") | Some("backoff") | None => {}
             _ => {
                 let reason = failure_reason(hive_id, worker_id, &view);
                 warn!(
@@ -974,6 +1003,25 @@ impl Queen {
     }
 }
 
+/// Whether a waiter is in a call to a hive; `set()` marks it until the guard drops.
+#[derive(Default)]
+struct IoFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl IoFlag {
+    fn set(&self) -> IoGuard<'_> {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        IoGuard(self)
+    }
+}
+
+struct IoGuard<'a>(&'a IoFlag);
+
+impl Drop for IoGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// What the hive says about a worker that failed to start: its failure, last exit and the
 /// last line it wrote to stderr.
 fn failure_reason(hive_id: &str, worker_id: &str, view: &Value) -> String {
@@ -1020,6 +1068,8 @@ const HIVE_SPAWN_COOLDOWN: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 struct Waiter {
     ticket: u64,
+    /// Set while this waiter awaits a hive (spawn or status poll).
+    in_io: Arc<std::sync::atomic::AtomicBool>,
     /// The worker (or `*`: whole hive) a retry must not use.
     avoid: Option<(String, String)>,
 }

@@ -53,8 +53,10 @@ pub async fn start(
             .await
         {
             Ok(l) => l,
-            // No other worker for the retry: the first failure is the one worth reporting.
-            Err(e) => return Err(last_err.unwrap_or(e)),
+            // No other worker for the retry: the first failure is the one worth reporting
+            // (a cancellation, deadline or full queue during the retry is reported as such).
+            Err(e) if e.code == codes::NO_CAPACITY => return Err(last_err.unwrap_or(e)),
+            Err(e) => return Err(e),
         };
         let url = format!(
             "{}/v1/workers/{}/inference",
