@@ -184,6 +184,8 @@ async fn serve(
             };
             while hup.recv().await.is_some() {
                 rbee_systemd::reloading();
+                // Whatever else the reload does, the usage log follows logrotate.
+                queen.reopen_usage();
                 let outcome = loader
                     .load::<QueenConfig>()
                     .map_err(|e| e.to_string())

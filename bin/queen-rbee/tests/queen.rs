@@ -184,6 +184,30 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
         }
         assert!(std::time::Instant::now() < deadline, "no hash in {last}");
     }
+    // logrotate moves the file away and reloads: the next records go to a new file.
+    let rotated = usage_path.with_extension("jsonl.1");
+    std::fs::rename(&usage_path, &rotated).unwrap();
+    s.queen.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&usage_path)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        == 0
+    {
+        assert_eq!(
+            chat(&reqwest::Client::new(), &s.queen, CLIENT, 1)
+                .await
+                .status(),
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record in a new usage file after SIGHUP"
+        );
+    }
+    assert!(std::fs::read_to_string(&rotated).unwrap().lines().count() >= 3);
     drop(s.hive);
 }
 

@@ -174,6 +174,13 @@ impl Queen {
         }
     }
 
+    /// Continues the usage log in a fresh file at its path (SIGHUP, after logrotate).
+    pub fn reopen_usage(&self) {
+        if let Some(u) = &self.usage {
+            u.reopen();
+        }
+    }
+
     pub fn usage(&self, record: Value) {
         if let Some(u) = &self.usage {
             u.write(record);

@@ -11,6 +11,8 @@ use serde_json::Value;
 enum Msg {
     Line(Value),
     Flush(std::sync::mpsc::Sender<()>),
+    /// Open the path again (after logrotate moved the file away).
+    Reopen,
 }
 
 pub struct UsageLog {
@@ -20,12 +22,8 @@ pub struct UsageLog {
 impl UsageLog {
     /// Opens (appends to) `path`, created with mode 0600.
     pub fn open(path: &Path) -> std::io::Result<UsageLog> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
+        let mut file = open_append(path)?;
+        let path = path.to_path_buf();
         let (tx, rx) = sync_channel::<Msg>(8192);
         std::thread::Builder::new()
             .name("usage-writer".into())
@@ -42,6 +40,15 @@ impl UsageLog {
                             let _ = file.sync_data();
                             let _ = done.send(());
                         }
+                        Msg::Reopen => {
+                            let _ = file.sync_data();
+                            match open_append(&path) {
+                                Ok(f) => file = f,
+                                Err(e) => {
+                                    tracing::error!(error = %e, path = %path.display(), "usage log reopen failed; still writing the old file")
+                                }
+                            }
+                        }
                     }
                 }
             })?;
@@ -54,10 +61,24 @@ impl UsageLog {
         }
     }
 
+    /// Writes the lines queued so far, then continues in a file opened again at the path.
+    pub fn reopen(&self) {
+        let _ = self.tx.send(Msg::Reopen);
+    }
+
     pub fn flush(&self, timeout: Duration) {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         if self.tx.send(Msg::Flush(done_tx)).is_ok() {
             let _ = done_rx.recv_timeout(timeout);
         }
     }
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
