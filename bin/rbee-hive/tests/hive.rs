@@ -561,7 +561,7 @@ async fn crashed_workers_restart_with_backoff_until_the_breaker_opens() {
     assert_eq!(
         hive.metric(
             &c,
-            &format!("rbee_hive_worker_restart_count{{worker_id=\"{id}\"}}")
+            &format!("rbee_hive_worker_lifetime_restarts{{worker_id=\"{id}\"}}")
         )
         .await
         .unwrap(),

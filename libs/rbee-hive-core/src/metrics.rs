@@ -54,7 +54,7 @@ impl HiveMetrics {
             ),
             workers: r.gauge(
                 "rbee_hive_workers",
-                "Workers by state (starting, ready, stopping, backoff, failed).",
+                "Workers by state (starting, ready, stopping, backoff, failed, stopped).",
                 &["state"],
             ),
             spawns: r.counter(
@@ -84,7 +84,7 @@ impl HiveMetrics {
                 &[],
             ),
             worker_restart_count: r.gauge(
-                "rbee_hive_worker_restart_count",
+                "rbee_hive_worker_lifetime_restarts",
                 "Restarts of each current worker.",
                 &["worker_id"],
             ),
