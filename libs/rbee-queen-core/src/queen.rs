@@ -533,6 +533,7 @@ impl Queen {
                 ));
             }
             if let Some((hive, worker)) = self.pick(model_ref, avoid, ticket) {
+                self.picked_pending(model_ref, &hive.id, &worker);
                 let waited = t0.elapsed().as_secs_f64();
                 self.metrics.queue_wait.observe(&[], waited);
                 self.metrics.stage.observe(&["schedule"], waited);
@@ -923,6 +924,38 @@ impl Queen {
         lock(&self.hive_spawn_failed)
             .get(&(hive_id.to_owned(), model_ref.to_owned()))
             .is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// A heartbeat can list a spawned worker as ready before the poll does: the spawn is over
+    /// then too, and its load time is fetched off the request's path.
+    fn picked_pending(self: &Arc<Self>, model_ref: &str, hive_id: &str, worker_id: &str) {
+        {
+            let mut pending = lock(&self.pending);
+            match pending.get(model_ref) {
+                Some((h, w)) if h == hive_id && w == worker_id => {
+                    pending.remove(model_ref);
+                }
+                _ => return,
+            }
+        }
+        lock(&self.spawn_failure).remove(model_ref);
+        let (queen, hive_id, worker_id) = (self.clone(), hive_id.to_owned(), worker_id.to_owned());
+        tokio::spawn(async move {
+            let Ok(Some(hive)) = queen.registry.get(&hive_id) else {
+                return;
+            };
+            let url = format!("{}/v1/workers/{worker_id}", hive.url.trim_end_matches('/'));
+            if let Ok(r) = queen
+                .hive_get(&hive_id, &url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                && let Ok(view) = r.json::<Value>().await
+                && let Some(secs) = view["spawn_to_ready_seconds"].as_f64()
+            {
+                queen.metrics.stage.observe(&["load"], secs);
+            }
+        });
     }
 
     /// Ranks `hive_id` last for `model_ref` for a while, so the next spawn tries the others.
