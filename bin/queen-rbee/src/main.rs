@@ -189,23 +189,26 @@ async fn serve(
                 let outcome = loader
                     .load::<QueenConfig>()
                     .map_err(|e| e.to_string())
-                    .and_then(|c| load_tokens(&c, &env).map(|t| (c, t)));
+                    .and_then(|c| load_tokens(&c, &env).map(|t| (c, t)))
+                    .map(|(c, t)| {
+                        let insecure = check_security(&c, &t).err();
+                        (c, t, insecure)
+                    });
                 match outcome {
-                    Ok((c, t)) if t.clients.is_empty() && !queen.tokens().clients.is_empty() => {
-                        let _ = c;
+                    Ok((_, t, _)) if t.clients.is_empty() && !queen.tokens().clients.is_empty() => {
                         warn!(
                             "SIGHUP: the new configuration has no client tokens; keeping the current ones"
                         );
                     }
-                    Ok((_, t)) if t.join.is_none() && queen.tokens().join.is_some() => {
+                    Ok((_, t, _)) if t.join.is_none() && queen.tokens().join.is_some() => {
                         warn!(
                             "SIGHUP: the new configuration has no join token; keeping the running configuration (restart to run without one)"
                         );
                     }
-                    Ok((c, t)) if let Err(e) = check_security(&c, &t) => {
+                    Ok((_, _, Some(e))) => {
                         warn!(error = %e, "SIGHUP: reload refused; keeping the running configuration");
                     }
-                    Ok((c, t)) => {
+                    Ok((c, t, None)) => {
                         let changed = rbee_config::changed_keys(&queen.config(), &c);
                         let needs_restart: Vec<&String> = changed
                             .iter()
@@ -289,13 +292,9 @@ fn check_config(args: &Args, file: &Path) -> ExitCode {
         join: std::env::var(JOIN_TOKEN_ENV).ok(),
         hive: std::env::var(HIVE_TOKEN_ENV).ok(),
     };
-    match load_tokens(&cfg, &env) {
-        // The same checks the daemon makes before it binds.
-        Ok(t) if let Err(e) = check_security(&cfg, &t) => {
-            eprintln!("{}: {e}", file.display());
-            ExitCode::from(EXIT_CONFIG)
-        }
-        Ok(_) => {
+    // The same checks the daemon makes before it binds.
+    match load_tokens(&cfg, &env).and_then(|t| check_security(&cfg, &t)) {
+        Ok(()) => {
             // A closed pipe (`check-config ... | head`) is not an error worth a panic.
             use std::io::Write;
             let mut out = std::io::stdout().lock();

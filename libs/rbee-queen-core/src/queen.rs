@@ -567,8 +567,12 @@ impl Queen {
                 // rather than starting the same failure again.
                 None if self.usable_workers(model_ref, avoid) == 0
                     && self.spawn_blocked(model_ref)
-                    && let Some(reason) = lock(&self.spawn_failure).get(model_ref).cloned() =>
+                    && lock(&self.spawn_failure).contains_key(model_ref) =>
                 {
+                    let reason = lock(&self.spawn_failure)
+                        .get(model_ref)
+                        .cloned()
+                        .unwrap_or_default();
                     let retry = lock(&self.spawn_refused_until)
                         .get(model_ref)
                         .map_or(1, |t| {
