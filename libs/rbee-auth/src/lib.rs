@@ -150,43 +150,29 @@ fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// Refuses files that group or others may access (`mode & 0o077 != 0`).
 /// Symlinks are followed, so the mode checked is that of the real file.
 pub fn load_token_file(path: &Path) -> Result<Token, AuthError> {
-    let meta = fs::metadata(path).map_err(|source| AuthError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(AuthError::InsecureMode {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    read_token(path)
+    read_token(path, 0o077)
 }
 
 /// A systemd credential: systemd decides the file's mode (0400, or 0440 with an ACL on newer
 /// versions) inside a directory only the service can enter, so group bits are accepted; a file
 /// anyone may read (a `CREDENTIALS_DIRECTORY` set by hand) is still refused.
 fn load_credential(path: &Path) -> Result<Token, AuthError> {
-    let meta = fs::metadata(path).map_err(|source| AuthError::Io {
+    read_token(path, 0o007)
+}
+
+/// Reads a token file, refusing it when any of the `forbidden` mode bits is set.
+fn read_token(path: &Path, forbidden: u32) -> Result<Token, AuthError> {
+    let io_err = |source| AuthError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o007 != 0 {
+    };
+    let mode = fs::metadata(path).map_err(io_err)?.permissions().mode() & 0o7777;
+    if mode & forbidden != 0 {
         return Err(AuthError::InsecureMode {
             path: path.to_path_buf(),
             mode,
         });
     }
-    read_token(path)
-}
-
-fn read_token(path: &Path) -> Result<Token, AuthError> {
-    let io_err = |source| AuthError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let contents = fs::read_to_string(path).map_err(io_err)?;
     let token = Token::new(contents, &path.display().to_string())?;
     tracing::debug!(path = %path.display(), fingerprint = %token.fingerprint(), "loaded token file");

@@ -123,6 +123,16 @@ fn error(
     resp
 }
 
+fn unauthorized(rid: &str) -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        codes::UNAUTHORIZED,
+        "a valid `Authorization: Bearer <token>` header is required",
+        None,
+        rid,
+    )
+}
+
 fn api_error(e: ApiError, rid: &str) -> Response {
     let mut resp = error(e.status, e.code, &e.message, None, rid);
     if let Some(s) = e.retry_after {
@@ -181,13 +191,7 @@ async fn require_token(
             "anonymous",
             json!({"path": path, "request_id": rid.0, "token_presented": presented.is_some()}),
         );
-        return error(
-            StatusCode::UNAUTHORIZED,
-            codes::UNAUTHORIZED,
-            "a valid `Authorization: Bearer <token>` header is required",
-            None,
-            &rid.0,
-        );
+        return unauthorized(&rid.0);
     };
     if path.starts_with("/v1/admin/") && !q.is_admin(&name) {
         q.metrics.auth_failures.inc(&[]);
@@ -259,13 +263,7 @@ async fn metrics(
                 .is_none()
         {
             q.metrics.auth_failures.inc(&[]);
-            return error(
-                StatusCode::UNAUTHORIZED,
-                codes::UNAUTHORIZED,
-                "a valid `Authorization: Bearer <token>` header is required",
-                None,
-                &rid.0,
-            );
+            return unauthorized(&rid.0);
         }
     }
     (

@@ -858,15 +858,9 @@ impl Queen {
             lock(&self.pending).remove(model_ref);
             return;
         };
-        let url = format!("{}/v1/workers/{worker_id}", hive.url.trim_end_matches('/'));
         // One failed poll (a timeout, a 5xx, a token mid-rotation) is not a failed worker: only
         // a hive that no longer knows it, a hive that went down, or a failed state is.
-        let view: Value = match self
-            .hive_get(hive_id, &url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-        {
+        let view: Value = match self.worker_view(&hive, worker_id).await {
             Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
                 json!({"state": "gone", "failure": "the hive no longer has this worker"})
@@ -930,6 +924,19 @@ impl Queen {
             .is_some_and(|until| Instant::now() < *until)
     }
 
+    /// `GET /v1/workers/{id}` on the hive, with a 5 s limit.
+    async fn worker_view(
+        &self,
+        hive: &HiveRecord,
+        worker_id: &str,
+    ) -> reqwest::Result<reqwest::Response> {
+        let url = format!("{}/v1/workers/{worker_id}", hive.url.trim_end_matches('/'));
+        self.hive_get(&hive.id, &url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+    }
+
     /// A heartbeat can list a spawned worker as ready before the poll does: the spawn is over
     /// then too, and its load time is fetched off the request's path.
     fn picked_pending(self: &Arc<Self>, model_ref: &str, hive_id: &str, worker_id: &str) {
@@ -945,15 +952,8 @@ impl Queen {
         lock(&self.spawn_failure).remove(model_ref);
         let (queen, hive_id, worker_id) = (self.clone(), hive_id.to_owned(), worker_id.to_owned());
         tokio::spawn(async move {
-            let Ok(Some(hive)) = queen.registry.get(&hive_id) else {
-                return;
-            };
-            let url = format!("{}/v1/workers/{worker_id}", hive.url.trim_end_matches('/'));
-            if let Ok(r) = queen
-                .hive_get(&hive_id, &url)
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
+            if let Ok(Some(hive)) = queen.registry.get(&hive_id)
+                && let Ok(r) = queen.worker_view(&hive, &worker_id).await
                 && let Ok(view) = r.json::<Value>().await
                 && let Some(secs) = view["spawn_to_ready_seconds"].as_f64()
             {
