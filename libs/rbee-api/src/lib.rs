@@ -6,6 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod sse;
+pub mod worker;
+
+pub use worker::WorkerState;
+
 /// Header carrying the request id on every hop.
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
 /// Absolute deadline in unix milliseconds, set by the queen, honoured by every hop.
@@ -17,54 +22,96 @@ pub const SSE_DONE: &str = "[DONE]";
 /// Largest request body any rbee daemon accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// Stable error codes; the HTTP status is chosen by the daemon that raises them.
+/// Stable error codes, each with the one HTTP status it is answered with (a handful of
+/// documented call sites override it with [`ErrorCode`]'s status kept for everything else).
 /// `docs/TROUBLESHOOTING.md` explains each one (a test keeps the two in step).
-pub mod codes {
-    macro_rules! codes {
-        ($($name:ident),* $(,)?) => {
-            $(pub const $name: &str = stringify!($name);)*
+macro_rules! error_codes {
+    ($($variant:ident = $name:ident => $status:literal),* $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
             /// Every code a daemon may answer with.
-            pub const ALL: &[&str] = &[$($name),*];
-        };
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The code as it appears on the wire (`NO_CAPACITY`).
+            pub const fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => stringify!($name),)* }
+            }
+
+            /// The HTTP status this code is answered with.
+            pub const fn status(self) -> u16 {
+                match self { $(ErrorCode::$variant => $status,)* }
+            }
+
+            /// The code a wire string names, if any.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $(stringify!($name) => Some(ErrorCode::$variant),)* _ => None }
+            }
+        }
+
+        /// The codes under their wire names, for call sites that read like the docs.
+        pub mod codes {
+            use super::ErrorCode;
+            $(pub const $name: ErrorCode = ErrorCode::$variant;)*
+            /// Every code a daemon may answer with.
+            pub const ALL: &[ErrorCode] = ErrorCode::ALL;
+        }
+    };
+}
+
+error_codes!(
+    InvalidJson = INVALID_JSON => 400,
+    InvalidContentType = INVALID_CONTENT_TYPE => 415,
+    InvalidParameter = INVALID_PARAMETER => 400,
+    ContextLengthExceeded = CONTEXT_LENGTH_EXCEEDED => 400,
+    PayloadTooLarge = PAYLOAD_TOO_LARGE => 413,
+    Unauthorized = UNAUTHORIZED => 401,
+    Forbidden = FORBIDDEN => 403,
+    NotFound = NOT_FOUND => 404,
+    MethodNotAllowed = METHOD_NOT_ALLOWED => 405,
+    AllSlotsBusy = ALL_SLOTS_BUSY => 503,
+    ModelLoading = MODEL_LOADING => 503,
+    ShuttingDown = SHUTTING_DOWN => 503,
+    DeadlineExceeded = DEADLINE_EXCEEDED => 504,
+    InferenceFailed = INFERENCE_FAILED => 500,
+    Internal = INTERNAL => 500,
+    InsufficientResources = INSUFFICIENT_RESOURCES => 507,
+    ModelNotFound = MODEL_NOT_FOUND => 404,
+    ModelInUse = MODEL_IN_USE => 409,
+    InvalidModelRef = INVALID_MODEL_REF => 400,
+    WorkerNotReady = WORKER_NOT_READY => 503,
+    WorkerUnavailable = WORKER_UNAVAILABLE => 502,
+    QueueFull = QUEUE_FULL => 429,
+    ClientLimit = CLIENT_LIMIT => 429,
+    Cancelled = CANCELLED => 499,
+    NoCapacity = NO_CAPACITY => 503,
+    ModelNotServed = MODEL_NOT_SERVED => 404,
+    OutsideModelDirs = OUTSIDE_MODEL_DIRS => 400,
+    AmbiguousModelFile = AMBIGUOUS_MODEL_FILE => 400,
+    HubUnauthorized = HUB_UNAUTHORIZED => 502,
+    HubUnavailable = HUB_UNAVAILABLE => 502,
+    ChecksumMismatch = CHECKSUM_MISMATCH => 502,
+    InsufficientDisk = INSUFFICIENT_DISK => 507,
+    DownloadInProgress = DOWNLOAD_IN_PROGRESS => 409,
+    InvalidGguf = INVALID_GGUF => 422,
+    InvalidConfig = INVALID_CONFIG => 500,
+    Io = IO => 500,
+);
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
-    codes!(
-        INVALID_JSON,
-        INVALID_CONTENT_TYPE,
-        INVALID_PARAMETER,
-        CONTEXT_LENGTH_EXCEEDED,
-        PAYLOAD_TOO_LARGE,
-        UNAUTHORIZED,
-        FORBIDDEN,
-        NOT_FOUND,
-        METHOD_NOT_ALLOWED,
-        ALL_SLOTS_BUSY,
-        MODEL_LOADING,
-        SHUTTING_DOWN,
-        DEADLINE_EXCEEDED,
-        INFERENCE_FAILED,
-        INTERNAL,
-        INSUFFICIENT_RESOURCES,
-        MODEL_NOT_FOUND,
-        MODEL_IN_USE,
-        INVALID_MODEL_REF,
-        WORKER_NOT_READY,
-        WORKER_UNAVAILABLE,
-        QUEUE_FULL,
-        CLIENT_LIMIT,
-        CANCELLED,
-        NO_CAPACITY,
-        MODEL_NOT_SERVED,
-        OUTSIDE_MODEL_DIRS,
-        AMBIGUOUS_MODEL_FILE,
-        HUB_UNAUTHORIZED,
-        HUB_UNAVAILABLE,
-        CHECKSUM_MISMATCH,
-        INSUFFICIENT_DISK,
-        DOWNLOAD_IN_PROGRESS,
-        INVALID_GGUF,
-        INVALID_CONFIG,
-        IO,
-    );
+}
+
+impl From<ErrorCode> for String {
+    fn from(c: ErrorCode) -> String {
+        c.as_str().to_owned()
+    }
 }
 
 /// The one error body every daemon returns.
@@ -75,16 +122,16 @@ pub struct ErrorBody {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorDetail {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
     pub request_id: String,
 }
 
 impl ErrorBody {
-    pub fn new(code: &str, message: impl Into<String>, request_id: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>, request_id: impl Into<String>) -> Self {
         Self {
             error: ErrorDetail {
-                code: code.to_owned(),
+                code,
                 message: message.into(),
                 request_id: request_id.into(),
             },
@@ -187,7 +234,7 @@ pub enum StreamEvent {
         timings: Timings,
     },
     Error {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
 }
@@ -220,8 +267,7 @@ pub struct HeartbeatWorker {
     /// The model reference the worker was spawned with.
     pub model: String,
     pub device: String,
-    /// `starting`, `ready`, `stopping`, `backoff` or `failed`.
-    pub state: String,
+    pub state: WorkerState,
     pub busy: bool,
 }
 
@@ -248,6 +294,15 @@ mod tests {
     #[test]
     fn error_body_has_the_one_shape() {
         let body = ErrorBody::new(codes::ALL_SLOTS_BUSY, "busy", "r1");
+        assert_eq!(
+            ErrorCode::parse("ALL_SLOTS_BUSY"),
+            Some(codes::ALL_SLOTS_BUSY)
+        );
+        assert_eq!(codes::ALL_SLOTS_BUSY.status(), 503);
+        for c in ErrorCode::ALL {
+            // serde's spelling and the documented one are the same string.
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
         let v = serde_json::to_value(&body).unwrap();
         assert_eq!(
             v,

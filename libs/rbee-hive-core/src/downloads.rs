@@ -124,7 +124,7 @@ impl Downloads {
                     );
                 }
                 Err(e) => {
-                    hive.metrics.downloads.inc(&[e.code()]);
+                    hive.metrics.downloads.inc(&[e.code().as_str()]);
                     warn!(download_id = %id, error = %e, "download failed");
                     hive.audit(
                         "model.download_failed",

@@ -32,7 +32,7 @@ pub async fn build(hive: &Hive) -> HiveHeartbeat {
                 id: w.id,
                 model: w.model,
                 device: w.device,
-                state: w.state.as_str().to_owned(),
+                state: w.state,
                 busy: w.busy,
             })
             .collect(),

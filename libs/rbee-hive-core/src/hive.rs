@@ -605,7 +605,9 @@ impl Hive {
                 };
                 w.probe_holds.store(false, Ordering::SeqCst);
                 drop(permit);
-                ok = body.contains("\"type\":\"end\"");
+                let mut seen = rbee_api::sse::StreamObserver::default();
+                seen.observe(body.as_bytes());
+                ok = seen.terminal() == Some(rbee_api::sse::Terminal::End);
                 self.metrics
                     .health_probes
                     .inc(&["generate", if ok { "ok" } else { "failed" }]);

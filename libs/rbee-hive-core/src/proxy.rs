@@ -15,7 +15,8 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
-use rbee_api::{HEADER_DEADLINE_MS, HEADER_REQUEST_ID, StreamEvent, codes};
+use rbee_api::sse::{self, StreamObserver, Terminal};
+use rbee_api::{ErrorBody, ErrorCode, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, StreamEvent, codes};
 use rbee_http::ApiError;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, warn};
@@ -40,11 +41,10 @@ pub async fn forward(
             _ => (codes::WORKER_NOT_READY, "the worker is not ready"),
         };
         hive.metrics.inference_requests.inc(&["not_ready"]);
-        return Err(ApiError::unavailable(
-            code,
-            format!("{msg} (state {})", worker.state().as_str()),
-            1,
-        ));
+        return Err(
+            ApiError::new(code, format!("{msg} (state {})", worker.state().as_str()))
+                .retry_after(1),
+        );
     };
     let permit = match worker.slot.clone().try_acquire_owned() {
         Ok(p) => p,
@@ -91,20 +91,19 @@ pub async fn forward(
                 hive.metrics.inference_requests.inc(&["upstream_error"]);
                 warn!(worker_id = %worker.id(), waited_s = header_wait.as_secs_f64(), "worker did not answer");
                 return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
                     codes::WORKER_UNAVAILABLE,
                     format!(
                         "worker {} did not answer within {:.1} s",
                         worker.id(),
                         header_wait.as_secs_f64()
                     ),
-                ));
+                )
+                .with_status(StatusCode::GATEWAY_TIMEOUT));
             }
             Ok(Err(e)) => {
                 hive.metrics.inference_requests.inc(&["upstream_error"]);
                 warn!(worker_id = %worker.id(), error = %e, "worker unreachable");
                 return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
                     codes::WORKER_UNAVAILABLE,
                     format!("worker {} did not answer: {e}", worker.id()),
                 ));
@@ -117,7 +116,8 @@ pub async fn forward(
         let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let retry = r.headers().get(header::RETRY_AFTER).cloned();
         let bytes = r.bytes().await.unwrap_or_default();
-        let busy = String::from_utf8_lossy(&bytes).contains(codes::ALL_SLOTS_BUSY);
+        let busy = serde_json::from_slice::<ErrorBody>(&bytes)
+            .is_ok_and(|b| b.error.code == codes::ALL_SLOTS_BUSY);
         if busy && tokio::time::Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
@@ -134,8 +134,7 @@ pub async fn forward(
     let stream = PassThrough {
         upstream: Box::pin(upstream.bytes_stream()),
         cut: Box::pin(wait_cut(hive.clone())),
-        scan: Vec::new(),
-        terminal: false,
+        observer: StreamObserver::default(),
         finished: false,
         guard: Some(StreamGuard {
             hive,
@@ -158,11 +157,11 @@ pub async fn forward(
 
 fn busy(hive: &Hive) -> ApiError {
     hive.metrics.inference_requests.inc(&["busy"]);
-    ApiError::unavailable(
+    ApiError::new(
         codes::ALL_SLOTS_BUSY,
         "the worker is generating for another request",
-        1,
     )
+    .retry_after(1)
 }
 
 async fn wait_cut(hive: Arc<Hive>) {
@@ -230,39 +229,32 @@ type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 struct PassThrough {
     upstream: ByteStream,
     cut: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    /// Recent bytes, to notice the terminal `end`/`error` event across chunk boundaries.
-    scan: Vec<u8>,
-    terminal: bool,
+    /// Notices the terminal `end`/`error` event as the bytes pass.
+    observer: StreamObserver,
     finished: bool,
     guard: Option<StreamGuard>,
 }
 
-fn error_tail(code: &str, message: &str) -> Bytes {
+fn error_tail(code: ErrorCode, message: &str) -> Bytes {
     let ev = StreamEvent::Error {
-        code: code.to_owned(),
+        code,
         message: message.to_owned(),
     };
-    let json = serde_json::to_string(&ev).unwrap_or_default();
-    Bytes::from(format!("data: {json}\n\ndata: [DONE]\n\n"))
+    Bytes::from(sse::encode_event(&ev) + &sse::encode_done())
 }
 
 impl PassThrough {
     fn note(&mut self, chunk: &[u8]) {
-        self.scan.extend_from_slice(chunk);
-        let hay = String::from_utf8_lossy(&self.scan);
-        if hay.contains("\"type\":\"end\"") {
-            self.terminal = true;
-            if let Some(g) = &mut self.guard {
-                g.ok = true;
-            }
-        } else if hay.contains("\"type\":\"error\"") {
-            self.terminal = true;
+        self.observer.observe(chunk);
+        if self.observer.terminal() == Some(Terminal::End)
+            && let Some(g) = &mut self.guard
+        {
+            g.ok = true;
         }
-        // Keep only a tail long enough to hold a split marker.
-        if self.scan.len() > 64 {
-            let cut = self.scan.len() - 64;
-            self.scan.drain(..cut);
-        }
+    }
+
+    fn terminal(&self) -> bool {
+        self.observer.terminal().is_some()
     }
 
     fn end(&mut self) {
@@ -278,7 +270,7 @@ impl Stream for PassThrough {
         if self.finished {
             return Poll::Ready(None);
         }
-        if !self.terminal && self.cut.as_mut().poll(cx).is_ready() {
+        if !self.terminal() && self.cut.as_mut().poll(cx).is_ready() {
             self.end();
             return Poll::Ready(Some(Ok(error_tail(
                 codes::SHUTTING_DOWN,
@@ -291,7 +283,7 @@ impl Stream for PassThrough {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let terminal = self.terminal;
+                let terminal = self.terminal();
                 self.end();
                 if terminal {
                     return Poll::Ready(None);
@@ -302,7 +294,7 @@ impl Stream for PassThrough {
                 ))))
             }
             Poll::Ready(None) => {
-                let terminal = self.terminal;
+                let terminal = self.terminal();
                 self.end();
                 if terminal {
                     return Poll::Ready(None);

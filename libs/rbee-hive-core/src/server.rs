@@ -148,11 +148,11 @@ async fn require_token(
         && req.method() == Method::POST
         && ready_route_worker(&path).is_none()
     {
-        return ApiError::unavailable(
+        return ApiError::new(
             codes::SHUTTING_DOWN,
             "the hive is shutting down and takes no new work",
-            5,
         )
+        .retry_after(5)
         .with_request_id(&rid.0)
         .into_response();
     }
@@ -220,28 +220,13 @@ async fn list_workers(State(hive): State<Shared>) -> Response {
     Json(json!({ "workers": hive.list() })).into_response()
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpawnBody {
-    /// `hf:org/repo[:file]` or `file:path`.
-    model: String,
-    #[serde(default = "default_device")]
-    device: String,
-    /// Lower the context below what the model declares (smaller KV cache, smaller estimate).
-    max_context: Option<u64>,
-}
-
-fn default_device() -> String {
-    "cpu".into()
-}
-
 async fn spawn_worker(
     State(hive): State<Shared>,
     Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req: SpawnBody = match json_body(&headers, body) {
+    let req: rbee_api::worker::SpawnRequest = match json_body(&headers, body) {
         Ok(r) => r,
         Err(e) => return err(&rid, e),
     };
@@ -282,12 +267,11 @@ fn json_body<T: serde::de::DeserializeOwned>(
 fn body_error(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
             codes::PAYLOAD_TOO_LARGE,
             format!("request body over {MAX_BODY_BYTES} bytes"),
         )
     } else {
-        ApiError::bad_request(codes::INVALID_JSON, e.body_text())
+        ApiError::new(codes::INVALID_JSON, e.body_text())
     }
 }
 
@@ -338,10 +322,10 @@ async fn worker_ready(
         err(
             &rid,
             ApiError::new(
-                StatusCode::CONFLICT,
                 codes::INVALID_PARAMETER,
                 "no ready call is expected from this process",
-            ),
+            )
+            .with_status(StatusCode::CONFLICT),
         )
     }
 }
@@ -435,7 +419,6 @@ async fn cancel_inference(
         Err(e) => err(
             &rid,
             ApiError::new(
-                StatusCode::BAD_GATEWAY,
                 codes::WORKER_UNAVAILABLE,
                 format!("worker {worker_id} did not answer: {e}"),
             ),
@@ -465,7 +448,6 @@ async fn delete_model(
         return err(
             &rid,
             ApiError::new(
-                StatusCode::CONFLICT,
                 codes::MODEL_IN_USE,
                 format!("model `{id}` is in use by worker {worker}; stop it first"),
             ),
@@ -513,7 +495,7 @@ async fn start_download(
     if !matches!(model, rbee_models::ModelRef::Hf(_)) {
         return err(
             &rid,
-            ApiError::bad_request(
+            ApiError::new(
                 codes::INVALID_MODEL_REF,
                 "only `hf:org/repo[:file]` references can be downloaded",
             ),
@@ -581,28 +563,28 @@ async fn download_events(
     sse(events)
 }
 
-impl From<HiveError> for ApiError {
-    fn from(e: HiveError) -> Self {
-        let msg = e.to_string();
-        match e {
-            HiveError::BadRequest(_) => ApiError::bad_request(codes::INVALID_PARAMETER, msg),
-            HiveError::WorkerNotFound(_) => ApiError::not_found(msg),
-            HiveError::ModelNotFound(_) => {
-                ApiError::new(StatusCode::NOT_FOUND, codes::MODEL_NOT_FOUND, msg)
-            }
-            HiveError::Insufficient(_) => ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                codes::INSUFFICIENT_RESOURCES,
-                msg,
-            ),
-            HiveError::ShuttingDown => ApiError::unavailable(codes::SHUTTING_DOWN, msg, 5),
-            HiveError::Model(m) => {
-                let status = StatusCode::from_u16(m.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                ApiError::new(status, m.code(), msg)
-            }
+impl rbee_http::HttpError for HiveError {
+    fn code(&self) -> rbee_api::ErrorCode {
+        match self {
+            HiveError::BadRequest(_) => codes::INVALID_PARAMETER,
+            HiveError::WorkerNotFound(_) => codes::NOT_FOUND,
+            HiveError::ModelNotFound(_) => codes::MODEL_NOT_FOUND,
+            HiveError::Insufficient(_) => codes::INSUFFICIENT_RESOURCES,
+            HiveError::ShuttingDown => codes::SHUTTING_DOWN,
+            HiveError::Model(m) => m.code(),
             HiveError::Audit(_) | HiveError::Http(_) | HiveError::Io(_) | HiveError::Config(_) => {
-                ApiError::internal(msg)
+                codes::INTERNAL
             }
         }
+    }
+
+    fn retry_after(&self) -> Option<u32> {
+        matches!(self, HiveError::ShuttingDown).then_some(5)
+    }
+}
+
+impl From<HiveError> for ApiError {
+    fn from(e: HiveError) -> Self {
+        rbee_http::HttpError::to_api_error(&e)
     }
 }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use rbee_auth::Token;
 use rbee_http::unix_ms;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -19,6 +18,9 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tracing::{Instrument, error, info, warn};
 
 use crate::hive::Hive;
+pub use rbee_api::worker::{
+    BackoffInfo, ExitInfo, ReadyReport, StopCause, StopInfo, StopOutcome, WorkerState, WorkerView,
+};
 
 /// Lines of a worker's stderr kept for its crash report.
 const STDERR_TAIL_LINES: usize = 20;
@@ -40,120 +42,6 @@ const ENV_ALLOW: &[&str] = &[
     "NVIDIA_VISIBLE_DEVICES",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkerState {
-    /// Process started, model loading, ready call not yet received.
-    Starting,
-    Ready,
-    /// Being stopped (ask, SIGTERM, SIGKILL).
-    Stopping,
-    /// Crashed; waiting out the backoff before the next restart.
-    Backoff,
-    /// Crashed and not restarted: the breaker is open, restarts are off, or spawning fails.
-    Failed,
-    /// Gone; the record is removed right after this state is announced.
-    Stopped,
-}
-
-impl WorkerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkerState::Starting => "starting",
-            WorkerState::Ready => "ready",
-            WorkerState::Stopping => "stopping",
-            WorkerState::Backoff => "backoff",
-            WorkerState::Failed => "failed",
-            WorkerState::Stopped => "stopped",
-        }
-    }
-
-    pub const ALL: [WorkerState; 6] = [
-        WorkerState::Starting,
-        WorkerState::Ready,
-        WorkerState::Stopping,
-        WorkerState::Backoff,
-        WorkerState::Failed,
-        WorkerState::Stopped,
-    ];
-}
-
-/// Why a worker is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopCause {
-    /// `DELETE /v1/workers/{id}`.
-    Api,
-    /// Unused for the keep-alive.
-    Idle,
-    /// The hive is shutting down.
-    Shutdown,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopOutcome {
-    /// Exited after the ask or SIGTERM.
-    Graceful,
-    /// Needed SIGKILL.
-    ForceKilled,
-    /// Was not running (failed or waiting to restart).
-    NotRunning,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ExitInfo {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    pub at_unix_ms: i64,
-    /// Why the hive counts this as a crash.
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BackoffInfo {
-    /// Crashes inside the breaker window.
-    pub recent_crashes: u32,
-    pub next_restart_unix_ms: i64,
-    pub delay_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StopInfo {
-    pub cause: StopCause,
-    pub outcome: StopOutcome,
-    pub seconds: f64,
-}
-
-/// A worker as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerView {
-    pub id: String,
-    pub model: String,
-    pub model_path: PathBuf,
-    pub device: String,
-    pub state: WorkerState,
-    pub pid: Option<u32>,
-    pub port: Option<u16>,
-    pub busy: bool,
-    pub context_length: Option<u64>,
-    pub restart_count: u32,
-    pub breaker_open: bool,
-    pub last_exit: Option<ExitInfo>,
-    pub stderr_tail: Vec<String>,
-    pub backoff: Option<BackoffInfo>,
-    pub failure: Option<String>,
-    pub spawned_at_unix_ms: Option<i64>,
-    pub ready_at_unix_ms: Option<i64>,
-    pub spawn_to_ready_seconds: Option<f64>,
-    pub memory_estimate_bytes: u64,
-    /// Resident memory (cpu, metal) or VRAM (cuda) as last sampled.
-    pub memory_used_bytes: Option<u64>,
-    pub requests_total: u64,
-    pub last_used_unix_ms: Option<i64>,
-    pub stop: Option<StopInfo>,
-}
-
 /// What a spawn asks for, after validation and admission.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
@@ -164,17 +52,6 @@ pub struct WorkerSpec {
     pub binary: PathBuf,
     pub max_context: Option<u64>,
     pub memory_estimate_bytes: u64,
-}
-
-/// The body of a worker's ready call.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ReadyReport {
-    pub worker_id: String,
-    pub address: String,
-    pub pid: u32,
-    pub context_length: u64,
-    #[serde(default)]
-    pub load_seconds: f64,
 }
 
 struct Status {

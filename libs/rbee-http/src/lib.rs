@@ -18,23 +18,25 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
-use rbee_api::{ErrorBody, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, codes};
+use rbee_api::{ErrorBody, ErrorCode, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, codes};
 use tracing::Instrument;
 
-/// An error response in the one JSON shape.
+/// An error response in the one JSON shape. The status comes from the code's one entry in
+/// [`ErrorCode::status`]; the few call sites that answer otherwise say so with
+/// [`ApiError::with_status`].
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub request_id: String,
     pub retry_after: Option<u32>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
+            status: status_of(code),
             code,
             message: message.into(),
             request_id: String::new(),
@@ -42,36 +44,56 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, message)
+        Self::new(codes::NOT_FOUND, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, message)
+        Self::new(codes::INTERNAL, message)
     }
 
     pub fn unauthorized() -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
             codes::UNAUTHORIZED,
             "a valid `Authorization: Bearer <token>` header is required",
         )
     }
 
-    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u32) -> Self {
-        Self {
-            retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
-        }
+    /// Answers with `status` instead of the code's usual one.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Adds `Retry-After: secs`.
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     pub fn with_request_id(mut self, id: &str) -> Self {
         self.request_id = id.to_owned();
         self
+    }
+}
+
+/// The HTTP status of an error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// The error type of a core crate, as HTTP sees it: one code (hence one status), a message
+/// and maybe a `Retry-After`. Every such type becomes an [`ApiError`] the same way.
+pub trait HttpError: std::fmt::Display {
+    fn code(&self) -> ErrorCode;
+    fn retry_after(&self) -> Option<u32> {
+        None
+    }
+    fn to_api_error(&self) -> ApiError {
+        ApiError {
+            retry_after: self.retry_after(),
+            ..ApiError::new(self.code(), self.to_string())
+        }
     }
 }
 
@@ -137,7 +159,6 @@ pub async fn not_found(Extension(rid): Extension<RequestId>, req: Request) -> Re
 
 pub async fn method_not_allowed(Extension(rid): Extension<RequestId>, req: Request) -> Response {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
         codes::METHOD_NOT_ALLOWED,
         format!("{} is not allowed on {}", req.method(), req.uri().path()),
     )
@@ -172,7 +193,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         } else {
             format!("invalid request body: `{path}`: {inner}")
         };
-        ApiError::bad_request(codes::INVALID_JSON, msg)
+        ApiError::new(codes::INVALID_JSON, msg)
     })
 }
 
@@ -183,7 +204,6 @@ pub fn parse_json_request<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApiError> {
     if !is_json(headers) {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
             codes::INVALID_CONTENT_TYPE,
             "expected `Content-Type: application/json`",
         ));
@@ -250,64 +270,9 @@ where
         .layer(axum::middleware::from_fn(request_id))
 }
 
-/// Incremental parser of a server-sent-events byte stream into the `data:` payload of each
-/// event (several `data:` lines of one event are joined with `\n`; comments and keep-alives
-/// yield nothing).
-#[derive(Debug, Default)]
-pub struct SseParser {
-    buf: Vec<u8>,
-}
-
-impl SseParser {
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
-        self.buf.extend_from_slice(chunk);
-        let mut out = Vec::new();
-        while let Some(end) = find_event_end(&self.buf) {
-            let frame: Vec<u8> = self.buf.drain(..end.1).collect();
-            let text = String::from_utf8_lossy(&frame[..end.0]);
-            let data: Vec<&str> = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if !data.is_empty() {
-                out.push(data.join("\n"));
-            }
-        }
-        out
-    }
-}
-
-/// (end of the event's text, end including the blank line) of the first complete event.
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| (i, i + 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, i + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_events_split_across_chunks() {
-        let mut p = SseParser::default();
-        assert!(p.push(b"data: {\"a\"").is_empty());
-        assert_eq!(
-            p.push(b":1}\n\n: keep-alive\n\ndata: [DONE]\n\n"),
-            vec!["{\"a\":1}", "[DONE]"]
-        );
-        assert_eq!(p.push(b"data: x\r\ndata: y\r\n\r\n"), vec!["x\ny"]);
-    }
 
     #[test]
     fn request_ids_are_plain_and_short() {

@@ -39,7 +39,7 @@ pub enum DownloadState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProgressError {
     /// [`ModelError::code`].
-    pub code: String,
+    pub code: rbee_api::ErrorCode,
     /// The error's message.
     pub message: String,
 }
@@ -117,11 +117,11 @@ pub async fn download(
             if let (ModelError::Cancelled, Some(part)) = (e, &part) {
                 let _ = tokio::fs::remove_file(part).await;
             }
-            tracing::warn!(reference = %reference, code = e.code(), error = %e, "model download failed");
+            tracing::warn!(reference = %reference, code = %e.code(), error = %e, "model download failed");
             progress.send_modify(|p| {
                 p.state = DownloadState::Failed;
                 p.error = Some(ProgressError {
-                    code: e.code().to_owned(),
+                    code: e.code(),
                     message: e.to_string(),
                 });
             });

@@ -102,11 +102,11 @@ pub enum ModelError {
     },
 }
 
-use rbee_api::codes;
+use rbee_api::{ErrorCode, codes};
 
 impl ModelError {
     /// Stable SCREAMING_SNAKE code for the wire.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             ModelError::InvalidModelRef { .. } => codes::INVALID_MODEL_REF,
             ModelError::ModelNotFound(_) => codes::MODEL_NOT_FOUND,
@@ -124,23 +124,9 @@ impl ModelError {
         }
     }
 
-    /// Suggested HTTP status for an API answering with this error.
+    /// The HTTP status an API answers this error with: the code's own.
     pub fn status(&self) -> u16 {
-        match self {
-            ModelError::InvalidModelRef { .. }
-            | ModelError::OutsideModelDirs { .. }
-            | ModelError::AmbiguousModelFile { .. } => 400,
-            ModelError::ModelNotFound(_) => 404,
-            ModelError::DownloadInProgress { .. } => 409,
-            ModelError::InvalidGguf { .. } => 422,
-            ModelError::HubUnauthorized { .. }
-            | ModelError::HubUnavailable(_)
-            | ModelError::ChecksumMismatch { .. } => 502,
-            ModelError::InsufficientDisk { .. } => 507,
-            // 499 is nginx's "client closed request"; the hive rarely answers with it.
-            ModelError::Cancelled => 499,
-            ModelError::InvalidConfig(_) | ModelError::Io { .. } => 500,
-        }
+        self.code().status()
     }
 
     pub(crate) fn io(

@@ -32,17 +32,23 @@ fn new_creates_the_first_directory_and_needs_one() {
     assert!(dir.is_dir());
     assert!(!root.join("absent").exists());
     assert_eq!(c.dirs(), &[dir.clone(), root.join("absent")]);
-    assert_eq!(Catalog::new(vec![]).unwrap_err().code(), "INVALID_CONFIG");
+    assert_eq!(
+        Catalog::new(vec![]).unwrap_err().code().as_str(),
+        "INVALID_CONFIG"
+    );
     assert_eq!(
         c.hub_path("org/repo", "q/m.gguf").unwrap(),
         dir.join("org/repo/q/m.gguf")
     );
     assert_eq!(
-        c.hub_path("org/repo", "../m.gguf").unwrap_err().code(),
+        c.hub_path("org/repo", "../m.gguf")
+            .unwrap_err()
+            .code()
+            .as_str(),
         "INVALID_MODEL_REF"
     );
     assert_eq!(
-        c.hub_path("../repo", "m.gguf").unwrap_err().code(),
+        c.hub_path("../repo", "m.gguf").unwrap_err().code().as_str(),
         "INVALID_MODEL_REF"
     );
 }
@@ -78,7 +84,11 @@ fn file_refs_resolve_inside_the_directories_only() {
         format!("file:{}", models.display()),
     ] {
         let err = resolve(&c, &outside).unwrap_err();
-        assert_eq!(err.code(), "OUTSIDE_MODEL_DIRS", "{outside}: {err}");
+        assert_eq!(
+            err.code().as_str(),
+            "OUTSIDE_MODEL_DIRS",
+            "{outside}: {err}"
+        );
         assert_eq!(err.status(), 400);
         assert!(
             err.to_string()
@@ -88,11 +98,11 @@ fn file_refs_resolve_inside_the_directories_only() {
     }
 
     let err = resolve(&c, "file:missing.gguf").unwrap_err();
-    assert_eq!(err.code(), "MODEL_NOT_FOUND");
+    assert_eq!(err.code().as_str(), "MODEL_NOT_FOUND");
     assert_eq!(err.status(), 404);
     assert_eq!(err.to_string(), "model file not found: missing.gguf");
     let err = resolve(&c, "file:notes.txt").unwrap_err();
-    assert_eq!(err.code(), "INVALID_MODEL_REF");
+    assert_eq!(err.code().as_str(), "INVALID_MODEL_REF");
     assert!(err.to_string().contains("not a .gguf file"), "{err}");
     let err = resolve(&c, "file:dir.gguf").unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
@@ -109,7 +119,7 @@ fn symlinks_escaping_the_directories_are_refused() {
 
     for r in ["file:escape.gguf", "file:up/outside.gguf"] {
         assert_eq!(
-            resolve(&c, r).unwrap_err().code(),
+            resolve(&c, r).unwrap_err().code().as_str(),
             "OUTSIDE_MODEL_DIRS",
             "{r}"
         );
@@ -124,11 +134,11 @@ fn symlinks_escaping_the_directories_are_refused() {
     assert_eq!(ids, ["alias.gguf", "real.gguf"]);
     // Nor does delete touch what lies outside.
     assert_eq!(
-        c.delete("escape.gguf").unwrap_err().code(),
+        c.delete("escape.gguf").unwrap_err().code().as_str(),
         "OUTSIDE_MODEL_DIRS"
     );
     assert_eq!(
-        c.delete("up/outside.gguf").unwrap_err().code(),
+        c.delete("up/outside.gguf").unwrap_err().code().as_str(),
         "OUTSIDE_MODEL_DIRS"
     );
     assert!(root.join("outside.gguf").is_file());
@@ -243,16 +253,19 @@ fn hf_refs_resolve_to_the_hub_layout() {
         canon.join("org/two/q/b.gguf")
     );
     let err = resolve(&c, "hf:org/two").unwrap_err();
-    assert_eq!(err.code(), "AMBIGUOUS_MODEL_FILE");
+    assert_eq!(err.code().as_str(), "AMBIGUOUS_MODEL_FILE");
     assert_eq!(
         err.to_string(),
         "org/two holds several .gguf files, name one (hf:org/two:FILE): a.gguf, q/b.gguf"
     );
     let err = resolve(&c, "hf:org/three").unwrap_err();
-    assert_eq!(err.code(), "MODEL_NOT_FOUND");
+    assert_eq!(err.code().as_str(), "MODEL_NOT_FOUND");
     assert_eq!(err.to_string(), "model hf:org/three is not downloaded");
     assert_eq!(
-        resolve(&c, "hf:org/one:x.gguf").unwrap_err().code(),
+        resolve(&c, "hf:org/one:x.gguf")
+            .unwrap_err()
+            .code()
+            .as_str(),
         "MODEL_NOT_FOUND"
     );
 }
@@ -283,15 +296,16 @@ fn delete_removes_the_model_its_part_and_empty_folders() {
     assert_eq!(c.delete("only.gguf").unwrap(), models.join("only.gguf"));
     assert!(!models.join("only.gguf.part").exists());
 
-    assert_eq!(c.delete(id).unwrap_err().code(), "MODEL_NOT_FOUND");
+    assert_eq!(c.delete(id).unwrap_err().code().as_str(), "MODEL_NOT_FOUND");
     assert_eq!(
-        c.delete("../outside.gguf").unwrap_err().code(),
+        c.delete("../outside.gguf").unwrap_err().code().as_str(),
         "OUTSIDE_MODEL_DIRS"
     );
     assert_eq!(
         c.delete(&root.join("outside.gguf").display().to_string())
             .unwrap_err()
-            .code(),
+            .code()
+            .as_str(),
         "OUTSIDE_MODEL_DIRS"
     );
     assert!(root.join("outside.gguf").is_file());
@@ -315,7 +329,10 @@ fn a_relative_file_ref_is_found_in_any_model_directory_first_one_first() {
         fs::canonicalize(first.join("both.gguf")).unwrap()
     );
     assert_eq!(
-        resolve(&c, "file:nowhere.gguf").unwrap_err().code(),
+        resolve(&c, "file:nowhere.gguf")
+            .unwrap_err()
+            .code()
+            .as_str(),
         "MODEL_NOT_FOUND"
     );
 }

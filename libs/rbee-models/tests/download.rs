@@ -207,7 +207,7 @@ async fn server_errors_are_retried_then_reported() {
     let client = s.client().with_retries(2);
     let (res, p) = s.get(&client, &format!("hf:{REPO}:{FILE}")).await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "HUB_UNAVAILABLE");
+    assert_eq!(err.code().as_str(), "HUB_UNAVAILABLE");
     assert_eq!(err.status(), 502);
     assert_eq!(
         err.to_string(),
@@ -216,7 +216,7 @@ async fn server_errors_are_retried_then_reported() {
     );
     assert_eq!(s.hub.gets(), 3);
     assert_eq!(p.state, DownloadState::Failed);
-    assert_eq!(p.error.unwrap().code, "HUB_UNAVAILABLE");
+    assert_eq!(p.error.unwrap().code.as_str(), "HUB_UNAVAILABLE");
 }
 
 #[tokio::test]
@@ -225,7 +225,7 @@ async fn a_wrong_checksum_deletes_the_part() {
     s.hub.wrong_checksum(true);
     let (res, p) = s.get(&s.client(), &format!("hf:{REPO}:{FILE}")).await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "CHECKSUM_MISMATCH");
+    assert_eq!(err.code().as_str(), "CHECKSUM_MISMATCH");
     assert_eq!(err.status(), 502);
     let expected = sha256_hex(b"not the file");
     assert_eq!(
@@ -238,7 +238,7 @@ async fn a_wrong_checksum_deletes_the_part() {
     assert!(!s.part_path().exists());
     assert!(!s.final_path().exists());
     assert_eq!(p.state, DownloadState::Failed);
-    assert_eq!(p.error.unwrap().code, "CHECKSUM_MISMATCH");
+    assert_eq!(p.error.unwrap().code.as_str(), "CHECKSUM_MISMATCH");
 }
 
 #[tokio::test]
@@ -246,7 +246,7 @@ async fn unknown_files_and_repos_are_not_found() {
     let s = Setup::new("dl-404").await;
     let (res, _) = s.get(&s.client(), &format!("hf:{REPO}:missing.gguf")).await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "MODEL_NOT_FOUND");
+    assert_eq!(err.code().as_str(), "MODEL_NOT_FOUND");
     assert_eq!(err.status(), 404);
     assert_eq!(
         err.to_string(),
@@ -267,7 +267,7 @@ async fn forbidden_and_unauthorized_ask_for_hf_token() {
     s.hub.forbid(true);
     let (res, _) = s.get(&s.client(), &format!("hf:{REPO}:{FILE}")).await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "HUB_UNAUTHORIZED");
+    assert_eq!(err.code().as_str(), "HUB_UNAUTHORIZED");
     assert_eq!(err.status(), 502);
     assert!(err.to_string().contains("HTTP 403"), "{err}");
     assert!(err.to_string().contains("set HF_TOKEN"), "{err}");
@@ -278,7 +278,7 @@ async fn forbidden_and_unauthorized_ask_for_hf_token() {
     for client in [s.client(), wrong] {
         let (res, p) = s.get(&client, &format!("hf:{REPO}")).await;
         let err = res.unwrap_err();
-        assert_eq!(err.code(), "HUB_UNAUTHORIZED");
+        assert_eq!(err.code().as_str(), "HUB_UNAUTHORIZED");
         assert!(err.to_string().contains("HTTP 401"), "{err}");
         assert!(err.to_string().contains("set HF_TOKEN"), "{err}");
         assert!(!err.to_string().contains("hf_wrong_token"));
@@ -307,7 +307,7 @@ async fn a_repo_with_several_gguf_files_is_ambiguous() {
     let s = Setup::new("dl-ambiguous").await;
     let (res, p) = s.get(&s.client(), "hf:TestOrg/Two-GGUF").await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "AMBIGUOUS_MODEL_FILE");
+    assert_eq!(err.code().as_str(), "AMBIGUOUS_MODEL_FILE");
     assert_eq!(err.status(), 400);
     assert_eq!(
         err.to_string(),
@@ -326,7 +326,7 @@ async fn insufficient_disk_is_refused_before_downloading() {
     s.hub.advertise_size(Some(1_000_000_000_000_000));
     let (res, _) = s.get(&s.client(), &format!("hf:{REPO}:{FILE}")).await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "INSUFFICIENT_DISK");
+    assert_eq!(err.code().as_str(), "INSUFFICIENT_DISK");
     assert_eq!(err.status(), 507);
     assert!(
         err.to_string().contains("1000000000000000 bytes needed, "),
@@ -391,7 +391,7 @@ async fn cancel_stops_the_download_and_removes_the_part() {
     // A second download of the same file is refused while the first holds the .part.
     let (res, _) = s.get(&client, &format!("hf:{REPO}:{FILE}")).await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "DOWNLOAD_IN_PROGRESS");
+    assert_eq!(err.code().as_str(), "DOWNLOAD_IN_PROGRESS");
     assert_eq!(err.status(), 409);
 
     cancel_tx.send(true).unwrap();
@@ -400,12 +400,12 @@ async fn cancel_stops_the_download_and_removes_the_part() {
         .unwrap()
         .unwrap()
         .unwrap_err();
-    assert_eq!(err.code(), "CANCELLED");
+    assert_eq!(err.code().as_str(), "CANCELLED");
     assert!(!s.part_path().exists());
     assert!(!s.final_path().exists());
     let last = rx.borrow().clone();
     assert_eq!(last.state, DownloadState::Failed);
-    assert_eq!(last.error.unwrap().code, "CANCELLED");
+    assert_eq!(last.error.unwrap().code.as_str(), "CANCELLED");
 
     // Already cancelled: nothing is fetched.
     let gets = s.hub.gets();
@@ -414,7 +414,7 @@ async fn cancel_stops_the_download_and_removes_the_part() {
     let err = download(&client, &s.catalog, &r, tx, cancel)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), "CANCELLED");
+    assert_eq!(err.code().as_str(), "CANCELLED");
     assert_eq!(s.hub.gets(), gets);
 }
 
@@ -423,10 +423,13 @@ async fn file_refs_are_not_downloadable() {
     let s = Setup::new("dl-fileref").await;
     let (res, _) = s.get(&s.client(), "file:x.gguf").await;
     let err = res.unwrap_err();
-    assert_eq!(err.code(), "INVALID_MODEL_REF");
+    assert_eq!(err.code().as_str(), "INVALID_MODEL_REF");
     assert!(err.to_string().contains("only hf: references"), "{err}");
     assert_eq!(
-        HubClient::new("ftp://example", None).unwrap_err().code(),
+        HubClient::new("ftp://example", None)
+            .unwrap_err()
+            .code()
+            .as_str(),
         "INVALID_CONFIG"
     );
 }

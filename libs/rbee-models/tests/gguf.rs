@@ -48,11 +48,11 @@ fn a_file_that_is_not_gguf_is_refused() {
     let path = dir.join("bad.gguf");
     std::fs::write(&path, b"not a gguf file at all").unwrap();
     let err = GgufSummary::read(&path).unwrap_err();
-    assert_eq!(err.code(), "INVALID_GGUF");
+    assert_eq!(err.code().as_str(), "INVALID_GGUF");
     assert!(
         err.to_string()
             .starts_with(&format!("invalid GGUF file {}", path.display()))
     );
     let err = GgufSummary::read(&dir.join("missing.gguf")).unwrap_err();
-    assert_eq!(err.code(), "IO");
+    assert_eq!(err.code().as_str(), "IO");
 }

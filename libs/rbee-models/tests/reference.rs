@@ -104,7 +104,7 @@ fn invalid_references_are_refused_with_the_reason() {
         let err = input
             .parse::<ModelRef>()
             .expect_err(&format!("{input:?} must be refused"));
-        assert_eq!(err.code(), "INVALID_MODEL_REF", "{input:?}");
+        assert_eq!(err.code().as_str(), "INVALID_MODEL_REF", "{input:?}");
         assert_eq!(err.status(), 400, "{input:?}");
         let msg = err.to_string();
         assert!(msg.contains(reason), "{input:?}: {msg}");
@@ -134,7 +134,8 @@ fn references_serialize_as_strings() {
     assert_eq!(
         HfRef::new("org/repo", "main", Some("../m.gguf"))
             .unwrap_err()
-            .code(),
+            .code()
+            .as_str(),
         "INVALID_MODEL_REF"
     );
     assert_eq!(

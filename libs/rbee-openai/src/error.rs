@@ -9,7 +9,7 @@
 //! {"error":{"message":"…","type":"invalid_request_error","param":"n","code":"INVALID_PARAMETER","request_id":"…"}}
 //! ```
 
-use rbee_api::{ErrorBody, codes};
+use rbee_api::{ErrorBody, ErrorCode, codes};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -37,7 +37,7 @@ pub enum OpenAiError {
     #[error("{message}")]
     Upstream {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
 }
@@ -58,11 +58,10 @@ impl OpenAiError {
     }
 
     /// An upstream failure known only by its rbee code (a worker `error` event); the HTTP status
-    /// comes from [`status_for_code`].
-    pub fn upstream(code: impl Into<String>, message: impl Into<String>) -> Self {
-        let code = code.into();
+    /// is the code's own ([`ErrorCode::status`]).
+    pub fn upstream(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Upstream {
-            status: status_for_code(&code),
+            status: code.status(),
             code,
             message: message.into(),
         }
@@ -72,7 +71,7 @@ impl OpenAiError {
     pub fn from_rbee(status: u16, body: &ErrorBody) -> Self {
         Self::Upstream {
             status,
-            code: body.error.code.clone(),
+            code: body.error.code,
             message: body.error.message.clone(),
         }
     }
@@ -88,11 +87,11 @@ impl OpenAiError {
     }
 
     /// rbee's error code (`INVALID_JSON`, `INVALID_PARAMETER`, or the upstream's code).
-    pub fn code(&self) -> &str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidJson { .. } => codes::INVALID_JSON,
             Self::InvalidParameter { .. } | Self::Unsupported { .. } => codes::INVALID_PARAMETER,
-            Self::Upstream { code, .. } => code,
+            Self::Upstream { code, .. } => *code,
         }
     }
 
@@ -118,7 +117,7 @@ impl OpenAiError {
     pub fn to_body(&self, request_id: &str) -> Value {
         error_body(
             self.status(),
-            self.code(),
+            self.code().as_str(),
             self.message(),
             self.param(),
             request_id,
@@ -141,33 +140,6 @@ pub fn error_type(status: u16) -> &'static str {
         504 => "timeout_error",
         500..=599 => "server_error",
         _ => "invalid_request_error",
-    }
-}
-
-/// The HTTP status rbee uses for an error code, for errors that arrive without one (a worker's
-/// `error` event). Unknown codes are 500.
-pub fn status_for_code(code: &str) -> u16 {
-    match code {
-        codes::INVALID_JSON
-        | codes::INVALID_PARAMETER
-        | codes::CONTEXT_LENGTH_EXCEEDED
-        | codes::INVALID_MODEL_REF => 400,
-        codes::UNAUTHORIZED => 401,
-        codes::NOT_FOUND | codes::MODEL_NOT_FOUND | codes::MODEL_NOT_SERVED => 404,
-        codes::METHOD_NOT_ALLOWED => 405,
-        codes::MODEL_IN_USE => 409,
-        codes::PAYLOAD_TOO_LARGE => 413,
-        codes::INVALID_CONTENT_TYPE => 415,
-        codes::QUEUE_FULL => 429,
-        codes::WORKER_UNAVAILABLE => 502,
-        codes::ALL_SLOTS_BUSY
-        | codes::NO_CAPACITY
-        | codes::MODEL_LOADING
-        | codes::SHUTTING_DOWN
-        | codes::WORKER_NOT_READY => 503,
-        codes::DEADLINE_EXCEEDED => 504,
-        codes::INSUFFICIENT_RESOURCES => 507,
-        _ => 500,
     }
 }
 
@@ -197,7 +169,7 @@ pub fn error_body(
 pub fn error_body_from_rbee(status: u16, body: &ErrorBody) -> Value {
     error_body(
         status,
-        &body.error.code,
+        body.error.code.as_str(),
         &body.error.message,
         None,
         &body.error.request_id,

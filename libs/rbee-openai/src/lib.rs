@@ -25,7 +25,6 @@ pub mod stream;
 
 pub use error::{
     ApiErrorBody, ApiErrorDetail, OpenAiError, error_body, error_body_from_rbee, error_type,
-    status_for_code,
 };
 pub use request::{
     COMPLETION_DEFAULT_MAX_TOKENS, CONTENT_PART_SEPARATOR, ChatCompletionRequest, CompletionPrompt,

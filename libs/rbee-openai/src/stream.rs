@@ -26,7 +26,7 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|e| {
         error_body(
             500,
-            codes::INTERNAL,
+            codes::INTERNAL.as_str(),
             &format!("cannot serialize a chunk: {e}"),
             None,
             "",
@@ -224,7 +224,7 @@ impl ChunkStream {
                 self.finished = true;
             }
             StreamEvent::Error { code, message } => {
-                return self.on_failure(&OpenAiError::upstream(code.clone(), message.clone()));
+                return self.on_failure(&OpenAiError::upstream(*code, message.clone()));
             }
         }
         out
@@ -291,7 +291,7 @@ impl Aggregator {
                 }));
             }
             StreamEvent::Error { code, message } => {
-                self.outcome = Some(Err(OpenAiError::upstream(code.clone(), message.clone())));
+                self.outcome = Some(Err(OpenAiError::upstream(*code, message.clone())));
             }
         }
     }

@@ -25,7 +25,7 @@ fn msg(role: &str, content: &str) -> ChatMessage {
 /// Asserts a refusal: 400, code, the param named, and a message mentioning `needle`.
 fn assert_refused(err: OpenAiError, param: &str, needle: &str) {
     assert_eq!(err.status(), 400, "{err:?}");
-    assert_eq!(err.code(), "INVALID_PARAMETER", "{err:?}");
+    assert_eq!(err.code().as_str(), "INVALID_PARAMETER", "{err:?}");
     assert_eq!(err.param(), Some(param), "{err:?}");
     assert!(
         err.message().contains(needle),
@@ -310,14 +310,14 @@ fn every_chat_rejection_names_its_param() {
 fn json_errors_name_the_field() {
     let err = ChatCompletionRequest::from_json(b"{not json").unwrap_err();
     assert_eq!(err.status(), 400);
-    assert_eq!(err.code(), "INVALID_JSON");
+    assert_eq!(err.code().as_str(), "INVALID_JSON");
     assert_eq!(err.param(), None);
 
     let err = ChatCompletionRequest::from_json(
         br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
     )
     .unwrap_err();
-    assert_eq!(err.code(), "INVALID_JSON");
+    assert_eq!(err.code().as_str(), "INVALID_JSON");
     assert_eq!(err.param(), Some("temperature"));
     assert!(err.message().contains("`temperature`"), "{}", err.message());
 
@@ -412,7 +412,7 @@ fn completion_prompt_forms_and_default_max_tokens() {
     );
     assert_refused(completion_err(json!({"model":"m"})), "prompt", "required");
     let err = CompletionRequest::from_json(br#"{"model":"m","prompt":{"a":1}}"#).unwrap_err();
-    assert_eq!(err.code(), "INVALID_JSON");
+    assert_eq!(err.code().as_str(), "INVALID_JSON");
     assert_eq!(err.param(), Some("prompt"));
 }
 

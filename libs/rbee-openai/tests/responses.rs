@@ -5,7 +5,7 @@ use rbee_api::{ErrorBody, StopReason, StreamEvent, Timings};
 use rbee_openai::{
     Aggregator, ApiErrorBody, ChatCompletionChunk, ChunkStream, CompletionChunk, EndpointKind,
     ModelCard, ModelList, OpenAiError, TRUNCATED_STREAM_MESSAGE, chat_completion_id, completion_id,
-    error_body, error_body_from_rbee, error_type, finish_reason, sse_data, status_for_code,
+    error_body, error_body_from_rbee, error_type, finish_reason, sse_data,
 };
 use serde_json::{Value, json};
 
@@ -35,7 +35,7 @@ fn end(stop_reason: StopReason) -> StreamEvent {
 
 fn error_ev(code: &str, message: &str) -> StreamEvent {
     StreamEvent::Error {
-        code: code.into(),
+        code: rbee_api::ErrorCode::parse(code).unwrap(),
         message: message.into(),
     }
 }
@@ -281,12 +281,12 @@ fn upstream_failure_after_first_token() {
     );
     assert_eq!(out[1], "[DONE]");
     assert!(
-        s.on_failure(&OpenAiError::upstream("INTERNAL", "x"))
+        s.on_failure(&OpenAiError::upstream(rbee_api::codes::INTERNAL, "x"))
             .is_empty()
     );
 
     let mut s = ChunkStream::new("c", 1, "m", EndpointKind::Chat, false).with_request_id("rid");
-    let hive = ErrorBody::new("ALL_SLOTS_BUSY", "busy", "rid");
+    let hive = ErrorBody::new(rbee_api::codes::ALL_SLOTS_BUSY, "busy", "rid");
     let out = s.on_failure(&OpenAiError::from_rbee(503, &hive));
     assert_eq!(
         serde_json::from_str::<Value>(&out[0]).unwrap()["error"]["code"],
@@ -348,7 +348,7 @@ fn non_stream_error_event_yields_the_error() {
     a.push(&end(StopReason::Eos));
     let err = a.clone().into_chat_completion("c", 1, "m").unwrap_err();
     assert_eq!(err.status(), 400);
-    assert_eq!(err.code(), "CONTEXT_LENGTH_EXCEEDED");
+    assert_eq!(err.code().as_str(), "CONTEXT_LENGTH_EXCEEDED");
     assert_eq!(
         err.to_body("r1"),
         json!({"error":{"message":"prompt too long","type":"invalid_request_error","param":null,
@@ -361,12 +361,15 @@ fn non_stream_error_event_yields_the_error() {
     a.push(&started());
     a.push(&token(0, "He"));
     let err = a.into_completion("c", 1, "m").unwrap_err();
-    assert_eq!(err.code(), "WORKER_UNAVAILABLE");
+    assert_eq!(err.code().as_str(), "WORKER_UNAVAILABLE");
     assert_eq!(err.status(), 502);
 
     // An explicit failure wins only while the stream is open.
     let mut a = Aggregator::new();
-    a.fail(OpenAiError::upstream("DEADLINE_EXCEEDED", "late"));
+    a.fail(OpenAiError::upstream(
+        rbee_api::codes::DEADLINE_EXCEEDED,
+        "late",
+    ));
     a.push(&end(StopReason::Eos));
     assert_eq!(
         a.into_chat_completion("c", 1, "m").unwrap_err().status(),
@@ -396,7 +399,10 @@ fn error_body_shape() {
     );
     // It is also rbee's one shape: code, message and request_id are all there.
     let rbee: ErrorBody = serde_json::from_value(v).unwrap();
-    assert_eq!(rbee, ErrorBody::new("UNAUTHORIZED", "no token", "req-2"));
+    assert_eq!(
+        rbee,
+        ErrorBody::new(rbee_api::codes::UNAUTHORIZED, "no token", "req-2")
+    );
 }
 
 #[test]
@@ -418,19 +424,19 @@ fn error_types_by_status() {
     for (status, want) in table {
         assert_eq!(error_type(status), want, "{status}");
     }
-    assert_eq!(status_for_code("ALL_SLOTS_BUSY"), 503);
-    assert_eq!(status_for_code("MODEL_NOT_FOUND"), 404);
-    assert_eq!(status_for_code("INSUFFICIENT_RESOURCES"), 507);
-    assert_eq!(status_for_code("QUEUE_FULL"), 429);
-    assert_eq!(status_for_code("NO_CAPACITY"), 503);
-    assert_eq!(status_for_code("DEADLINE_EXCEEDED"), 504);
-    assert_eq!(status_for_code("WORKER_UNAVAILABLE"), 502);
-    assert_eq!(status_for_code("SOMETHING_NEW"), 500);
+    assert_eq!(rbee_api::codes::ALL_SLOTS_BUSY.status(), 503);
+    assert_eq!(rbee_api::codes::MODEL_NOT_FOUND.status(), 404);
+    assert_eq!(rbee_api::codes::INSUFFICIENT_RESOURCES.status(), 507);
+    assert_eq!(rbee_api::codes::QUEUE_FULL.status(), 429);
+    assert_eq!(rbee_api::codes::NO_CAPACITY.status(), 503);
+    assert_eq!(rbee_api::codes::DEADLINE_EXCEEDED.status(), 504);
+    assert_eq!(rbee_api::codes::WORKER_UNAVAILABLE.status(), 502);
+    assert_eq!(rbee_api::ErrorCode::parse("SOMETHING_NEW"), None);
 }
 
 #[test]
 fn rbee_error_bodies_convert() {
-    let hive = ErrorBody::new("MODEL_NOT_FOUND", "no such model", "req-3");
+    let hive = ErrorBody::new(rbee_api::codes::MODEL_NOT_FOUND, "no such model", "req-3");
     assert_eq!(
         error_body_from_rbee(404, &hive),
         json!({"error":{"message":"no such model","type":"not_found_error","param":null,

@@ -103,38 +103,18 @@ pub fn router(queen: Shared) -> Router {
 
 /// The code of an error response, for the request counter.
 #[derive(Clone)]
-struct ErrorCode(String);
+struct ResponseCode(rbee_api::ErrorCode);
 
-/// Errors in OpenAI's shape, which also carries rbee's `code`, `message` and `request_id`.
-fn error(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    param: Option<&str>,
-    rid: &str,
-) -> Response {
-    let body = rbee_openai::error_body(status.as_u16(), code, message, param, rid);
-    let mut resp = (status, Json(body)).into_response();
-    resp.extensions_mut().insert(ErrorCode(code.to_owned()));
-    if status == StatusCode::UNAUTHORIZED {
+/// The queen's one error response: OpenAI's shape, which also carries rbee's `code`, `message`
+/// and `request_id`; `param` names the request field at fault when there is one.
+fn error(e: ApiError, param: Option<&str>, rid: &str) -> Response {
+    let body = rbee_openai::error_body(e.status.as_u16(), e.code.as_str(), &e.message, param, rid);
+    let mut resp = (e.status, Json(body)).into_response();
+    resp.extensions_mut().insert(ResponseCode(e.code));
+    if e.status == StatusCode::UNAUTHORIZED {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
-    resp
-}
-
-fn unauthorized(rid: &str) -> Response {
-    error(
-        StatusCode::UNAUTHORIZED,
-        codes::UNAUTHORIZED,
-        "a valid `Authorization: Bearer <token>` header is required",
-        None,
-        rid,
-    )
-}
-
-fn api_error(e: ApiError, rid: &str) -> Response {
-    let mut resp = error(e.status, e.code, &e.message, None, rid);
     if let Some(s) = e.retry_after {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s));
@@ -142,11 +122,17 @@ fn api_error(e: ApiError, rid: &str) -> Response {
     resp
 }
 
+fn api_error(e: ApiError, rid: &str) -> Response {
+    error(e, None, rid)
+}
+
 fn openai_error(e: &OpenAiError, rid: &str) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    let mut resp = (status, Json(e.to_body(rid))).into_response();
-    resp.extensions_mut().insert(ErrorCode(e.code().to_owned()));
-    resp
+    error(
+        ApiError::new(e.code(), e.message()).with_status(status),
+        e.param(),
+        rid,
+    )
 }
 
 async fn require_token(
@@ -162,11 +148,11 @@ async fn require_token(
         req.method() == axum::http::Method::DELETE && path.starts_with("/v1/inference/");
     if q.is_draining() && path != "/v1/hives/heartbeat" && !cancelling {
         return api_error(
-            ApiError::unavailable(
+            ApiError::new(
                 codes::SHUTTING_DOWN,
                 "the queen is shutting down; retry against another queen or after its restart",
-                5,
-            ),
+            )
+            .retry_after(5),
             &rid.0,
         );
     }
@@ -191,7 +177,7 @@ async fn require_token(
             "anonymous",
             json!({"path": path, "request_id": rid.0, "token_presented": presented.is_some()}),
         );
-        return unauthorized(&rid.0);
+        return api_error(ApiError::unauthorized(), &rid.0);
     };
     if path.starts_with("/v1/admin/") && !q.is_admin(&name) {
         q.metrics.auth_failures.inc(&[]);
@@ -201,13 +187,13 @@ async fn require_token(
             &name,
             json!({"path": path, "request_id": rid.0}),
         );
-        return error(
-            StatusCode::FORBIDDEN,
-            codes::FORBIDDEN,
-            &format!(
-                "client `{name}` may not use the admin routes (set `admin = true` on its token)"
+        return api_error(
+            ApiError::new(
+                codes::FORBIDDEN,
+                format!(
+                    "client `{name}` may not use the admin routes (set `admin = true` on its token)"
+                ),
             ),
-            None,
             &rid.0,
         );
     }
@@ -263,7 +249,7 @@ async fn metrics(
                 .is_none()
         {
             q.metrics.auth_failures.inc(&[]);
-            return unauthorized(&rid.0);
+            return api_error(ApiError::unauthorized(), &rid.0);
         }
     }
     (
@@ -310,22 +296,16 @@ async fn begin(
         .observe(&["validation"], accepted.elapsed().as_secs_f64());
     let Some(model_ref) = q.resolve_model(model) else {
         return Err(Box::new(error(
-            StatusCode::NOT_FOUND,
-            codes::MODEL_NOT_SERVED,
-            &format!("model `{model}` is not served here; GET /v1/models lists what is"),
+            ApiError::new(
+                codes::MODEL_NOT_SERVED,
+                format!("model `{model}` is not served here; GET /v1/models lists what is"),
+            ),
             Some("model"),
             rid,
         )));
     };
-    let (at, at_ms) = deadline(q, headers).map_err(|m| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            codes::INVALID_PARAMETER,
-            &m,
-            None,
-            rid,
-        ))
-    })?;
+    let (at, at_ms) = deadline(q, headers)
+        .map_err(|m| Box::new(api_error(ApiError::new(codes::INVALID_PARAMETER, m), rid)))?;
     relay::start(q, &model_ref, req, rid, at, at_ms, accepted)
         .await
         .map_err(|e| Box::new(api_error(e, rid)))
@@ -335,12 +315,11 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError>
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
                 codes::PAYLOAD_TOO_LARGE,
                 format!("request body over {MAX_BODY_BYTES} bytes"),
             )
         } else {
-            ApiError::bad_request(codes::INVALID_JSON, e.body_text())
+            ApiError::new(codes::INVALID_JSON, e.body_text())
         }
     })
 }
@@ -426,7 +405,7 @@ impl Finish {
                 st.observe(&["prefill"], timings.prefill_ms / 1000.0);
                 st.observe(&["decode"], timings.decode_ms / 1000.0);
             }
-            StreamEvent::Error { code, .. } => self.outcome = (200, code.clone()),
+            StreamEvent::Error { code, .. } => self.outcome = (200, code.as_str().to_owned()),
             _ => {}
         }
     }
@@ -483,10 +462,20 @@ impl Drop for Finish {
 }
 
 /// Counts a request refused before it reached scheduling (bad body, parameters, limits).
-fn early(q: &Queen, route: &str, client: &str, code: &str, resp: Response) -> Response {
-    q.metrics
-        .requests
-        .inc(&[route, "unknown", client, resp.status().as_str(), code]);
+fn early(
+    q: &Queen,
+    route: &str,
+    client: &str,
+    code: rbee_api::ErrorCode,
+    resp: Response,
+) -> Response {
+    q.metrics.requests.inc(&[
+        route,
+        "unknown",
+        client,
+        resp.status().as_str(),
+        code.as_str(),
+    ]);
     resp
 }
 
@@ -499,7 +488,7 @@ fn count_refusal(q: &Queen, route: &str, model: &str, client: &str, resp: &Respo
     };
     let code = resp
         .extensions()
-        .get::<ErrorCode>()
+        .get::<ResponseCode>()
         .map_or("refused", |c| c.0.as_str());
     q.metrics
         .requests
@@ -682,7 +671,7 @@ async fn aggregate(
     match build(agg) {
         Ok(v) => Json(v).into_response(),
         Err(e) => {
-            finish.outcome = (e.status(), e.code().to_owned());
+            finish.outcome = (e.status(), e.code().as_str().to_owned());
             openai_error(&e, rid)
         }
     }
@@ -709,9 +698,7 @@ async fn native_inference(
         Ok(v) => v,
         Err(e) => {
             let resp = error(
-                StatusCode::BAD_REQUEST,
-                codes::INVALID_JSON,
-                &format!("invalid request body: {e}"),
+                ApiError::new(codes::INVALID_JSON, format!("invalid request body: {e}")),
                 None,
                 &rid.0,
             );
@@ -722,9 +709,7 @@ async fn native_inference(
         Some(Value::String(m)) if !m.is_empty() => m,
         _ => {
             let resp = error(
-                StatusCode::BAD_REQUEST,
-                codes::INVALID_PARAMETER,
-                "`model` (a string) is required",
+                ApiError::new(codes::INVALID_PARAMETER, "`model` (a string) is required"),
                 Some("model"),
                 &rid.0,
             );
@@ -796,9 +781,10 @@ async fn cancel(
 ) -> Response {
     if !rbee_http::valid_request_id(&request_id) || request_id.contains("..") {
         return error(
-            StatusCode::BAD_REQUEST,
-            codes::INVALID_PARAMETER,
-            "a request id is 1-128 letters, digits, `-`, `_`, `.` or `:`",
+            ApiError::new(
+                codes::INVALID_PARAMETER,
+                "a request id is 1-128 letters, digits, `-`, `_`, `.` or `:`",
+            ),
             None,
             &rid.0,
         );
@@ -810,9 +796,10 @@ async fn cancel(
         .is_some_and(|owner| owner == client.0 || q.is_admin(&client.0));
     if !mine {
         return error(
-            StatusCode::NOT_FOUND,
-            codes::NOT_FOUND,
-            &format!("no request `{request_id}` of yours is in flight"),
+            ApiError::new(
+                codes::NOT_FOUND,
+                format!("no request `{request_id}` of yours is in flight"),
+            ),
             None,
             &rid.0,
         );
@@ -839,9 +826,10 @@ async fn cancel(
         }
     }
     error(
-        StatusCode::NOT_FOUND,
-        codes::NOT_FOUND,
-        &format!("no request `{request_id}` is in flight"),
+        ApiError::new(
+            codes::NOT_FOUND,
+            format!("no request `{request_id}` is in flight"),
+        ),
         None,
         &rid.0,
     )
@@ -890,9 +878,7 @@ async fn get_hive(
     match q.registry.get(&id) {
         Ok(Some(h)) => Json(h).into_response(),
         _ => error(
-            StatusCode::NOT_FOUND,
-            codes::NOT_FOUND,
-            &format!("no hive `{id}`"),
+            ApiError::new(codes::NOT_FOUND, format!("no hive `{id}`")),
             None,
             &rid.0,
         ),
@@ -915,9 +901,7 @@ async fn remove_hive(
             Json(json!({"removed": id})).into_response()
         }
         _ => error(
-            StatusCode::NOT_FOUND,
-            codes::NOT_FOUND,
-            &format!("no hive `{id}`"),
+            ApiError::new(codes::NOT_FOUND, format!("no hive `{id}`")),
             None,
             &rid.0,
         ),
@@ -949,29 +933,28 @@ async fn passthrough(sent: reqwest::Result<reqwest::Response>, hive: &str, rid: 
             // The hive refusing the queen's own token is the operator's problem, not the
             // client's: not a 401 that would blame the client's token.
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    codes::INTERNAL,
-                    &format!(
+                return error(ApiError::new(codes::INTERNAL, format!(
                         "hive {hive} refused the queen's credentials ({status}); the operator must fix the queen's hive token"
-                    ),
-                    None,
-                    rid,
-                );
+                    )).with_status(StatusCode::BAD_GATEWAY), None, rid);
             }
             // A hive's error is re-shaped like the queen's own (one error shape per daemon),
             // keeping its status, code and message.
             if !status.is_success()
                 && let Ok(e) = serde_json::from_slice::<rbee_api::ErrorBody>(&body)
             {
-                return error(status, &e.error.code, &e.error.message, None, rid);
+                return error(
+                    ApiError::new(e.error.code, e.error.message.clone()).with_status(status),
+                    None,
+                    rid,
+                );
             }
             (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => error(
-            StatusCode::BAD_GATEWAY,
-            codes::WORKER_UNAVAILABLE,
-            &format!("hive {hive} did not answer: {e}"),
+            ApiError::new(
+                codes::WORKER_UNAVAILABLE,
+                format!("hive {hive} did not answer: {e}"),
+            ),
             None,
             rid,
         ),
@@ -982,9 +965,7 @@ fn hive_url(q: &Queen, id: &str, rid: &str) -> Result<String, Box<Response>> {
     match q.registry.get(id) {
         Ok(Some(h)) => Ok(h.url.trim_end_matches('/').to_owned()),
         _ => Err(Box::new(error(
-            StatusCode::NOT_FOUND,
-            codes::NOT_FOUND,
-            &format!("no hive `{id}`"),
+            ApiError::new(codes::NOT_FOUND, format!("no hive `{id}`")),
             Some("hive"),
             rid,
         ))),
@@ -1027,9 +1008,7 @@ async fn admin_spawn(
         Some(h) => h,
         None => {
             return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                codes::NO_CAPACITY,
-                "no hive is up",
+                ApiError::new(codes::NO_CAPACITY, "no hive is up"),
                 None,
                 &rid.0,
             );
@@ -1065,9 +1044,7 @@ async fn admin_stop(
 ) -> Response {
     if !rbee_http::valid_request_id(&id) || id.contains("..") {
         return error(
-            StatusCode::BAD_REQUEST,
-            codes::INVALID_PARAMETER,
-            "invalid worker id",
+            ApiError::new(codes::INVALID_PARAMETER, "invalid worker id"),
             None,
             &rid.0,
         );
@@ -1102,7 +1079,7 @@ async fn admin_models(State(q): State<Shared>) -> Response {
                 a.push(json!(h.id));
             }
         }
-        for w in hb.workers.iter().filter(|w| w.state == "ready") {
+        for w in hb.workers.iter().filter(|w| w.state.is_ready()) {
             let e = models
                 .entry(w.model.clone())
                 .or_insert_with(|| json!({"on_disk": [], "loaded": []}));
@@ -1173,9 +1150,7 @@ async fn admin_pull_events(
 ) -> Response {
     if !rbee_http::valid_request_id(&id) || id.contains("..") {
         return error(
-            StatusCode::BAD_REQUEST,
-            codes::INVALID_PARAMETER,
-            "invalid download id",
+            ApiError::new(codes::INVALID_PARAMETER, "invalid download id"),
             None,
             &rid.0,
         );

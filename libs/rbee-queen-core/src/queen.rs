@@ -228,7 +228,7 @@ impl Queen {
         });
         let tail = futures_util::stream::once(async {
             rbee_api::StreamEvent::Error {
-                code: codes::SHUTTING_DOWN.into(),
+                code: codes::SHUTTING_DOWN,
                 message: "the queen is shutting down; the stream was cut after the drain window"
                     .into(),
             }
@@ -387,12 +387,12 @@ impl Queen {
             match owners.get_mut(request_id) {
                 Some((owner, _)) if owner != client => {
                     return Err(ApiError::new(
-                        StatusCode::CONFLICT,
                         codes::INVALID_PARAMETER,
                         format!(
                             "request id `{request_id}` is in use by another client; send another X-Request-Id"
                         ),
-                    ));
+                    )
+                    .with_status(StatusCode::CONFLICT));
                 }
                 Some((_, n)) => *n += 1,
                 None => {
@@ -418,7 +418,6 @@ impl Queen {
             return Err(ApiError {
                 retry_after: Some(self.retry_after(1, 0)),
                 ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
                     codes::CLIENT_LIMIT,
                     format!(
                         "client `{client}` already has {limit} requests in flight (its max_concurrent)"
@@ -488,7 +487,6 @@ impl Queen {
                 return Err(ApiError {
                     retry_after: Some(retry),
                     ..ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
                         codes::QUEUE_FULL,
                         format!(
                             "{n} requests are already waiting for `{model_ref}`; retry in {retry} s",
@@ -520,17 +518,16 @@ impl Queen {
             if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
                 self.metrics.queue_rejections.inc(&["cancelled"]);
                 return Err(ApiError::new(
-                    StatusCode::from_u16(499).unwrap_or(StatusCode::CONFLICT),
                     codes::CANCELLED,
                     "the request was cancelled while waiting for a worker",
                 ));
             }
             if *self.cut.borrow() {
-                return Err(ApiError::unavailable(
+                return Err(ApiError::new(
                     codes::SHUTTING_DOWN,
                     "the queen shut down before a worker was free for this request",
-                    5,
-                ));
+                )
+                .retry_after(5));
             }
             if let Some((hive, worker)) = self.pick(model_ref, avoid, ticket) {
                 self.picked_pending(model_ref, &hive.id, &worker);
@@ -579,11 +576,11 @@ impl Queen {
                             t.saturating_duration_since(Instant::now()).as_secs() as u32 + 1
                         });
                     self.metrics.queue_rejections.inc(&["spawn_failed"]);
-                    return Err(ApiError::unavailable(
+                    return Err(ApiError::new(
                         codes::NO_CAPACITY,
                         format!("no worker for `{model_ref}` could be started: {reason}"),
-                        retry,
-                    ));
+                    )
+                    .retry_after(retry));
                 }
                 None if (self.usable_workers(model_ref, avoid) == 0 || ahead > 0)
                     && !self.spawn_blocked(model_ref)
@@ -617,7 +614,6 @@ impl Queen {
             if now >= deadline {
                 self.metrics.queue_rejections.inc(&["deadline"]);
                 return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
                     codes::DEADLINE_EXCEEDED,
                     format!(
                         "the request's deadline passed while waiting for a worker for `{model_ref}`"
@@ -633,11 +629,11 @@ impl Queen {
                 let ready = self.ready_workers(model_ref).len();
                 let retry = self.retry_after(ready, ahead);
                 self.metrics.queue_rejections.inc(&["timeout"]);
-                return Err(ApiError::unavailable(
+                return Err(ApiError::new(
                     codes::NO_CAPACITY,
                     format!("no worker for `{model_ref}` became free in time; retry in {retry} s"),
-                    retry,
-                ));
+                )
+                .retry_after(retry));
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
         }
@@ -684,7 +680,7 @@ impl Queen {
                 continue;
             };
             for w in hb.workers {
-                if w.model == model_ref && w.state == "ready" {
+                if w.model == model_ref && w.state.is_ready() {
                     out.push((h.clone(), w));
                 }
             }
@@ -699,7 +695,7 @@ impl Queen {
                     && h.heartbeat.as_ref().is_some_and(|hb| {
                         hb.workers
                             .iter()
-                            .any(|x| x.id == w.id && x.state == "ready")
+                            .any(|x| x.id == w.id && x.state.is_ready())
                     })
             });
             !listed && at.elapsed() < keep
@@ -805,11 +801,10 @@ impl Queen {
         if hives.is_empty() {
             // Nothing drains here: the soonest change is a hive's next heartbeat.
             let retry = self.config().scheduling.heartbeat_seconds.clamp(1, 300) as u32;
-            return Err(ApiError::unavailable(
-                codes::NO_CAPACITY,
-                "no hive is up to run a worker",
-                retry,
-            ));
+            return Err(
+                ApiError::new(codes::NO_CAPACITY, "no hive is up to run a worker")
+                    .retry_after(retry),
+            );
         }
         let mut last = String::new();
         for h in hives {
@@ -844,11 +839,11 @@ impl Queen {
         }
         // Room appears when a running request finishes somewhere.
         let retry = self.retry_after(self.ready_workers(model_ref).len(), 0);
-        Err(ApiError::unavailable(
+        Err(ApiError::new(
             codes::NO_CAPACITY,
             format!("no hive could start a worker for `{model_ref}`: {last}"),
-            retry,
-        ))
+        )
+        .retry_after(retry))
     }
 
     /// Polls a worker we spawned; once ready it is folded into the registry's view (so it can
@@ -885,7 +880,7 @@ impl Queen {
                         id: worker_id.to_owned(),
                         model: model_ref.to_owned(),
                         device: view["device"].as_str().unwrap_or("cpu").to_owned(),
-                        state: "ready".into(),
+                        state: rbee_api::WorkerState::Ready,
                         busy: false,
                     },
                     Instant::now(),
@@ -989,10 +984,7 @@ impl Queen {
                 }
                 Ok(())
             }
-            Err(e) => Err(ApiError::bad_request(
-                codes::INVALID_PARAMETER,
-                e.to_string(),
-            )),
+            Err(e) => Err(ApiError::new(codes::INVALID_PARAMETER, e.to_string())),
         }
     }
 
@@ -1030,7 +1022,7 @@ impl Queen {
         {
             for w in h.heartbeat.iter().flat_map(|hb| hb.workers.iter()) {
                 *counts
-                    .entry((w.state.clone(), w.model.clone()))
+                    .entry((w.state.as_str().to_owned(), w.model.clone()))
                     .or_insert(0) += 1;
             }
         }
@@ -1194,7 +1186,7 @@ fn model_state(hives: &[HiveRecord], reference: &str) -> (&'static str, Vec<Stri
         if hb
             .workers
             .iter()
-            .any(|w| w.model == reference && w.state == "ready")
+            .any(|w| w.model == reference && w.state.is_ready())
         {
             loaded.push(h.id.clone());
         } else if hb.models.iter().any(|m| m == reference) {

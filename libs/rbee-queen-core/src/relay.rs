@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use futures_util::{Stream, StreamExt};
+use rbee_api::sse::SseDecoder;
 use rbee_api::{
-    ErrorBody, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, InferenceRequest, SSE_DONE, StreamEvent,
-    codes,
+    ErrorBody, ErrorCode, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, InferenceRequest, SSE_DONE,
+    StreamEvent, codes,
 };
-use rbee_http::{ApiError, SseParser};
+use rbee_http::ApiError;
 use tracing::{error, warn};
 
 use crate::queen::{Lease, Queen};
@@ -83,8 +84,8 @@ pub async fn start(
                     if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
                         && Instant::now() < settle =>
                 {
-                    let body = r.bytes().await.unwrap_or_default();
-                    if !String::from_utf8_lossy(&body).contains(codes::ALL_SLOTS_BUSY) {
+                    let body: Option<ErrorBody> = r.json().await.ok();
+                    if body.as_ref().map(|b| b.error.code) != Some(codes::ALL_SLOTS_BUSY) {
                         break Err(BusyOrError::Refused(body));
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -95,17 +96,10 @@ pub async fn start(
         let sent = match sent {
             Ok(s) => s,
             Err(BusyOrError::Refused(body)) => {
-                let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
-                let (code, message) = parsed
+                let (code, message) = body
                     .map(|b| (b.error.code, b.error.message))
-                    .unwrap_or_else(|| {
-                        (
-                            codes::INTERNAL.to_owned(),
-                            "the hive is unavailable".to_owned(),
-                        )
-                    });
-                let err =
-                    ApiError::unavailable(static_code(&code), message, queen.retry_after(1, 0));
+                    .unwrap_or_else(|| (codes::INTERNAL, "the hive is unavailable".to_owned()));
+                let err = ApiError::new(code, message).retry_after(queen.retry_after(1, 0));
                 queen.metrics.upstream_errors.inc(&["worker_refused"]);
                 if attempt == 1 {
                     return Err(err);
@@ -131,7 +125,7 @@ pub async fn start(
                             break None;
                         }
                         Some(StreamEvent::Error { code, message })
-                            if attempt == 0 && retry_worthy(&code) =>
+                            if attempt == 0 && retry_worthy(code) =>
                         {
                             break Some((code, message));
                         }
@@ -158,11 +152,8 @@ pub async fn start(
                         warn!(hive = %lease.hive_id, worker = %lease.worker_id, %code, %message,
                               "failed before the first token; retrying on another worker");
                         avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
-                        last_err = Some(ApiError::new(
-                            StatusCode::BAD_GATEWAY,
-                            static_code(&code),
-                            message,
-                        ));
+                        last_err =
+                            Some(ApiError::new(code, message).with_status(StatusCode::BAD_GATEWAY));
                     }
                 }
             }
@@ -176,12 +167,7 @@ pub async fn start(
                 let body: Option<ErrorBody> = r.json().await.ok();
                 let (code, message) = body
                     .map(|b| (b.error.code, b.error.message))
-                    .unwrap_or_else(|| {
-                        (
-                            codes::INTERNAL.to_owned(),
-                            format!("hive answered {status}"),
-                        )
-                    });
+                    .unwrap_or_else(|| (codes::INTERNAL, format!("hive answered {status}")));
                 // A worker refusing the request itself (400, 504) is the client's answer; a
                 // busy or broken worker is worth one more try elsewhere.
                 // A 404 is a worker the hive no longer has (stopped after its keep-alive).
@@ -190,14 +176,15 @@ pub async fn start(
                     // the client's; another hive may take it.
                     error!(hive = %lease.hive_id, %status, "the hive refused the queen's hive token: check hive_token_file or the hive's [[hives]] token_file");
                     queen.metrics.upstream_errors.inc(&["hive_auth"]);
+                    // A 502, not the 500 INTERNAL usually means: the hop behind the queen failed.
                     let err = ApiError::new(
-                        StatusCode::BAD_GATEWAY,
                         codes::INTERNAL,
                         format!(
                             "hive {} refused the queen's credentials ({status}); the operator must fix the queen's hive token",
                             lease.hive_id
                         ),
-                    );
+                    )
+                    .with_status(StatusCode::BAD_GATEWAY);
                     if attempt == 1 {
                         return Err(err);
                     }
@@ -208,13 +195,10 @@ pub async fn start(
                 }
                 let retryable = (status.is_server_error() && status != StatusCode::GATEWAY_TIMEOUT)
                     || status == StatusCode::NOT_FOUND;
+                // The hive's answer is passed on with the status it came with.
                 let err = ApiError {
                     retry_after,
-                    ..ApiError::new(
-                        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
-                        static_code(&code),
-                        message,
-                    )
+                    ..ApiError::new(code, message).with_status(status)
                 };
                 if retryable {
                     queen.metrics.upstream_errors.inc(&["worker_refused"]);
@@ -222,7 +206,7 @@ pub async fn start(
                 if !retryable || attempt == 1 {
                     return Err(err);
                 }
-                warn!(hive = %lease.hive_id, worker = %lease.worker_id, code, "retrying on another worker");
+                warn!(hive = %lease.hive_id, worker = %lease.worker_id, %code, "retrying on another worker");
                 avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
                 last_err = Some(err);
             }
@@ -232,7 +216,6 @@ pub async fn start(
                 // The whole hive is unreachable, not just this worker.
                 avoid = Some((lease.hive_id.clone(), "*".to_owned()));
                 last_err = Some(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
                     codes::WORKER_UNAVAILABLE,
                     format!("hive {} did not answer: {e}", lease.hive_id),
                 ));
@@ -245,39 +228,15 @@ pub async fn start(
 
 enum BusyOrError {
     /// A 503 that is not "busy" (shutting down, loading): its body.
-    Refused(axum::body::Bytes),
+    Refused(Option<ErrorBody>),
 }
 
 /// Failures of the worker itself (not of the request) before any token.
-fn retry_worthy(code: &str) -> bool {
+fn retry_worthy(code: ErrorCode) -> bool {
     matches!(
         code,
         codes::WORKER_UNAVAILABLE | codes::INFERENCE_FAILED | codes::SHUTTING_DOWN
     )
-}
-
-/// Error codes travel as `&'static str` in `ApiError`; map known ones, else a generic code.
-fn static_code(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        codes::INVALID_JSON,
-        codes::INVALID_CONTENT_TYPE,
-        codes::INVALID_PARAMETER,
-        codes::CONTEXT_LENGTH_EXCEEDED,
-        codes::PAYLOAD_TOO_LARGE,
-        codes::ALL_SLOTS_BUSY,
-        codes::MODEL_LOADING,
-        codes::SHUTTING_DOWN,
-        codes::DEADLINE_EXCEEDED,
-        codes::INFERENCE_FAILED,
-        codes::WORKER_NOT_READY,
-        codes::WORKER_UNAVAILABLE,
-        codes::NOT_FOUND,
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or(codes::INTERNAL)
 }
 
 /// The hive's SSE bytes as worker events; a broken or truncated stream ends with an `error`.
@@ -286,7 +245,7 @@ fn parse_events(
 ) -> EventStream {
     let state = (
         Box::pin(body),
-        SseParser::default(),
+        SseDecoder::default(),
         false,
         Vec::<StreamEvent>::new(),
     );
@@ -327,14 +286,14 @@ fn parse_events(
                     Some(Err(e)) => {
                         done = true;
                         queue.push(StreamEvent::Error {
-                            code: codes::WORKER_UNAVAILABLE.into(),
+                            code: codes::WORKER_UNAVAILABLE,
                             message: format!("the stream from the hive broke off: {e}"),
                         });
                     }
                     None => {
                         done = true;
                         queue.push(StreamEvent::Error {
-                            code: codes::WORKER_UNAVAILABLE.into(),
+                            code: codes::WORKER_UNAVAILABLE,
                             message: "the stream from the hive ended without an end event".into(),
                         });
                     }

@@ -891,7 +891,7 @@ mod tests {
                 id: "w1".into(),
                 model: "hf:org/repo:file.gguf".into(),
                 device: "cpu".into(),
-                state: "ready".into(),
+                state: rbee_api::WorkerState::Ready,
                 busy,
             }],
             models: vec!["hf:org/repo:file.gguf".into()],
@@ -939,11 +939,14 @@ mod tests {
 
         // A shape change (a worker changed state) is written at once.
         let mut changed = hb("h", 50, true);
-        changed.workers[0].state = "stopping".into();
+        changed.workers[0].state = rbee_api::WorkerState::Stopping;
         reg.heartbeat(&changed, 11_000).unwrap();
         let (seen, beat) = stored(&reg, "h").unwrap();
         assert_eq!(seen, Some(11_000));
-        assert_eq!(beat.unwrap().workers[0].state, "stopping");
+        assert_eq!(
+            beat.unwrap().workers[0].state,
+            rbee_api::WorkerState::Stopping
+        );
 
         // Unchanged again: not written until the interval has passed.
         reg.heartbeat(&changed, 70_999).unwrap();

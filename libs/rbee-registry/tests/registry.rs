@@ -59,7 +59,7 @@ fn heartbeat(id: &str, url: &str) -> HiveHeartbeat {
             id: "w-1".into(),
             model: "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf".into(),
             device: "cuda:0".into(),
-            state: "ready".into(),
+            state: rbee_api::WorkerState::Ready,
             busy: false,
         }],
         models: vec!["hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf".into()],

@@ -429,7 +429,6 @@ async fn cancel(
             Json(json!({"request_id": target, "cancelled": true})).into_response()
         }
         None => ApiError::new(
-            StatusCode::NOT_FOUND,
             codes::NOT_FOUND,
             format!("no generation in flight with request id {target:?}"),
         )
@@ -459,7 +458,7 @@ async fn inference(
                 "error"
             };
             st.metrics.requests.inc(&[outcome]);
-            info!(request_id = %rid, code = e.code, status = e.status.as_u16(), "inference refused");
+            info!(request_id = %rid, code = %e.code, status = e.status.as_u16(), "inference refused");
             e.with_request_id(&rid).into_response()
         }
     }
@@ -473,57 +472,50 @@ async fn start_inference(
     accepted_at: Instant,
 ) -> Result<Response, ApiError> {
     if st.draining.load(Ordering::SeqCst) {
-        return Err(ApiError::unavailable(
-            codes::SHUTTING_DOWN,
-            "the worker is shutting down",
-            5,
-        ));
+        return Err(
+            ApiError::new(codes::SHUTTING_DOWN, "the worker is shutting down").retry_after(5),
+        );
     }
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
                 codes::PAYLOAD_TOO_LARGE,
                 format!("request body must be at most {MAX_BODY_BYTES} bytes"),
             )
         } else {
-            ApiError::bad_request(codes::INVALID_JSON, format!("cannot read the body: {e}"))
+            ApiError::new(codes::INVALID_JSON, format!("cannot read the body: {e}"))
         }
     })?;
     let req: InferenceRequest = rbee_http::parse_json_request(headers, &body)?;
-    let deadline = match parse_deadline(headers)
-        .map_err(|m| ApiError::bad_request(codes::INVALID_PARAMETER, m))?
-    {
-        Some((_, left)) if left <= 0 => {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                codes::DEADLINE_EXCEEDED,
-                format!(
-                    "the deadline passed {} ms before the worker got the request",
-                    left.unsigned_abs()
-                ),
-            ));
-        }
-        Some((at, _)) => Some(at),
-        None => None,
-    };
+    let deadline =
+        match parse_deadline(headers).map_err(|m| ApiError::new(codes::INVALID_PARAMETER, m))? {
+            Some((_, left)) if left <= 0 => {
+                return Err(ApiError::new(
+                    codes::DEADLINE_EXCEEDED,
+                    format!(
+                        "the deadline passed {} ms before the worker got the request",
+                        left.unsigned_abs()
+                    ),
+                ));
+            }
+            Some((at, _)) => Some(at),
+            None => None,
+        };
     let Some(engine) = st.engine.get().cloned() else {
-        return Err(ApiError::unavailable(
-            codes::MODEL_LOADING,
-            "the model is still loading",
-            2,
-        ));
+        return Err(
+            ApiError::new(codes::MODEL_LOADING, "the model is still loading").retry_after(2),
+        );
     };
     let ctx = engine.info().context_length;
     let valid = validate(req, ctx, rand::random::<u64>())
-        .map_err(|e| ApiError::bad_request(codes::INVALID_PARAMETER, e.message))?;
+        .map_err(|e| ApiError::new(codes::INVALID_PARAMETER, e.message))?;
 
     let permit = st.slot.clone().try_acquire_owned().map_err(|_| {
-        ApiError::unavailable(
+        ApiError::new(
             codes::ALL_SLOTS_BUSY,
             "the worker's one generation slot is busy; retry shortly",
-            1,
         )
+        .retry_after(1)
     })?;
     st.metrics.busy.set(&[], 1.0);
     // Owns the permit from here on, so every way out (errors, a client that leaves while the
@@ -537,24 +529,14 @@ async fn start_inference(
     let tokenizing = engine.clone();
     let tokens = tokio::task::spawn_blocking(move || tokenizing.prepare(&prompt))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                codes::INTERNAL,
-                e.to_string(),
-            )
-        })
+        .map_err(|e| ApiError::new(codes::INTERNAL, e.to_string()))
         .and_then(|r| {
             r.map_err(|e| match e {
-                rbee_engine::EngineError::Template(m) => ApiError::bad_request(
+                rbee_engine::EngineError::Template(m) => ApiError::new(
                     codes::INVALID_PARAMETER,
                     format!("`messages` rejected by the model's chat template: {m}"),
                 ),
-                other => ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    codes::INTERNAL,
-                    other.to_string(),
-                ),
+                other => ApiError::new(codes::INTERNAL, other.to_string()),
             })
         });
     let tokens = match tokens {
@@ -568,10 +550,7 @@ async fn start_inference(
         Ok(n) => n,
         Err(e) => {
             st.metrics.busy.set(&[], 0.0);
-            return Err(ApiError::bad_request(
-                codes::CONTEXT_LENGTH_EXCEEDED,
-                e.message,
-            ));
+            return Err(ApiError::new(codes::CONTEXT_LENGTH_EXCEEDED, e.message));
         }
     };
 
@@ -607,11 +586,7 @@ async fn start_inference(
         finished: false,
     };
     if let Err(e) = engine.submit(job) {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            codes::INFERENCE_FAILED,
-            e.to_string(),
-        ));
+        return Err(ApiError::new(codes::INFERENCE_FAILED, e.to_string()));
     }
     info!(request_id = %rid, prompt_tokens, max_tokens, "generation queued");
     let started = StreamEvent::Started {
@@ -787,14 +762,14 @@ fn event_stream(
                         Some(GenEvent::Failed(e)) => {
                             guard.finished = true;
                             StreamEvent::Error {
-                                code: codes::INFERENCE_FAILED.into(),
+                                code: codes::INFERENCE_FAILED,
                                 message: e.to_string(),
                             }
                         }
                         None => {
                             guard.finished = true;
                             StreamEvent::Error {
-                                code: codes::INFERENCE_FAILED.into(),
+                                code: codes::INFERENCE_FAILED,
                                 message: "the inference thread ended without a result".into(),
                             }
                         }
