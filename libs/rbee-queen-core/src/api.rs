@@ -893,6 +893,7 @@ async fn remove_hive(
 ) -> Response {
     match q.registry.remove(&id) {
         Ok(true) => {
+            q.hives_changed();
             q.audit(
                 "admin.hive_remove",
                 &client.0,

@@ -9,10 +9,12 @@
 
 pub mod api;
 pub mod config;
+pub mod hive_client;
 pub mod metrics;
 pub mod openapi;
 pub mod queen;
 pub mod relay;
+pub mod sched;
 pub mod usage;
 
 use std::future::Future;

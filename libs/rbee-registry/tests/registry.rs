@@ -61,6 +61,7 @@ fn heartbeat(id: &str, url: &str) -> HiveHeartbeat {
             device: "cuda:0".into(),
             state: rbee_api::WorkerState::Ready,
             busy: false,
+            slots: 1,
         }],
         models: vec!["hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf".into()],
         model_sha256: Default::default(),
