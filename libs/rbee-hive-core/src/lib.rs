@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: the configuration file, environment and flags ([`config::HiveConfig`]).
 //! - [`hive`]: shared state, admission, keep-alive and health loops, shutdown.
-//! - [`worker`]: one worker's lifecycle (spawn, ready, crash, restart, stop).
+//! - [`worker`]: one worker's lifecycle (spawn, ready, crash, restart, stop); [`restart`]: the
+//!   restart policy.
 //! - [`server`]: the HTTP API; [`proxy`]: inference streams passed through.
 //! - [`downloads`], [`resources`], [`heartbeat`], [`reload`]; systemd notifications via `rbee-systemd`.
 
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod resources;
+pub mod restart;
 pub mod server;
 pub mod worker;
 

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tracing::{Instrument, error, info, warn};
 
 use crate::hive::Hive;
+use crate::restart::{CrashHistory, Decision};
 pub use rbee_api::worker::{
     BackoffInfo, ExitInfo, ReadyReport, StopCause, StopInfo, StopOutcome, WorkerState, WorkerView,
 };
@@ -360,7 +361,7 @@ pub async fn run(hive: Arc<Hive>, worker: Arc<Worker>) {
 
 async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
     let mut stop_rx = worker.stop_tx.subscribe();
-    let mut crash_times: VecDeque<Instant> = VecDeque::new();
+    let mut crashes = CrashHistory::default();
     loop {
         let cause = *stop_rx.borrow();
         if let Some(cause) = cause {
@@ -529,45 +530,38 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
             }),
         );
         let policy = hive.config().restart;
-        if !policy.enabled {
-            worker.update(|s| s.failure = Some(format!("{reason}; restarts are disabled")));
-            worker.set_state(hive, WorkerState::Failed);
-            return;
-        }
-        let now = Instant::now();
-        let window = Duration::from_secs(policy.window_seconds);
-        crash_times.push_back(now);
-        while crash_times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
+        let (delay, recent) = match crashes.crashed(&policy, Instant::now(), rand::random::<f64>())
         {
-            crash_times.pop_front();
-        }
-        let recent = crash_times.len() as u32;
-        if recent >= policy.max_attempts {
-            worker.update(|s| {
-                s.breaker_open = true;
-                s.failure = Some(format!(
-                    "circuit breaker open: {recent} crashes within {} s (restart.max_attempts = {}); last: {reason}",
-                    policy.window_seconds, policy.max_attempts
-                ));
-            });
-            hive.metrics.breaker_open.inc(&[]);
-            hive.metrics.worker_breaker.set(&[&worker.spec.id], 1.0);
-            error!(recent, "circuit breaker open; not restarting");
-            hive.audit(
-                "worker.breaker_open",
-                json!({"worker_id": worker.spec.id, "recent_crashes": recent}),
-            );
-            worker.set_state(hive, WorkerState::Failed);
-            return;
-        }
-        let delay = backoff_delay(
-            recent,
-            policy.backoff_initial_ms,
-            policy.backoff_max_ms,
-            rand::random::<f64>(),
-        );
+            Decision::Disabled => {
+                worker.update(|s| s.failure = Some(format!("{reason}; restarts are disabled")));
+                worker.set_state(hive, WorkerState::Failed);
+                return;
+            }
+            Decision::BreakerOpen {
+                recent_crashes: recent,
+            } => {
+                worker.update(|s| {
+                    s.breaker_open = true;
+                    s.failure = Some(format!(
+                        "circuit breaker open: {recent} crashes within {} s (restart.max_attempts = {}); last: {reason}",
+                        policy.window_seconds, policy.max_attempts
+                    ));
+                });
+                hive.metrics.breaker_open.inc(&[]);
+                hive.metrics.worker_breaker.set(&[&worker.spec.id], 1.0);
+                error!(recent, "circuit breaker open; not restarting");
+                hive.audit(
+                    "worker.breaker_open",
+                    json!({"worker_id": worker.spec.id, "recent_crashes": recent}),
+                );
+                worker.set_state(hive, WorkerState::Failed);
+                return;
+            }
+            Decision::Restart {
+                delay,
+                recent_crashes,
+            } => (delay, recent_crashes),
+        };
         worker.update(|s| {
             s.backoff = Some(BackoffInfo {
                 recent_crashes: recent,
@@ -602,15 +596,6 @@ async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
             json!({"worker_id": worker.spec.id, "restart_count": count}),
         );
     }
-}
-
-/// Exponential backoff: `initial × 2^(crashes−1)`, capped, then scaled by a jitter factor in
-/// [0.5, 1.0) so workers that crashed together do not restart together.
-pub fn backoff_delay(crashes: u32, initial_ms: u64, max_ms: u64, jitter: f64) -> Duration {
-    let exp = crashes.saturating_sub(1).min(20);
-    let base = initial_ms.saturating_mul(1u64 << exp).min(max_ms);
-    let factor = 0.5 + 0.5 * jitter.clamp(0.0, 1.0);
-    Duration::from_millis(((base as f64) * factor).max(1.0) as u64)
 }
 
 fn finish_stopped(
@@ -818,34 +803,5 @@ async fn forward_lines(
             }
             t.push_back(l);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_caps_and_jitters() {
-        assert_eq!(
-            backoff_delay(1, 1000, 60_000, 1.0),
-            Duration::from_millis(1000)
-        );
-        assert_eq!(
-            backoff_delay(2, 1000, 60_000, 1.0),
-            Duration::from_millis(2000)
-        );
-        assert_eq!(
-            backoff_delay(3, 1000, 60_000, 0.0),
-            Duration::from_millis(2000)
-        );
-        assert_eq!(
-            backoff_delay(30, 1000, 60_000, 1.0),
-            Duration::from_millis(60_000)
-        );
-        assert_eq!(
-            backoff_delay(0, 1000, 60_000, 1.0),
-            Duration::from_millis(1000)
-        );
     }
 }
