@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::HiveError;
 use crate::config::HiveConfig;
-use crate::downloads::Downloads;
+use crate::downloads::{Download, DownloadReport, Downloads, Hub};
 use crate::metrics::HiveMetrics;
 use crate::resources;
 use crate::worker::{self, StopCause, Worker, WorkerSpec, WorkerState, WorkerView};
@@ -408,6 +408,67 @@ impl Hive {
         let view = worker.view();
         tokio::spawn(worker::run(self.clone(), worker));
         Ok(view)
+    }
+
+    /// Starts a download (or finds the one running for the same model); the bool says
+    /// whether a new one started.
+    pub fn start_download(self: &Arc<Self>, model: rbee_models::ModelRef) -> (Arc<Download>, bool) {
+        let cfg = self.config();
+        let hub = Hub {
+            endpoint: cfg.hub.endpoint,
+            token: self
+                .tokens
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .hub
+                .clone(),
+            retries: cfg.hub.retries,
+        };
+        let (download, reports) = self.downloads.start(hub, &self.catalog, model);
+        let Some(mut reports) = reports else {
+            return (download, false);
+        };
+        let hive = self.clone();
+        tokio::spawn(async move {
+            while let Some(report) = reports.recv().await {
+                hive.take_in_download(report);
+            }
+        });
+        (download, true)
+    }
+
+    fn take_in_download(&self, report: DownloadReport) {
+        match report {
+            DownloadReport::Started { id, model } => self.audit(
+                "model.download_start",
+                json!({"download_id": id, "model": model}),
+            ),
+            DownloadReport::Finished {
+                id,
+                model,
+                bytes_done,
+                bytes_total,
+                result,
+            } => {
+                self.metrics.download_bytes.inc_by(&[], bytes_done as f64);
+                match result {
+                    Ok(path) => {
+                        self.metrics.downloads.inc(&["ok"]);
+                        self.audit(
+                            "model.download",
+                            json!({"download_id": id, "model": model, "path": path, "bytes": bytes_total}),
+                        );
+                    }
+                    Err(e) => {
+                        self.metrics.downloads.inc(&[e.code().as_str()]);
+                        self.audit(
+                            "model.download_failed",
+                            json!({"download_id": id, "model": model, "code": e.code(), "error": e.to_string()}),
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn admit(
