@@ -1,7 +1,7 @@
 //! The hive's shared state: configuration, tokens, the worker registry, admission, the
 //! background loops (health, keep-alive) and the shutdown sequence.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,15 +12,17 @@ use rbee_audit::AuditLog;
 use rbee_auth::Token;
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::HiveError;
 use crate::config::HiveConfig;
 use crate::downloads::{Download, DownloadReport, Downloads, Hub};
+use crate::lifecycle::{Lifecycle, Report};
 use crate::metrics::HiveMetrics;
+use crate::ports::Ports;
 use crate::resources;
-use crate::worker::{self, StopCause, Worker, WorkerSpec, WorkerState, WorkerView};
+use crate::worker::{StopCause, StopOutcome, Worker, WorkerSpec, WorkerState, WorkerView};
 
 /// A change to a worker, as `GET /v1/workers/events` streams it.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +46,8 @@ pub struct Tokens {
 }
 
 pub struct Hive {
-    cfg: RwLock<HiveConfig>,
+    /// A watch channel, so each worker's lifecycle task reads the current configuration.
+    cfg: watch::Sender<HiveConfig>,
     pub address: SocketAddr,
     pub tokens: RwLock<Tokens>,
     pub metrics: HiveMetrics,
@@ -53,8 +56,9 @@ pub struct Hive {
     pub downloads: Downloads,
     workers: Mutex<BTreeMap<String, Arc<Worker>>>,
     events: broadcast::Sender<WorkerEvent>,
-    ports: Mutex<BTreeSet<u16>>,
-    pub draining: AtomicBool,
+    ports: Arc<Ports>,
+    /// Shared with the lifecycle tasks: nothing starts once it is set.
+    pub draining: Arc<AtomicBool>,
     /// Requests passing through now: sequence number → (request id, worker id). Keyed by our
     /// own number, since clients may reuse request ids.
     inflight: Mutex<HashMap<u64, (String, String)>>,
@@ -108,7 +112,7 @@ impl Hive {
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_default();
         Ok(Arc::new(Self {
-            cfg: RwLock::new(cfg),
+            cfg: watch::channel(cfg).0,
             address,
             tokens: RwLock::new(tokens),
             metrics: HiveMetrics::new(),
@@ -117,8 +121,8 @@ impl Hive {
             downloads: Downloads::default(),
             workers: Mutex::new(BTreeMap::new()),
             events: broadcast::channel(256).0,
-            ports: Mutex::new(BTreeSet::new()),
-            draining: AtomicBool::new(false),
+            ports: Arc::default(),
+            draining: Arc::default(),
             inflight: Mutex::new(HashMap::new()),
             inflight_seq: std::sync::atomic::AtomicU64::new(0),
             cut_streams: watch::channel(false).0,
@@ -131,11 +135,11 @@ impl Hive {
 
     /// A copy of the current configuration.
     pub fn config(&self) -> HiveConfig {
-        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.cfg.borrow().clone()
     }
 
     pub fn set_config(&self, cfg: HiveConfig) {
-        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        self.cfg.send_replace(cfg);
     }
 
     /// Whether a caller presenting `presented` may use the API: the hive token or one being
@@ -216,9 +220,9 @@ impl Hive {
         lock(&self.workers).values().cloned().collect()
     }
 
-    /// Called by the lifecycle task at its end: a stopped worker leaves the registry; a
+    /// At the end of a worker's lifecycle task: a stopped worker leaves the registry; a
     /// failed one stays (with its crash report) until it is deleted.
-    pub fn worker_finished(&self, worker: &Worker) {
+    fn worker_finished(&self, worker: &Worker) {
         let id = worker.id().to_owned();
         if worker.state() == WorkerState::Stopped {
             lock(&self.workers).remove(&id);
@@ -275,35 +279,6 @@ impl Hive {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         format!("http://{addr}/v1/workers/{worker_id}/ready")
-    }
-
-    /// A free port from the configured range: not handed out already and bindable now.
-    pub fn reserve_port(&self) -> Result<u16, String> {
-        let w = self.config().workers;
-        let mut used = lock(&self.ports);
-        for port in w.port_min..=w.port_max {
-            if used.contains(&port) {
-                continue;
-            }
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                used.insert(port);
-                return Ok(port);
-            }
-        }
-        Err(format!(
-            "no free port in workers.port_min..=port_max ({}..={})",
-            w.port_min, w.port_max
-        ))
-    }
-
-    pub fn release_port(&self, port: u16) {
-        lock(&self.ports).remove(&port);
-    }
-
-    pub fn release_port_of(&self, worker: &Worker) {
-        if let Some(p) = worker.view().port {
-            self.release_port(p);
-        }
     }
 
     /// Reads what a worker really uses (resident memory on the CPU, VRAM on CUDA) and
@@ -406,8 +381,122 @@ impl Hive {
         );
         info!(worker_id = %id, model = %worker.spec.model_ref, %device, estimate_mib = estimate.total_bytes >> 20, "spawning worker");
         let view = worker.view();
-        tokio::spawn(worker::run(self.clone(), worker));
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let lifecycle = Lifecycle {
+            worker: worker.clone(),
+            config: self.cfg.subscribe(),
+            ports: self.ports.clone(),
+            draining: self.draining.clone(),
+            http: self.http.clone(),
+            ready_url: self.ready_url(&id),
+            reports,
+        };
+        tokio::spawn(self.clone().follow(worker, reports_rx));
+        tokio::spawn(lifecycle.run());
         Ok(view)
+    }
+
+    /// Takes in a worker's lifecycle reports until its task ends; then the worker is done.
+    async fn follow(
+        self: Arc<Self>,
+        worker: Arc<Worker>,
+        mut reports: mpsc::UnboundedReceiver<Report>,
+    ) {
+        while let Some(report) = reports.recv().await {
+            self.take_in(&worker, report);
+        }
+        worker.mark_done();
+        self.worker_finished(&worker);
+    }
+
+    /// One lifecycle report: the state the API shows, metrics and audit records.
+    fn take_in(self: &Arc<Self>, worker: &Arc<Worker>, report: Report) {
+        let id = worker.id();
+        let m = &self.metrics;
+        match report {
+            Report::State(state) => {
+                worker.set_state(state);
+                self.announce(worker);
+            }
+            Report::Spawned => m.spawns.inc(&[]),
+            Report::SpawnFailed { error } => self.audit(
+                "worker.spawn_failed",
+                json!({"worker_id": id, "error": error}),
+            ),
+            Report::Ready {
+                pid,
+                spawn_to_ready_seconds: secs,
+            } => {
+                m.spawn_to_ready.observe(&[], secs);
+                worker.set_state(WorkerState::Ready);
+                self.announce(worker);
+                // nvidia-smi can take seconds; never hold the reports up for it.
+                let (h, w) = (self.clone(), worker.clone());
+                tokio::spawn(async move { h.sample_memory(&w, pid).await });
+                self.audit(
+                    "worker.ready",
+                    json!({"worker_id": id, "pid": pid, "spawn_to_ready_seconds": secs}),
+                );
+            }
+            Report::ForceKilled => m.force_kills.inc(&[]),
+            Report::Crashed {
+                code,
+                signal,
+                reason,
+                stderr_tail,
+            } => {
+                m.worker_exit_code.set(&[id], code.map_or(-1.0, f64::from));
+                m.worker_exit_signal
+                    .set(&[id], signal.map_or(0.0, f64::from));
+                m.crashes.inc(&[]);
+                self.audit(
+                    "worker.crash",
+                    json!({
+                        "worker_id": id, "model": worker.spec.model_ref, "exit_code": code,
+                        "signal": signal, "reason": reason,
+                        "stderr_tail": stderr_tail.iter().rev().take(5).rev().collect::<Vec<_>>(),
+                    }),
+                );
+            }
+            Report::BreakerOpen { recent_crashes } => {
+                m.breaker_open.inc(&[]);
+                m.worker_breaker.set(&[id], 1.0);
+                self.audit(
+                    "worker.breaker_open",
+                    json!({"worker_id": id, "recent_crashes": recent_crashes}),
+                );
+            }
+            Report::Backoff { delay } => m.worker_backoff.set(&[id], delay.as_secs_f64()),
+            Report::Restarted { restart_count } => {
+                m.worker_backoff.set(&[id], 0.0);
+                m.restarts.inc(&[]);
+                m.worker_restart_count.set(&[id], f64::from(restart_count));
+                self.audit(
+                    "worker.restart",
+                    json!({"worker_id": id, "restart_count": restart_count}),
+                );
+            }
+            Report::Stopped {
+                cause,
+                outcome,
+                seconds,
+            } => {
+                match outcome {
+                    StopOutcome::Graceful => m.graceful_stops.inc(&[]),
+                    StopOutcome::ForceKilled => m.force_kills.inc(&[]),
+                    StopOutcome::NotRunning => {}
+                }
+                let event = if outcome == StopOutcome::ForceKilled {
+                    "worker.kill"
+                } else {
+                    "worker.stop"
+                };
+                self.audit(
+                    event,
+                    json!({"worker_id": id, "cause": cause, "outcome": outcome, "seconds": seconds}),
+                );
+            }
+        }
     }
 
     /// Starts a download (or finds the one running for the same model); the bool says
@@ -684,9 +773,10 @@ impl Hive {
         } else {
             let n = w.health_failures.fetch_add(1, Ordering::SeqCst) + 1;
             warn!(worker_id = %w.id(), failures = n, "health check failed");
+            // The lifecycle task does the killing: it alone touches the process.
             if n >= 3
                 && let Some(pid) = w.pid()
-                && w.kill_unhealthy(pid)
+                && w.request_kill_unhealthy(pid)
             {
                 warn!(worker_id = %w.id(), pid, "three failed health checks; killed");
             }
