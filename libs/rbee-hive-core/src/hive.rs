@@ -17,12 +17,12 @@ use tracing::{debug, info, warn};
 
 use crate::HiveError;
 use crate::config::HiveConfig;
-use crate::downloads::{Download, DownloadReport, Downloads, Hub};
-use crate::lifecycle::{Lifecycle, Report};
+use crate::downloads::Downloads;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::HiveMetrics;
 use crate::ports::Ports;
 use crate::resources;
-use crate::worker::{StopCause, StopOutcome, Worker, WorkerSpec, WorkerState, WorkerView};
+use crate::worker::{StopCause, Worker, WorkerSpec, WorkerState, WorkerView};
 
 /// A change to a worker, as `GET /v1/workers/events` streams it.
 #[derive(Debug, Clone, Serialize)]
@@ -216,13 +216,13 @@ impl Hive {
         lock(&self.workers).get(id).cloned()
     }
 
-    fn all(&self) -> Vec<Arc<Worker>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Worker>> {
         lock(&self.workers).values().cloned().collect()
     }
 
     /// At the end of a worker's lifecycle task: a stopped worker leaves the registry; a
     /// failed one stays (with its crash report) until it is deleted.
-    fn worker_finished(&self, worker: &Worker) {
+    pub(crate) fn worker_finished(&self, worker: &Worker) {
         let id = worker.id().to_owned();
         if worker.state() == WorkerState::Stopped {
             lock(&self.workers).remove(&id);
@@ -396,170 +396,6 @@ impl Hive {
         Ok(view)
     }
 
-    /// Takes in a worker's lifecycle reports until its task ends; then the worker is done.
-    async fn follow(
-        self: Arc<Self>,
-        worker: Arc<Worker>,
-        mut reports: mpsc::UnboundedReceiver<Report>,
-    ) {
-        while let Some(report) = reports.recv().await {
-            self.take_in(&worker, report);
-        }
-        worker.mark_done();
-        self.worker_finished(&worker);
-    }
-
-    /// One lifecycle report: the state the API shows, metrics and audit records.
-    fn take_in(self: &Arc<Self>, worker: &Arc<Worker>, report: Report) {
-        let id = worker.id();
-        let m = &self.metrics;
-        match report {
-            Report::State(state) => {
-                worker.set_state(state);
-                self.announce(worker);
-            }
-            Report::Spawned => m.spawns.inc(&[]),
-            Report::SpawnFailed { error } => self.audit(
-                "worker.spawn_failed",
-                json!({"worker_id": id, "error": error}),
-            ),
-            Report::Ready {
-                pid,
-                spawn_to_ready_seconds: secs,
-            } => {
-                m.spawn_to_ready.observe(&[], secs);
-                worker.set_state(WorkerState::Ready);
-                self.announce(worker);
-                // nvidia-smi can take seconds; never hold the reports up for it.
-                let (h, w) = (self.clone(), worker.clone());
-                tokio::spawn(async move { h.sample_memory(&w, pid).await });
-                self.audit(
-                    "worker.ready",
-                    json!({"worker_id": id, "pid": pid, "spawn_to_ready_seconds": secs}),
-                );
-            }
-            Report::ForceKilled => m.force_kills.inc(&[]),
-            Report::Crashed {
-                code,
-                signal,
-                reason,
-                stderr_tail,
-            } => {
-                m.worker_exit_code.set(&[id], code.map_or(-1.0, f64::from));
-                m.worker_exit_signal
-                    .set(&[id], signal.map_or(0.0, f64::from));
-                m.crashes.inc(&[]);
-                self.audit(
-                    "worker.crash",
-                    json!({
-                        "worker_id": id, "model": worker.spec.model_ref, "exit_code": code,
-                        "signal": signal, "reason": reason,
-                        "stderr_tail": stderr_tail.iter().rev().take(5).rev().collect::<Vec<_>>(),
-                    }),
-                );
-            }
-            Report::BreakerOpen { recent_crashes } => {
-                m.breaker_open.inc(&[]);
-                m.worker_breaker.set(&[id], 1.0);
-                self.audit(
-                    "worker.breaker_open",
-                    json!({"worker_id": id, "recent_crashes": recent_crashes}),
-                );
-            }
-            Report::Backoff { delay } => m.worker_backoff.set(&[id], delay.as_secs_f64()),
-            Report::Restarted { restart_count } => {
-                m.worker_backoff.set(&[id], 0.0);
-                m.restarts.inc(&[]);
-                m.worker_restart_count.set(&[id], f64::from(restart_count));
-                self.audit(
-                    "worker.restart",
-                    json!({"worker_id": id, "restart_count": restart_count}),
-                );
-            }
-            Report::Stopped {
-                cause,
-                outcome,
-                seconds,
-            } => {
-                match outcome {
-                    StopOutcome::Graceful => m.graceful_stops.inc(&[]),
-                    StopOutcome::ForceKilled => m.force_kills.inc(&[]),
-                    StopOutcome::NotRunning => {}
-                }
-                let event = if outcome == StopOutcome::ForceKilled {
-                    "worker.kill"
-                } else {
-                    "worker.stop"
-                };
-                self.audit(
-                    event,
-                    json!({"worker_id": id, "cause": cause, "outcome": outcome, "seconds": seconds}),
-                );
-            }
-        }
-    }
-
-    /// Starts a download (or finds the one running for the same model); the bool says
-    /// whether a new one started.
-    pub fn start_download(self: &Arc<Self>, model: rbee_models::ModelRef) -> (Arc<Download>, bool) {
-        let cfg = self.config();
-        let hub = Hub {
-            endpoint: cfg.hub.endpoint,
-            token: self
-                .tokens
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .hub
-                .clone(),
-            retries: cfg.hub.retries,
-        };
-        let (download, reports) = self.downloads.start(hub, &self.catalog, model);
-        let Some(mut reports) = reports else {
-            return (download, false);
-        };
-        let hive = self.clone();
-        tokio::spawn(async move {
-            while let Some(report) = reports.recv().await {
-                hive.take_in_download(report);
-            }
-        });
-        (download, true)
-    }
-
-    fn take_in_download(&self, report: DownloadReport) {
-        match report {
-            DownloadReport::Started { id, model } => self.audit(
-                "model.download_start",
-                json!({"download_id": id, "model": model}),
-            ),
-            DownloadReport::Finished {
-                id,
-                model,
-                bytes_done,
-                bytes_total,
-                result,
-            } => {
-                self.metrics.download_bytes.inc_by(&[], bytes_done as f64);
-                match result {
-                    Ok(path) => {
-                        self.metrics.downloads.inc(&["ok"]);
-                        self.audit(
-                            "model.download",
-                            json!({"download_id": id, "model": model, "path": path, "bytes": bytes_total}),
-                        );
-                    }
-                    Err(e) => {
-                        self.metrics.downloads.inc(&[e.code().as_str()]);
-                        self.audit(
-                            "model.download_failed",
-                            json!({"download_id": id, "model": model, "code": e.code(), "error": e.to_string()}),
-                        );
-                    }
-                }
-            }
-        }
-    }
-
     fn admit(
         &self,
         workers: &BTreeMap<String, Arc<Worker>>,
@@ -679,108 +515,6 @@ impl Hive {
         worker.request_stop(cause);
         worker.wait_done().await;
         Some(worker.view())
-    }
-
-    /// Stops idle workers (keep-alive) and health-checks ready ones, forever.
-    pub async fn supervise_loop(self: Arc<Self>) {
-        let mut last_health = Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if self.draining.load(Ordering::SeqCst) {
-                return;
-            }
-            let cfg = self.config();
-            if cfg.workers.keep_alive_seconds > 0 {
-                let keep = Duration::from_secs(cfg.workers.keep_alive_seconds);
-                for w in self.all() {
-                    if w.idle_for(keep) && !w.stop_requested() {
-                        info!(worker_id = %w.id(), keep_alive_s = keep.as_secs(), "unused for the keep-alive; stopping");
-                        self.metrics.keep_alive_stops.inc(&[]);
-                        w.request_stop(StopCause::Idle);
-                    }
-                }
-            }
-            if last_health.elapsed() >= Duration::from_secs(cfg.workers.health_interval_seconds) {
-                last_health = Instant::now();
-                for w in self.all() {
-                    if w.state() == WorkerState::Ready && w.begin_probe() {
-                        let hive = self.clone();
-                        tokio::spawn(async move {
-                            hive.health_check(&w).await;
-                            w.end_probe();
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    /// `/health` must say ready; a worker with no recent success must also generate one
-    /// token. Three failures in a row kill it (then the restart policy applies).
-    async fn health_check(&self, w: &Worker) {
-        let Some((port, token)) = w.endpoint() else {
-            return;
-        };
-        if let Some(pid) = w.pid() {
-            self.sample_memory(w, pid).await;
-        }
-        let base = format!("http://127.0.0.1:{port}");
-        let health = self
-            .http
-            .get(format!("{base}/health"))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        let mut ok = matches!(&health, Ok(r) if r.status().is_success());
-        self.metrics
-            .health_probes
-            .inc(&["health", if ok { "ok" } else { "failed" }]);
-        let idle = Duration::from_secs(self.config().workers.health_probe_idle_seconds);
-        if ok && w.needs_generation_probe(idle) {
-            // Only when no client holds the slot; a busy worker is evidently alive.
-            if let Ok(permit) = w.slot.clone().try_acquire_owned() {
-                w.probe_holds.store(true, Ordering::SeqCst);
-                let res = self
-                    .http
-                    .post(format!("{base}/v1/inference"))
-                    .bearer_auth(token.expose())
-                    .json(&json!({"prompt": "Hi", "max_tokens": 1}))
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
-                let body = match res {
-                    Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
-                    Ok(r) => format!("HTTP {}", r.status()),
-                    Err(e) => e.to_string(),
-                };
-                w.probe_holds.store(false, Ordering::SeqCst);
-                drop(permit);
-                let mut seen = rbee_api::sse::StreamObserver::default();
-                seen.observe(body.as_bytes());
-                ok = seen.terminal() == Some(rbee_api::sse::Terminal::End);
-                self.metrics
-                    .health_probes
-                    .inc(&["generate", if ok { "ok" } else { "failed" }]);
-                if ok {
-                    w.mark_probe_success();
-                } else {
-                    debug!(worker_id = %w.id(), "generation probe failed");
-                }
-            }
-        }
-        if ok {
-            w.health_failures.store(0, Ordering::SeqCst);
-        } else {
-            let n = w.health_failures.fetch_add(1, Ordering::SeqCst) + 1;
-            warn!(worker_id = %w.id(), failures = n, "health check failed");
-            // The lifecycle task does the killing: it alone touches the process.
-            if n >= 3
-                && let Some(pid) = w.pid()
-                && w.request_kill_unhealthy(pid)
-            {
-                warn!(worker_id = %w.id(), pid, "three failed health checks; killed");
-            }
-        }
     }
 
     /// Graceful shutdown: refuse new work, let streams finish within the drain window, cut
