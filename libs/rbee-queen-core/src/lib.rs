@@ -7,14 +7,19 @@
 //! - [`api`]: routes and handlers; [`metrics`]; [`openapi`]: the API document built from the
 //!   route table.
 
+pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod hive_client;
+pub mod inference;
 pub mod metrics;
 pub mod openapi;
 pub mod queen;
 pub mod relay;
+pub mod respond;
 pub mod sched;
+mod spawning;
 pub mod usage;
 
 use std::future::Future;

@@ -299,3 +299,24 @@ fn parse_events(
     );
     Box::pin(s)
 }
+
+/// `events` until the stream ends or the queen cuts it, then an `error` event.
+pub fn cuttable(queen: &Queen, events: EventStream) -> EventStream {
+    use futures_util::StreamExt;
+    let mut rx = queen.cut_signal();
+    let cut = Box::pin(async move {
+        let _ = rx.wait_for(|c| *c).await;
+    });
+    let tail = futures_util::stream::once(async {
+        rbee_api::StreamEvent::Error {
+            code: codes::SHUTTING_DOWN,
+            message: "the queen is shutting down; the stream was cut after the drain window".into(),
+        }
+    });
+    // A stream that ends by itself ends there; only a cut one gets the error.
+    let cut_flag = queen.cut_signal();
+    Box::pin(events.take_until(cut).chain(tail.filter(move |_| {
+        let was_cut = *cut_flag.borrow();
+        async move { was_cut }
+    })))
+}
