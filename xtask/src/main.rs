@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rbee_test_harness::{
-    MODEL_BYTES, MODEL_FILE, MODEL_MEMBER, MODEL_PACKAGE, MODEL_SHA256, SseData, SseReader,
-    WorkerOptions, WorkerProcess, model_dir,
+    Daemon, Log, MODEL_BYTES, MODEL_FILE, MODEL_MEMBER, MODEL_PACKAGE, MODEL_SHA256, Ready,
+    SseData, SseReader, Start, WorkerOptions, config_command, eventually, model_dir, process_alive,
+    toml_path, toml_str,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -532,174 +533,35 @@ impl Signals {
     }
 }
 
-/// libc's `kill` and `prctl`, which std links anyway (xtask has no libc crate).
-mod sys {
-    use std::ffi::c_int;
-
-    pub const SIGKILL: c_int = 9;
-    pub const SIGTERM: c_int = 15;
-    #[cfg(target_os = "linux")]
-    pub const PR_SET_PDEATHSIG: c_int = 1;
-
-    unsafe extern "C" {
-        pub fn kill(pid: i32, sig: c_int) -> c_int;
-        #[cfg(target_os = "linux")]
-        pub fn prctl(option: c_int, ...) -> c_int;
-    }
-}
-
-/// One daemon of the demo stack, its stderr in a log file. Killed if dropped while running.
-struct Daemon {
+/// Starts `bin/<name>` of the demo stack with `toml` as `<dir>/<role>.toml`, its stderr in
+/// `<dir>/<role>.log`, and waits (up to 30 s) for its `<role> listening address=...` line.
+async fn start_daemon(
     name: &'static str,
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(
-        name: &'static str,
-        binary: &Path,
-        config: &Path,
-        log: PathBuf,
-    ) -> anyhow::Result<Self> {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(binary);
-        cmd.arg("--config")
-            .arg(config)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            // Its own process group: a terminal Ctrl-C reaches only xtask, which stops the
-            // hive (and so its workers) first and then the queen.
-            .process_group(0);
-        // Only the files written below configure the stack.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("RBEE_") {
-                cmd.env_remove(key);
-            }
-        }
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The
-        // daemon dies with xtask even when xtask is killed outright.
-        unsafe {
-            cmd.pre_exec(|| {
-                sys::prctl(sys::PR_SET_PDEATHSIG, sys::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self { name, child, log })
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe {
-            sys::kill(self.child.id() as i32, sig);
+    role: &'static str,
+    bin: &Path,
+    dir: &Path,
+    toml: &str,
+) -> anyhow::Result<Daemon> {
+    use std::os::unix::process::CommandExt;
+    let config = format!("{role}.toml");
+    let mut cmd = config_command(&bin.join(name), dir, &config, toml)?;
+    // Its own process group: a terminal Ctrl-C reaches only xtask, which stops the hive (and
+    // so its workers) first and then the queen.
+    cmd.process_group(0);
+    // Only the files written below configure the stack.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("RBEE_") {
+            cmd.env_remove(key);
         }
     }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// The last lines of the daemon's log, indented.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(25)..].join("\n    ");
-        format!("last lines of {}:\n    {tail}", self.log.display())
-    }
-
-    /// Waits (up to 30 s) for the daemon's `<marker> address=...` log line.
-    async fn wait_listening(&mut self, marker: &str) -> anyhow::Result<std::net::SocketAddr> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if let Some(addr) = listening_address(&log, marker) {
-                return Ok(addr);
-            }
-            if let Some(status) = self.exited() {
-                bail!(
-                    "{} exited before listening ({status}); {}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "{} not listening within 30 s; {}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL. Err when it had to be
-    /// killed or exited with a failure.
-    async fn stop(&mut self, grace: Duration) -> anyhow::Result<()> {
-        if let Some(status) = self.exited() {
-            bail!(
-                "{} had already exited ({status}); {}",
-                self.name,
-                self.log_tail()
-            );
-        }
-        self.signal(sys::SIGTERM);
-        let deadline = std::time::Instant::now() + grace;
-        while std::time::Instant::now() < deadline {
-            if let Some(status) = self.exited() {
-                if status.success() {
-                    return Ok(());
-                }
-                bail!("{} exited with {status}; {}", self.name, self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        bail!("{} did not stop within {grace:?}; killed it", self.name)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The address in a `<marker> address=HOST:PORT` log line.
-fn listening_address(log: &str, marker: &str) -> Option<std::net::SocketAddr> {
-    log.lines()
-        .find(|l| l.contains(marker))
-        .and_then(|l| l.split("address=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-}
-
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn toml_path(p: &Path) -> String {
-    toml_str(&p.display().to_string())
+    let start = Start {
+        name,
+        dir: dir.to_path_buf(),
+        log: Log::File(dir.join(format!("{role}.log"))),
+        ready: Ready::LogLine(format!("{role} listening")),
+        timeout: Duration::from_secs(30),
+    };
+    Daemon::start(cmd, start).await
 }
 
 /// A fresh random token in a 0600 file.
@@ -748,60 +610,44 @@ impl Stack {
             .context("model path has no file name")?
             .to_string_lossy();
 
-        let queen_toml = dir.join("queen.toml");
-        std::fs::write(
-            &queen_toml,
-            format!(
-                "listen = \"127.0.0.1:0\"\n\
+        let queen_toml = format!(
+            "listen = \"127.0.0.1:0\"\n\
                  join_token_file = {}\n\
                  hive_token_file = {}\n\
                  registry_path = {}\n\n\
                  [[client_tokens]]\nname = \"demo\"\nfile = {}\nadmin = true\n\n\
                  [[models]]\nname = {}\nreference = {}\n\n\
                  [scheduling]\nheartbeat_seconds = 1\n",
-                toml_path(&join_token_file),
-                toml_path(&hive_token_file),
-                toml_path(&dir.join("registry.sqlite")),
-                toml_path(&client_token_file),
-                toml_str(DEMO_MODEL),
-                toml_str(&format!("file:{model_file}")),
-            ),
-        )?;
-        let queen_log = dir.join("queen.log");
-        let hive_log = dir.join("hive.log");
+            toml_path(&join_token_file),
+            toml_path(&hive_token_file),
+            toml_path(&dir.join("registry.sqlite")),
+            toml_path(&client_token_file),
+            toml_str(DEMO_MODEL),
+            toml_str(&format!("file:{model_file}")),
+        );
         eprintln!(
             "demo directory {} (configs, tokens)\nlogs: {} and {}",
             dir.display(),
-            queen_log.display(),
-            hive_log.display()
+            dir.join("queen.log").display(),
+            dir.join("hive.log").display()
         );
-        let mut queen = Daemon::spawn(
-            "queen-rbee",
-            &bin.join("queen-rbee"),
-            &queen_toml,
-            queen_log,
-        )?;
-        let queen_addr = queen.wait_listening("queen listening").await?;
-        let url = format!("http://{queen_addr}");
+        let queen = start_daemon("queen-rbee", "queen", bin, &dir, &queen_toml).await?;
+        let url = queen.base_url.clone();
 
-        let hive_toml = dir.join("hive.toml");
-        std::fs::write(
-            &hive_toml,
-            format!(
-                "listen = \"127.0.0.1:0\"\n\
+        let hive_toml = format!(
+            "listen = \"127.0.0.1:0\"\n\
                  token_file = {}\n\
                  model_dirs = [{}]\n\n\
                  [workers]\nbinary = {}\n\n\
                  [queen]\nurl = {}\njoin_token_file = {}\nheartbeat_seconds = 1\n",
-                toml_path(&hive_token_file),
-                toml_path(model_dir),
-                toml_path(&bin.join("llm-worker-rbee")),
-                toml_str(&url),
-                toml_path(&join_token_file),
-            ),
-        )?;
-        let mut hive = Daemon::spawn("rbee-hive", &bin.join("rbee-hive"), &hive_toml, hive_log)?;
-        let hive_addr = hive.wait_listening("hive listening").await?;
+            toml_path(&hive_token_file),
+            toml_path(model_dir),
+            toml_path(&bin.join("llm-worker-rbee")),
+            toml_str(&url),
+            toml_path(&join_token_file),
+        );
+        let hive = start_daemon("rbee-hive", "hive", bin, &dir, &hive_toml).await?;
+        let hive_url = hive.base_url.clone();
         let mut stack = Self {
             hive,
             queen,
@@ -809,7 +655,7 @@ impl Stack {
             url,
             client_token,
             client_token_file,
-            hive_url: format!("http://{hive_addr}"),
+            hive_url,
             hive_token,
         };
         stack.wait_hive_up().await?;
@@ -840,35 +686,46 @@ impl Stack {
     /// Polls `GET /v1/admin/hives` until the hive's heartbeat has it `up` (30 s at most).
     async fn wait_hive_up(&mut self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let last = match self.admin(&client, "/v1/admin/hives").await {
-                Ok(v) => {
-                    let hives = v["hives"].as_array().cloned().unwrap_or_default();
-                    if hives.iter().any(|h| h["state"] == "up") {
-                        return Ok(());
+        let joined = eventually(
+            Duration::from_secs(30),
+            "the hive to join the queen",
+            || async {
+                // A daemon that exited ends the wait at once.
+                for d in [&self.queen, &self.hive] {
+                    if !process_alive(d.pid()) {
+                        return Ok(Err(anyhow::anyhow!(
+                            "{} exited; {}",
+                            d.name(),
+                            d.log_excerpt()
+                        )));
                     }
-                    v.to_string()
                 }
-                Err(e) => format!("{e:#}"),
-            };
-            self.check_running()?;
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "the hive did not join the queen within 30 s (last answer: {last})\n{}\n{}",
-                    self.queen.log_tail(),
-                    self.hive.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                let v = self.admin(&client, "/v1/admin/hives").await?;
+                let hives = v["hives"].as_array().cloned().unwrap_or_default();
+                if hives.iter().any(|h| h["state"] == "up") {
+                    Ok(Ok(()))
+                } else {
+                    Err(anyhow::anyhow!("{v}"))
+                }
+            },
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\n{}\n{}",
+                self.queen.log_excerpt(),
+                self.hive.log_excerpt()
+            )
+        })?;
+        joined?;
+        self.check_running()
     }
 
     /// Err (with the log tail) when either daemon has exited.
     fn check_running(&mut self) -> anyhow::Result<()> {
         for d in [&mut self.queen, &mut self.hive] {
             if let Some(status) = d.exited() {
-                bail!("{} exited ({status}); {}", d.name, d.log_tail());
+                bail!("{} exited ({status}); {}", d.name(), d.log_excerpt());
             }
         }
         Ok(())
@@ -1094,7 +951,7 @@ async fn bench_ours(
 ) -> anyhow::Result<Figures> {
     let mut opts = WorkerOptions::new(binary, model);
     opts.threads = Some(threads);
-    let worker = WorkerProcess::start(opts).await?;
+    let worker = Daemon::worker(opts).await?;
     let client = reqwest::Client::new();
     let run = |body: Value| {
         let req = worker.post(&client, "/v1/inference", &body);
@@ -1251,7 +1108,7 @@ async fn stack_rounds(
         "--token-file".into(),
         worker_token_file.display().to_string(),
     ];
-    let worker = WorkerProcess::start(opts).await?;
+    let worker = Daemon::worker(opts).await?;
     eprintln!("standalone worker at {}", worker.base_url);
 
     let client = reqwest::Client::new();
@@ -1451,29 +1308,7 @@ fn print_stack_report(paths: &[(&'static str, Vec<Sample>)], requests: usize, ma
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        count_results, listening_address, percentile, strip_ansi, toml_str, ttft_goal_met,
-    };
-
-    #[test]
-    fn listening_address_is_read_from_the_log_line() {
-        let log = "2025-01-01T00:00:00Z  INFO rbee_queen_core: client token loaded\n\
-                   2025-01-01T00:00:00Z  INFO rbee_queen_core: queen listening address=127.0.0.1:40123\n";
-        assert_eq!(
-            listening_address(log, "queen listening"),
-            Some("127.0.0.1:40123".parse().unwrap())
-        );
-        assert_eq!(listening_address(log, "hive listening"), None);
-        assert_eq!(
-            listening_address("queen listening address=", "queen listening"),
-            None
-        );
-    }
-
-    #[test]
-    fn toml_strings_are_escaped() {
-        assert_eq!(toml_str(r#"/tmp/a "b"\c"#), r#""/tmp/a \"b\"\\c""#);
-    }
+    use super::{count_results, percentile, strip_ansi, ttft_goal_met};
 
     #[test]
     fn libtest_and_cucumber_summaries_are_counted() {

@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, QueenOptions, QueenProcess, SseData, SseReader, end_event,
-    joined_text, reference,
+    Daemon, HiveOptions, QueenOptions, SseData, SseReader, end_event, joined_text, reference,
 };
 use serde_json::{Value, json};
 
@@ -14,13 +13,13 @@ const JOIN: &str = "join-token-0123456789abcdef";
 const HIVE: &str = "hive-token-0123456789abcdef";
 
 struct Stack {
-    queen: QueenProcess,
-    hive: HiveProcess,
+    queen: Daemon,
+    hive: Daemon,
 }
 
 async fn stack() -> Stack {
     let logs = rbee_test_harness::temp_dir("queen-logs");
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         QueenOptions {
             env: vec![
                 (
@@ -315,7 +314,7 @@ async fn native_stream_cancel_and_auth_through_the_queen() {
 
 async fn chat(
     c: &reqwest::Client,
-    queen: &QueenProcess,
+    queen: &Daemon,
     token: &str,
     max_tokens: u32,
 ) -> reqwest::Response {
@@ -343,17 +342,17 @@ fn queen_options(registry: Option<std::path::PathBuf>, tail: &str) -> QueenOptio
     opts
 }
 
-async fn hive_for(queen_url: &str, id: &str, extra: &[(&str, &str)]) -> HiveProcess {
+async fn hive_for(queen_url: &str, id: &str, extra: &[(&str, &str)]) -> Daemon {
     let mut opts = HiveOptions::joined(queen_url, id, HIVE, JOIN);
     for (k, v) in extra {
         opts = opts.env(k, v);
     }
-    HiveProcess::start(opts).await.unwrap()
+    Daemon::hive(opts).await.unwrap()
 }
 
 #[tokio::test]
 async fn a_dead_hive_leaves_routing_and_requests_go_to_the_other() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let a = hive_for(&queen.base_url, "hive-a", &[]).await;
@@ -419,7 +418,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let registry = rbee_test_harness::temp_dir("queen-registry").join("registry.sqlite");
-    let mut queen = QueenProcess::start(queen_options(Some(registry.clone()), ""), &listen)
+    let mut queen = Daemon::queen(queen_options(Some(registry.clone()), ""), &listen)
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-r", &[]).await;
@@ -434,7 +433,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
             .unwrap()
             .success()
     );
-    let queen = QueenProcess::start(queen_options(Some(registry), ""), &listen)
+    let queen = Daemon::queen(queen_options(Some(registry), ""), &listen)
         .await
         .unwrap();
     // Known at once from the registry (down until it beats), then up again.
@@ -456,7 +455,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
 
 #[tokio::test]
 async fn overflow_is_refused_with_retry_after_and_nothing_is_lost() {
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(None, "queue_length = 1\nqueue_wait_seconds = 60\n"),
         "127.0.0.1:0",
     )
@@ -516,7 +515,7 @@ async fn overflow_is_refused_with_retry_after_and_nothing_is_lost() {
 
 #[tokio::test]
 async fn sighup_rotates_client_tokens_without_dropping_a_request() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-t", &[]).await;
@@ -644,7 +643,7 @@ async fn admins_spawn_list_and_stop_workers_through_the_queen() {
 async fn a_client_over_its_concurrency_limit_gets_429() {
     let dir = rbee_test_harness::temp_dir("bob");
     let bob_file = rbee_test_harness::write_token_file(&dir, "bob-token-0123456789abcdef");
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(
             None,
             &format!(
@@ -775,7 +774,7 @@ fn the_example_config_checks_and_bad_ones_exit_64() {
 
 #[tokio::test]
 async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
-    let mut queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let mut queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-s", &[]).await;
@@ -846,12 +845,12 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     let port = free_port();
     let queen_url = format!("http://127.0.0.1:{port}");
     let own = "hive-b-own-token-0123456789";
-    let hive = HiveProcess::start(HiveOptions::joined(&queen_url, "hive-own", own, JOIN))
+    let hive = Daemon::hive(HiveOptions::joined(&queen_url, "hive-own", own, JOIN))
         .await
         .unwrap();
     let dir = rbee_test_harness::temp_dir("hive-own-token");
     let token_file = rbee_test_harness::write_token_file(&dir, own);
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(
             None,
             &format!(
@@ -965,7 +964,7 @@ async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
 
 #[tokio::test]
 async fn a_request_waiting_for_a_worker_can_be_cancelled() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-c", &[("WORKERS__MAX_WORKERS", "1")]).await;
@@ -1016,7 +1015,7 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
 
 #[tokio::test]
 async fn waiting_requests_are_served_in_arrival_order() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     // One worker at most, so every request after the first waits for it.
@@ -1080,7 +1079,7 @@ where
 
 #[tokio::test]
 async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let config = queen.dir.join("queen.toml");
@@ -1121,7 +1120,7 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
         .unwrap();
     assert_eq!(h["state"], "down", "{h}");
     // A hive still holding the old join token joins.
-    let hive = HiveProcess::start(HiveOptions::joined(
+    let hive = Daemon::hive(HiveOptions::joined(
         &queen.base_url,
         "hive-old-join",
         HIVE,
@@ -1168,7 +1167,7 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
 
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_validates() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let resp = reqwest::get(queen.url("/openapi.json")).await.unwrap();
@@ -1197,7 +1196,7 @@ async fn the_openapi_document_lists_every_route_and_validates() {
 
 #[tokio::test]
 async fn a_worker_that_cannot_start_is_reported_once_and_another_hive_is_used() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     // Its worker binary exits at once and the hive does not restart it.
@@ -1262,7 +1261,7 @@ async fn only_the_sender_or_an_admin_can_cancel_a_request() {
     let (bob, carol) = ("bob-token-0123456789abcdef", "carol-token-0123456789abcd");
     let bob_file = rbee_test_harness::write_token_file(&dir.join("bob"), bob);
     let carol_file = rbee_test_harness::write_token_file(&dir.join("carol"), carol);
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(
             None,
             &format!(

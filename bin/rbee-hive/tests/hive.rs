@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, MODEL_FILE, SseData, SseReader, end_event, joined_text,
-    process_alive, reference, temp_dir, workspace_binary, write_token_file,
+    Daemon, HiveOptions, MODEL_FILE, SseData, SseReader, end_event, joined_text, process_alive,
+    reference, temp_dir, workspace_binary, write_token_file,
 };
 use serde_json::{Value, json};
 
@@ -30,7 +30,7 @@ fn kill(pid: i32, sig: i32) {
 
 #[tokio::test]
 async fn spawn_ready_infer_through_the_hive_and_stop() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -141,7 +141,7 @@ async fn spawn_ready_infer_through_the_hive_and_stop() {
 
 #[tokio::test]
 async fn every_protected_route_needs_the_token() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -297,7 +297,7 @@ async fn configuration_errors_exit_64_and_name_the_field() {
 
 #[tokio::test]
 async fn sighup_rotates_the_token_without_a_restart() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -306,9 +306,9 @@ async fn sighup_rotates_the_token_without_a_restart() {
     // Zero-downtime rotation: the new token in token_file, the old one still accepted from
     // token_previous_files until the next reload drops it.
     let old_file = rbee_test_harness::write_token_file(&hive.dir.join("old"), TOKEN);
-    let original = std::fs::read_to_string(&hive.config_path).unwrap();
+    let original = std::fs::read_to_string(hive.config_path()).unwrap();
     std::fs::write(
-        &hive.config_path,
+        hive.config_path(),
         format!(
             "token_previous_files = [{:?}]\n{original}",
             old_file.display().to_string()
@@ -342,7 +342,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
         200,
         "the old token works during the rotation"
     );
-    std::fs::write(&hive.config_path, &original).unwrap();
+    std::fs::write(hive.config_path(), &original).unwrap();
     hive.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -378,10 +378,10 @@ async fn sighup_rotates_the_token_without_a_restart() {
     hive.audit_with(&["config.reload"]).await;
 
     // Settings: a limit applies at once, the listen address is reported as needing a restart.
-    let mut toml = std::fs::read_to_string(&hive.config_path).unwrap();
+    let mut toml = std::fs::read_to_string(hive.config_path()).unwrap();
     toml = toml.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
     toml.push_str("max_workers = 1\n"); // the harness writes [workers] last
-    std::fs::write(&hive.config_path, toml).unwrap();
+    std::fs::write(hive.config_path(), toml).unwrap();
     hive.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !hive
@@ -405,7 +405,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
     let second = spawn(&c2).await.unwrap();
     assert_eq!(second.status(), 507);
     // A broken file changes nothing.
-    std::fs::write(&hive.config_path, "listen = [").unwrap();
+    std::fs::write(hive.config_path(), "listen = [").unwrap();
     hive.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !hive.stderr().contains("reload failed") {
@@ -420,7 +420,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
         .unwrap();
     assert_eq!(still.status(), 200);
     // A file without the token does not turn authentication off.
-    std::fs::write(&hive.config_path, "listen = \"127.0.0.1:0\"\n").unwrap();
+    std::fs::write(hive.config_path(), "listen = \"127.0.0.1:0\"\n").unwrap();
     hive.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !hive.stderr().contains("has no hive token") {
@@ -436,7 +436,7 @@ async fn systemd_hears_ready_reloading_and_stopping() {
     let dir = temp_dir("notify");
     let sock_path = dir.join("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
-    let mut hive = HiveProcess::start(HiveOptions {
+    let mut hive = Daemon::hive(HiveOptions {
         env: vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())],
         ..HiveOptions::default()
     })
@@ -470,7 +470,7 @@ async fn systemd_hears_ready_reloading_and_stopping() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams_and_refuses_new_work() {
-    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let mut hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     let w = hive.ready_worker(&c).await.unwrap();
     let id = w["id"].as_str().unwrap();
@@ -521,7 +521,7 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_work() {
 
 #[tokio::test]
 async fn crashed_workers_restart_with_backoff_until_the_breaker_opens() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("RESTART__MAX_ATTEMPTS", 2)
@@ -620,7 +620,7 @@ async fn crashed_workers_restart_with_backoff_until_the_breaker_opens() {
 #[tokio::test]
 async fn sigterm_stops_three_workers_one_of_them_frozen_within_30s() {
     let textfile = temp_dir("textfile").join("hive.prom");
-    let mut hive = HiveProcess::start(
+    let mut hive = Daemon::hive(
         HiveOptions {
             extra_args: vec!["--metrics-textfile".into(), textfile.display().to_string()],
             ..HiveOptions::default()
@@ -665,7 +665,7 @@ async fn sigterm_stops_three_workers_one_of_them_frozen_within_30s() {
 
 #[tokio::test]
 async fn sigterm_with_cooperative_workers_is_quick() {
-    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let mut hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     let mut pids = Vec::new();
     for _ in 0..2 {
@@ -687,7 +687,7 @@ async fn sigterm_with_cooperative_workers_is_quick() {
 
 #[tokio::test]
 async fn sigkill_of_the_hive_leaves_no_worker_behind() {
-    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let mut hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     let pid = worker_pid(&hive.ready_worker(&c).await.unwrap());
     hive.signal(libc::SIGKILL);
@@ -703,7 +703,7 @@ async fn sigkill_of_the_hive_leaves_no_worker_behind() {
 
 #[tokio::test]
 async fn admission_refuses_what_does_not_fit_with_figures() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("RESOURCES__MAX_MEMORY_MB", 300),
@@ -748,7 +748,7 @@ async fn admission_refuses_what_does_not_fit_with_figures() {
 
 #[tokio::test]
 async fn max_workers_and_bad_model_refs_are_refused() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("WORKERS__MAX_WORKERS", 1),
@@ -826,7 +826,7 @@ async fn max_workers_and_bad_model_refs_are_refused() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_frees_the_worker_at_once() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -919,7 +919,7 @@ fn rbee_unix_ms() -> i64 {
 
 #[tokio::test]
 async fn a_worker_crash_mid_stream_ends_the_stream_with_an_error_event() {
-    let hive = HiveProcess::start(HiveOptions::default().env("RESTART__ENABLED", false))
+    let hive = Daemon::hive(HiveOptions::default().env("RESTART__ENABLED", false))
         .await
         .unwrap();
     let c = client();
@@ -964,7 +964,7 @@ async fn a_worker_crash_mid_stream_ends_the_stream_with_an_error_event() {
 
 #[tokio::test]
 async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .env("WORKERS__KEEP_ALIVE_SECONDS", 4)
             .env("WORKERS__HEALTH_INTERVAL_SECONDS", 1)
@@ -1031,7 +1031,7 @@ async fn a_worker_that_never_reports_ready_is_killed_with_a_reason() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let hive = HiveProcess::start(HiveOptions {
+    let hive = Daemon::hive(HiveOptions {
         worker_binary: Some(script),
         ..HiveOptions::default()
             .env("WORKERS__LOAD_TIMEOUT_SECONDS", 1)
@@ -1056,7 +1056,7 @@ async fn a_worker_that_never_reports_ready_is_killed_with_a_reason() {
 
 #[tokio::test]
 async fn worker_events_stream_shows_readiness() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -1098,7 +1098,7 @@ async fn models_are_listed_and_deletion_waits_for_workers() {
     if std::fs::hard_link(&src, &copy).is_err() {
         std::fs::copy(&src, &copy).unwrap();
     }
-    let hive = HiveProcess::start(HiveOptions {
+    let hive = Daemon::hive(HiveOptions {
         model_dirs: vec![dir.clone()],
         ..HiveOptions::default().token(TOKEN)
     })
@@ -1162,7 +1162,7 @@ async fn models_are_listed_and_deletion_waits_for_workers() {
 
 #[tokio::test]
 async fn audit_log_verifies_and_tampering_is_found() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -1202,7 +1202,7 @@ async fn audit_log_verifies_and_tampering_is_found() {
 
 #[tokio::test]
 async fn metrics_pass_promtool() {
-    let hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     hive.ready_worker(&c).await.unwrap();
     let text = c
@@ -1261,7 +1261,7 @@ async fn queen_double() -> (
 async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
     let (url, beats, queen) = queen_double().await;
     let join = "join-token-abcdefghijklmnop";
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("QUEEN__URL", &url)
