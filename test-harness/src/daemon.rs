@@ -265,6 +265,16 @@ impl Daemon {
         }
     }
 
+    /// Waits (up to 10 s) until its stderr contains `needle`.
+    pub async fn wait_log(&self, needle: &str) -> anyhow::Result<()> {
+        let what = format!("{} to log {needle:?}", self.name);
+        eventually(Duration::from_secs(10), &what, || async {
+            self.stderr().contains(needle).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow!("{e:#}; its log:\n{}", self.stderr()))
+    }
+
     /// Its stderr for an error message: all of it when kept in memory, else the log file's
     /// last 25 lines and its path.
     pub fn log_excerpt(&self) -> String {

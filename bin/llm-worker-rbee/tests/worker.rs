@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rbee_test_harness::{
-    Daemon, SseData, SseReader, WorkerOptions, end_event, joined_text, reference, test_model,
+    Daemon, SseData, SseReader, WorkerOptions, end_event, eventually, joined_text, reference,
+    test_model,
 };
 use serde_json::{Value, json};
 
@@ -379,25 +380,23 @@ async fn a_second_request_while_busy_gets_503_with_retry_after() {
 
 /// Polls until the worker takes a new request (its one slot is free again).
 async fn wait_until_free(w: &Daemon, limit: Duration) -> Duration {
+    wait_accepted(w, limit, "the worker's slot to be free").await
+}
+
+/// Polls until a 1-token request with the worker's token answers 200; returns how long it took.
+async fn wait_accepted(w: &Daemon, limit: Duration, what: &str) -> Duration {
     let c = client();
     let t0 = Instant::now();
-    loop {
-        let r = w
-            .post(
-                &c,
-                "/v1/inference",
-                &json!({"prompt": "Hi", "max_tokens": 1}),
-            )
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            let _ = r.bytes().await;
-            return t0.elapsed();
-        }
-        assert!(t0.elapsed() < limit, "slot still busy after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let hi = json!({"prompt": "Hi", "max_tokens": 1});
+    eventually(limit, what, || async {
+        let r = w.post(&c, "/v1/inference", &hi).send().await.unwrap();
+        let status = r.status();
+        let _ = r.bytes().await;
+        (status == 200).then_some(()).ok_or(status)
+    })
+    .await
+    .unwrap();
+    t0.elapsed()
 }
 
 #[tokio::test]
@@ -721,24 +720,8 @@ async fn sighup_rotates_the_token_without_a_restart() {
     w.signal(libc::SIGHUP);
     let c = client();
     let hi = json!({"prompt": "Hi", "max_tokens": 1});
-    let t0 = Instant::now();
-    loop {
-        w.token = Some(new_token.into());
-        let status = w
-            .post(&c, "/v1/inference", &hi)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        if status == 200 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "new token not accepted: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.token = Some(new_token.into());
+    wait_accepted(&w, Duration::from_secs(5), "the new token to be accepted").await;
     w.token = Some(TOKEN.into());
     let old = w.post(&c, "/v1/inference", &hi).send().await.unwrap();
     assert_eq!(old.status(), 401, "the old token is retired");

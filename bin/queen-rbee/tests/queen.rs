@@ -4,13 +4,16 @@
 use std::time::Duration;
 
 use rbee_test_harness::{
-    Daemon, HiveOptions, QueenOptions, SseData, SseReader, end_event, joined_text, reference,
+    Daemon, HiveOptions, MODEL_FILE, QueenOptions, SseData, SseReader, end_event, eventually,
+    joined_text, reference,
 };
 use serde_json::{Value, json};
 
 const CLIENT: &str = "client-token-0123456789abcdef";
 const JOIN: &str = "join-token-0123456789abcdef";
 const HIVE: &str = "hive-token-0123456789abcdef";
+/// How long a reload or a drain may take to show.
+const TEN_S: Duration = Duration::from_secs(10);
 
 struct Stack {
     queen: Daemon,
@@ -142,18 +145,23 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     }
     // One usage record per served request, naming client, model, hive and worker.
     let usage_path = std::path::Path::new(&s.queen.env_value("RBEE_QUEEN_USAGE_LOG")).to_path_buf();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let records: Vec<Value> = loop {
+    let usage_lines = || {
         let text = std::fs::read_to_string(&usage_path).unwrap_or_default();
-        let r: Vec<Value> = text
-            .lines()
+        text.lines().map(str::to_owned).collect::<Vec<String>>()
+    };
+    let records: Vec<Value> = eventually(Duration::from_secs(5), "3 usage records", || async {
+        let r: Vec<Value> = usage_lines()
+            .iter()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        if r.len() >= 3 || std::time::Instant::now() > deadline {
-            break r;
+        if r.len() >= 3 {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await
+    .unwrap();
     let ok: Vec<&Value> = records.iter().filter(|r| r["outcome"] == "ok").collect();
     assert!(ok.len() >= 3, "{records:?}");
     assert_eq!(ok[0]["client"], "alice");
@@ -167,45 +175,42 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
             .contains(CLIENT)
     );
     // The file's hash, once the hive has hashed it, names the exact model in later records.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        assert_eq!(
-            chat(&reqwest::Client::new(), &s.queen, CLIENT, 1)
-                .await
-                .status(),
-            200
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let text = std::fs::read_to_string(&usage_path).unwrap_or_default();
-        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let what = "a new usage record with the model's hash";
+    eventually(Duration::from_secs(20), what, || async {
+        let before = usage_lines().len();
+        let c = reqwest::Client::new();
+        assert_eq!(chat(&c, &s.queen, CLIENT, 1).await.status(), 200);
+        // The usage thread writes the request's record after the response ends.
+        let lines = eventually(Duration::from_secs(5), "its usage record", || async {
+            let lines = usage_lines();
+            (lines.len() > before).then_some(lines)
+        })
+        .await
+        .unwrap();
+        let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
         if last["model_sha256"] == rbee_test_harness::MODEL_SHA256 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("no hash in {last}"))
         }
-        assert!(std::time::Instant::now() < deadline, "no hash in {last}");
-    }
+    })
+    .await
+    .unwrap();
     // logrotate moves the file away and reloads: the next records go to a new file.
     let rotated = usage_path.with_extension("jsonl.1");
     std::fs::rename(&usage_path, &rotated).unwrap();
     s.queen.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&usage_path)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        == 0
-    {
-        assert_eq!(
-            chat(&reqwest::Client::new(), &s.queen, CLIENT, 1)
-                .await
-                .status(),
-            200
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no record in a new usage file after SIGHUP"
-        );
-    }
+    let what = "a record in a new usage file after SIGHUP";
+    eventually(Duration::from_secs(10), what, || async {
+        if !usage_lines().is_empty() {
+            return Some(());
+        }
+        let c = reqwest::Client::new();
+        assert_eq!(chat(&c, &s.queen, CLIENT, 1).await.status(), 200);
+        None
+    })
+    .await
+    .unwrap();
     assert!(std::fs::read_to_string(&rotated).unwrap().lines().count() >= 3);
     drop(s.hive);
 }
@@ -393,23 +398,13 @@ async fn a_dead_hive_leaves_routing_and_requests_go_to_the_other() {
             .is_empty()
     );
     // After three missed heartbeats the dead hive is down.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let h: Value = c
-            .get(queen.url(&format!("/v1/admin/hives/{dead_id}")))
-            .bearer_auth(CLIENT)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["state"] == "down" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{dead_id} still {h}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = format!("{dead_id} to be down");
+    eventually(Duration::from_secs(15), &what, || async {
+        let h = admin_get(&c, &queen, &format!("/v1/admin/hives/{dead_id}")).await;
+        (h["state"] == "down").then_some(()).ok_or(h)
+    })
+    .await
+    .unwrap();
     drop(alive);
 }
 
@@ -535,23 +530,17 @@ async fn sighup_rotates_client_tokens_without_dropping_a_request() {
     let new = "rotated-client-token-0123456789";
     std::fs::write(queen.dir.join("secrets/client-alice"), new).unwrap();
     queen.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = c
-            .get(queen.url("/v1/models"))
-            .bearer_auth(new)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "new token not accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the new token to be accepted",
+        || async {
+            let r = c.get(queen.url("/v1/models")).bearer_auth(new).send();
+            let status = r.await.unwrap().status();
+            (status == 200).then_some(()).ok_or(status)
+        },
+    )
+    .await
+    .unwrap();
     let old = c
         .get(queen.url("/v1/models"))
         .bearer_auth(CLIENT)
@@ -579,34 +568,24 @@ async fn admins_spawn_list_and_stop_workers_through_the_queen() {
     assert_eq!(resp.status(), 202);
     let spawned: Value = resp.json().await.unwrap();
     let id = spawned["id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let models: Value = c
-            .get(s.queen.url("/v1/admin/models"))
-            .bearer_auth(CLIENT)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let what = format!("worker {id} listed as loaded");
+    let models = eventually(Duration::from_secs(60), &what, || async {
+        let models = admin_get(&c, &s.queen, "/v1/admin/models").await;
         let loaded = &models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["loaded"];
-        if loaded
+        let listed = loaded
             .as_array()
-            .is_some_and(|a| a.iter().any(|w| w["worker"] == id.as_str()))
-        {
-            assert!(
-                models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["on_disk"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|h| h == "hive-a")
-            );
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{models}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .is_some_and(|a| a.iter().any(|w| w["worker"] == id.as_str()));
+        listed.then_some(models.clone()).ok_or(models)
+    })
+    .await
+    .unwrap();
+    assert!(
+        models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["on_disk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h == "hive-a")
+    );
     let stopped = c
         .delete(s.queen.url(&format!("/v1/admin/workers/hive-a/{id}")))
         .bearer_auth(CLIENT)
@@ -791,10 +770,11 @@ async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
     reader.next().await.unwrap();
     queen.signal(libc::SIGTERM);
     // While the running request finishes, /health says so and new work is refused.
-    eventually("/health reports the drain", || async {
-        c.get(queen.url("/health")).send().await.unwrap().status() == 503
+    eventually(TEN_S, "/health reports the drain", || async {
+        (c.get(queen.url("/health")).send().await.unwrap().status() == 503).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     let health: Value = c
         .get(queen.url("/health"))
         .send()
@@ -871,16 +851,16 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     // A wrong token for the hive is the operator's problem: 502 naming it, not a 401.
     std::fs::write(&token_file, "not-the-hive-token-0123456789").unwrap();
     queen.signal(libc::SIGHUP);
-    let mut last = None;
-    for _ in 0..100 {
-        let resp = chat(&c, &queen, CLIENT, 2).await;
-        if resp.status() != 200 {
-            last = Some(resp);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let resp = last.expect("the reload took effect");
+    let resp = eventually(
+        Duration::from_secs(15),
+        "the reload to take effect",
+        || async {
+            let resp = chat(&c, &queen, CLIENT, 2).await;
+            (resp.status() != 200).then_some(resp)
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "INTERNAL", "{body}");
@@ -921,23 +901,13 @@ async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
         workers["workers"][0]["id"].as_str().unwrap()
     ));
     let killer = async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let v: Value = c
-                .get(&hive_url)
-                .bearer_auth(HIVE)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["busy"] == true {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "never busy: {v}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(Duration::from_secs(10), "the worker to be busy", || async {
+            let r = c.get(&hive_url).bearer_auth(HIVE).send();
+            let v: Value = r.await.unwrap().json().await.unwrap();
+            (v["busy"] == true).then_some(()).ok_or(v)
+        })
+        .await
+        .unwrap();
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
@@ -993,7 +963,8 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Cancel it once it waits in the queue.
+    wait_queue_depth(&c, &queen, 1).await;
     let del = c
         .delete(queen.url("/v1/inference/queued-1"))
         .bearer_auth(CLIENT)
@@ -1035,9 +1006,9 @@ async fn waiting_requests_are_served_in_arrival_order() {
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..4 {
-        let (c, order, url) = (c.clone(), order.clone(), queen.url("/v1/chat/completions"));
+        let (c2, order, url) = (c.clone(), order.clone(), queen.url("/v1/chat/completions"));
         tasks.push(tokio::spawn(async move {
-            let r = c
+            let r = c2
                 .post(url)
                 .bearer_auth(CLIENT)
                 .json(
@@ -1052,8 +1023,9 @@ async fn waiting_requests_are_served_in_arrival_order() {
             order.lock().unwrap().push(i);
             status
         }));
-        // Arrivals well apart, all while the worker is still held.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The next arrives only once this one waits in the queue, all while the worker is
+        // still held.
+        wait_queue_depth(&c, &queen, i + 1).await;
     }
     let rest = holder.collect().await.unwrap();
     assert!(end_event(&rest).is_some(), "{rest:?}");
@@ -1064,17 +1036,22 @@ async fn waiting_requests_are_served_in_arrival_order() {
     drop(hive);
 }
 
-/// Polls `check` every 50 ms until it holds (10 s at most).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// An admin GET through the queen, as JSON.
+async fn admin_get(c: &reqwest::Client, queen: &Daemon, path: &str) -> Value {
+    let r = c.get(queen.url(path)).bearer_auth(CLIENT).send();
+    r.await.unwrap().json().await.unwrap()
+}
+
+/// Waits (10 s at most) until `depth` requests wait for a worker of the test model.
+async fn wait_queue_depth(c: &reqwest::Client, queen: &Daemon, depth: u32) {
+    let series = format!("rbee_queen_queue_depth{{model=\"file:{MODEL_FILE}\"}}");
+    let what = format!("{depth} requests waiting");
+    eventually(Duration::from_secs(10), &what, || async {
+        let now = queen.metric(c, &series).await.unwrap();
+        (now == f64::from(depth)).then_some(()).ok_or(now)
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -1098,10 +1075,11 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
     .unwrap();
     queen.signal(libc::SIGHUP);
     let c = reqwest::Client::new();
-    eventually("/metrics needs a token after the reload", || async {
-        c.get(queen.url("/metrics")).send().await.unwrap().status() == 401
+    eventually(TEN_S, "/metrics needs a token after the reload", || async {
+        (c.get(queen.url("/metrics")).send().await.unwrap().status() == 401).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     let scraped = c
         .get(queen.url("/metrics"))
         .bearer_auth(CLIENT)
@@ -1132,36 +1110,26 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
     // Step 2: the old token is retired and the configured hive dropped.
     std::fs::write(&config, &original).unwrap();
     queen.signal(libc::SIGHUP);
-    eventually("the configured hive is removed", || async {
-        c.get(queen.url("/v1/admin/hives/hive-static"))
-            .bearer_auth(CLIENT)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 404
+    eventually(TEN_S, "the configured hive is removed", || async {
+        let r = c.get(queen.url("/v1/admin/hives/hive-static"));
+        let status = r.bearer_auth(CLIENT).send().await.unwrap().status();
+        (status == 404).then_some(()).ok_or(status)
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         c.get(queen.url("/metrics")).send().await.unwrap().status(),
         200
     );
     // The old token's heartbeats are refused now: the hive goes down after 3 missed beats.
-    eventually(
-        "the hive with the retired join token leaves routing",
-        || async {
-            let v: Value = c
-                .get(queen.url("/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["hives_up"] == 0
-        },
-    )
-    .await;
+    let what = "the hive with the retired join token leaves routing";
+    eventually(TEN_S, what, || async {
+        let resp = c.get(queen.url("/health")).send().await.unwrap();
+        let v: Value = resp.json().await.unwrap();
+        (v["hives_up"] == 0).then_some(()).ok_or(v)
+    })
+    .await
+    .unwrap();
     drop(hive);
 }
 

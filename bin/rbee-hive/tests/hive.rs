@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rbee_test_harness::{
-    Daemon, HiveOptions, MODEL_FILE, SseData, SseReader, end_event, joined_text, process_alive,
-    reference, temp_dir, workspace_binary, write_token_file,
+    Daemon, HiveOptions, MODEL_FILE, SseData, SseReader, end_event, eventually, joined_text,
+    process_alive, reference, temp_dir, workspace_binary, write_token_file,
 };
 use serde_json::{Value, json};
 
@@ -20,6 +20,23 @@ fn client() -> reqwest::Client {
 
 fn worker_pid(v: &Value) -> i32 {
     v["pid"].as_i64().expect("pid") as i32
+}
+
+/// The status of `GET /v1/workers` with `token`.
+async fn workers_status(c: &reqwest::Client, hive: &Daemon, token: &str) -> reqwest::StatusCode {
+    let r = c.get(hive.url("/v1/workers")).bearer_auth(token).send();
+    r.await.unwrap().status()
+}
+
+/// Waits (10 s at most) until `GET /v1/workers` with `token` answers `want`.
+async fn wait_workers_status(hive: &Daemon, token: &str, want: u16, what: &str) {
+    let c = client();
+    eventually(Duration::from_secs(10), what, || async {
+        let status = workers_status(&c, hive, token).await;
+        (status == want).then_some(()).ok_or(status)
+    })
+    .await
+    .unwrap();
 }
 
 fn kill(pid: i32, sig: i32) {
@@ -317,20 +334,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
     .unwrap();
     std::fs::write(&token_file, new).unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = c
-            .get(hive.url("/v1/workers"))
-            .bearer_auth(new)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "new token not accepted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_workers_status(&hive, new, 200, "the new token to be accepted").await;
     let both = c
         .get(hive.url("/v1/workers"))
         .bearer_auth(TOKEN)
@@ -344,20 +348,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
     );
     std::fs::write(hive.config_path(), &original).unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let old = c
-            .get(hive.url("/v1/workers"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        if old.status() == 401 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the retired token still works");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_workers_status(&hive, TOKEN, 401, "the retired token to be refused").await;
     let current = c
         .get(hive.url("/v1/workers"))
         .bearer_auth(new)
@@ -383,14 +374,9 @@ async fn sighup_rotates_the_token_without_a_restart() {
     toml.push_str("max_workers = 1\n"); // the harness writes [workers] last
     std::fs::write(hive.config_path(), toml).unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !hive
-        .stderr()
-        .contains("these settings change only after a restart")
-    {
-        assert!(Instant::now() < deadline, "{}", hive.stderr());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hive.wait_log("these settings change only after a restart")
+        .await
+        .unwrap();
     let log = hive.stderr();
     assert!(log.contains("needs_restart=[\"listen\"]"), "{log}");
     assert!(log.contains("\"workers.max_workers\""), "{log}");
@@ -407,11 +393,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
     // A broken file changes nothing.
     std::fs::write(hive.config_path(), "listen = [").unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !hive.stderr().contains("reload failed") {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hive.wait_log("reload failed").await.unwrap();
     let still = c
         .get(hive.url("/v1/workers"))
         .bearer_auth(new)
@@ -422,11 +404,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
     // A file without the token does not turn authentication off.
     std::fs::write(hive.config_path(), "listen = \"127.0.0.1:0\"\n").unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !hive.stderr().contains("has no hive token") {
-        assert!(Instant::now() < deadline, "{}", hive.stderr());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hive.wait_log("has no hive token").await.unwrap();
     let anonymous = c.get(hive.url("/v1/workers")).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
 }
@@ -486,21 +464,19 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_work() {
     let mut reader = SseReader::new(resp);
     reader.next().await.unwrap();
     hive.signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let r = hive
-            .post(&c, "/v1/workers", &json!({"model": MODEL_REF}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 503 {
-            let body: Value = r.json().await.unwrap();
-            assert_eq!(body["error"]["code"], "SHUTTING_DOWN");
-            break;
+    let spawn = json!({"model": MODEL_REF});
+    let what = "new work to be refused";
+    let refusal: Value = eventually(Duration::from_secs(2), what, || async {
+        let r = hive.post(&c, "/v1/workers", &spawn).send().await.unwrap();
+        let status = r.status();
+        match status.as_u16() {
+            503 => Ok(r.json::<Value>().await.unwrap()),
+            _ => Err(status),
         }
-        assert!(Instant::now() < deadline, "new work still accepted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .unwrap();
+    assert_eq!(refusal["error"]["code"], "SHUTTING_DOWN");
     let health = c.get(hive.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 503);
     let mut rest = Vec::new();
@@ -694,11 +670,12 @@ async fn sigkill_of_the_hive_leaves_no_worker_behind() {
     hive.wait_exit(Duration::from_secs(5))
         .await
         .expect("hive died");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while process_alive(pid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!process_alive(pid), "worker {pid} orphaned");
+    let what = format!("worker {pid} to die with its hive (not be orphaned)");
+    eventually(Duration::from_secs(5), &what, || async {
+        (!process_alive(pid)).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -845,24 +822,17 @@ async fn a_client_that_goes_away_frees_the_worker_at_once() {
     assert_eq!(busy.headers()["retry-after"], "1");
     drop(reader);
     let t0 = Instant::now();
-    loop {
-        let r = hive
-            .post(&c, &path, &json!({"prompt": "Hi", "max_tokens": 1}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            let events = SseReader::new(r).collect().await.unwrap();
-            assert!(end_event(&events).is_some());
-            break;
+    let hi = json!({"prompt": "Hi", "max_tokens": 1});
+    let events = eventually(Duration::from_secs(1), "the worker to be free", || async {
+        let r = hive.post(&c, &path, &hi).send().await.unwrap();
+        match r.status().as_u16() {
+            200 => Ok(SseReader::new(r).collect().await.unwrap()),
+            _ => Err(r.status()),
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(1),
-            "worker still busy after {:?}",
-            t0.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .unwrap();
+    assert!(end_event(&events).is_some());
     let freed = t0.elapsed();
     println!("worker served the next request {freed:?} after the client left");
     assert!(freed < Duration::from_secs(1), "{freed:?}");
@@ -977,8 +947,9 @@ async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
     let id = w["id"].as_str().unwrap().to_owned();
     let used_at = w["last_used_unix_ms"].clone();
     let t0 = Instant::now();
-    let mut saw_generation_probe = false;
-    loop {
+    let saw_generation_probe = std::cell::Cell::new(false);
+    let what = "the keep-alive to stop the unused worker";
+    eventually(Duration::from_secs(20), what, || async {
         // Scrapes and reads are not use.
         let _ = hive.get(&c, "/metrics").send().await.unwrap();
         let r = hive
@@ -987,7 +958,7 @@ async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
             .await
             .unwrap();
         if r.status() == 404 {
-            break;
+            return Ok(());
         }
         let v: Value = r.json().await.unwrap();
         if v["state"] == "ready" {
@@ -996,17 +967,21 @@ async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
                 "probes must not count as use"
             );
         }
-        saw_generation_probe |= hive
+        let probes = hive
             .metric(
                 &c,
                 "rbee_hive_health_probes_total{kind=\"generate\",outcome=\"ok\"}",
             )
             .await
-            .unwrap()
-            >= 1.0;
-        assert!(t0.elapsed() < Duration::from_secs(20), "not stopped: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .unwrap();
+        if probes >= 1.0 {
+            saw_generation_probe.set(true);
+        }
+        Err(format!("not stopped: {v}"))
+    })
+    .await
+    .unwrap();
+    let saw_generation_probe = saw_generation_probe.get();
     let idle_for = t0.elapsed();
     println!("keep-alive stop after {idle_for:?}");
     assert!(idle_for >= Duration::from_secs(2));
@@ -1065,18 +1040,21 @@ async fn worker_events_stream_shows_readiness() {
     let mut events = SseReader::new(resp);
     let id = hive.spawn_worker(&c, MODEL_REF).await.unwrap();
     let mut states = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let Some(SseData::Event(ev)) = events.next().await.unwrap() else {
-            panic!("stream ended");
-        };
-        if ev["worker"]["id"] == id.as_str() {
-            states.push(ev["worker"]["state"].as_str().unwrap().to_owned());
-            if ev["worker"]["state"] == "ready" {
-                break;
+    // Read until the worker is ready; a stream that goes quiet fails at the timeout.
+    let _ = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let Some(SseData::Event(ev)) = events.next().await.unwrap() else {
+                panic!("stream ended");
+            };
+            if ev["worker"]["id"] == id.as_str() {
+                states.push(ev["worker"]["state"].as_str().unwrap().to_owned());
+                if ev["worker"]["state"] == "ready" {
+                    break;
+                }
             }
         }
-    }
+    })
+    .await;
     assert_eq!(states.first().map(String::as_str), Some("starting"));
     assert_eq!(states.last().map(String::as_str), Some("ready"));
     // A late subscriber gets a snapshot first.
@@ -1273,9 +1251,9 @@ async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
     .unwrap();
     let c = client();
     let w = hive.ready_worker(&c).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let beat = loop {
-        let found = beats
+    let what = "a heartbeat with a ready worker";
+    let beat = eventually(Duration::from_secs(20), what, || async {
+        beats
             .lock()
             .unwrap()
             .iter()
@@ -1284,16 +1262,10 @@ async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
                     .as_array()
                     .is_some_and(|ws| ws.iter().any(|x| x["state"] == "ready"))
             })
-            .cloned();
-        if let Some(b) = found {
-            break b;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no heartbeat with a ready worker"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+            .cloned()
+    })
+    .await
+    .unwrap();
     assert_eq!(beat.0.as_deref(), Some(format!("Bearer {join}").as_str()));
     let body = beat.1;
     assert_eq!(body["hive_id"], "test-hive-1");
@@ -1320,16 +1292,17 @@ async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
     // Queen gone: the hive keeps serving and counts the failures.
     queen.abort();
     let _ = queen.await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while hive
-        .metric(&c, "rbee_hive_heartbeats_total{outcome=\"failed\"}")
-        .await
-        .unwrap()
-        < 1.0
-    {
-        assert!(Instant::now() < deadline, "no failed heartbeat counted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let failed = "rbee_hive_heartbeats_total{outcome=\"failed\"}";
+    eventually(
+        Duration::from_secs(20),
+        "a failed heartbeat counted",
+        || async {
+            let n = hive.metric(&c, failed).await.unwrap();
+            (n >= 1.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     let health = c.get(hive.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     let r = hive
