@@ -222,7 +222,7 @@ pub fn promtool_check_metrics(text: &str) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool is needed (apt-get install prometheus); .ci/run installs it");
+        .expect("promtool is needed (apt-get install prometheus); `cargo xtask test` installs it");
     promtool
         .stdin
         .take()

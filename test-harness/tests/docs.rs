@@ -83,7 +83,7 @@ fn systemd_units_verify_without_any_output() {
             .arg("verify")
             .arg(dir.join(unit))
             .output()
-            .expect("systemd-analyze is needed (apt-get install systemd); .ci/run installs it");
+            .expect("systemd-analyze is needed (apt-get install systemd); `cargo xtask test` installs it");
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -248,7 +248,7 @@ fn promtool(args: &[&str], dir: &Path) {
         .args(args)
         .current_dir(dir)
         .output()
-        .expect("promtool is needed (apt-get install prometheus); .ci/run installs it");
+        .expect("promtool is needed (apt-get install prometheus); `cargo xtask test` installs it");
     assert!(
         out.status.success(),
         "promtool {args:?}: {}{}",

@@ -23,7 +23,8 @@ pub fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
     eprintln!("building {} (release) ...", packages.join(", "));
     let mut cmd = Command::new(cargo());
     cmd.current_dir(&root)
-        .args(["build", "--release", "--quiet"]);
+        // Not --quiet: a cold build takes minutes, and cargo's progress (on stderr) shows it.
+        .args(["build", "--release"]);
     for p in packages {
         cmd.args(["-p", p]);
     }

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: what the tests need, the release tarball, then every test with one
 //! closing `N passed, M failed` line.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 use rbee_test_harness::model_dir;
@@ -9,6 +9,91 @@ use rbee_test_harness::model_dir;
 use crate::cargo::{cargo, target_dir, workspace_root};
 use crate::dist::dist;
 use crate::model::fetch_model;
+
+/// Commands the tests run, with the apt package that has each.
+const SYSTEM_TOOLS: &[(&str, &str)] = &[
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
+    ("jq", "jq"),
+    ("curl", "curl"),
+];
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs the system packages the tests need (apt, as root or with passwordless sudo) when
+/// their commands are missing; where it cannot, fails naming the one command to run.
+fn ensure_system_packages() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = SYSTEM_TOOLS
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if !succeeds("python3", &["-m", "pip", "--version"]) {
+        missing.push("python3-pip");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages = missing.join(" ");
+    let command = format!(
+        "sudo apt-get update && sudo apt-get install -y --no-install-recommends {packages}"
+    );
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let sudo: &[&str] = if root {
+        &[]
+    } else if succeeds("sudo", &["-n", "true"]) {
+        &["sudo", "-n"]
+    } else {
+        bail!("the tests need the packages {packages}; run:\n  {command}");
+    };
+    if !on_path("apt-get") {
+        bail!(
+            "the tests need the packages {packages} (Debian names; no apt-get here to install them)"
+        );
+    }
+    eprintln!("installing {packages} (apt-get) for the tests ...");
+    // `env` carries the variable through sudo's cleared environment.
+    let mut argv: Vec<&str> = sudo.to_vec();
+    argv.extend(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
+    let apt = |args: &[&str]| -> anyhow::Result<bool> {
+        let full = [&argv[..], args].concat();
+        Ok(Command::new(full[0])
+            .args(&full[1..])
+            .status()
+            .with_context(|| format!("running {}", full.join(" ")))?
+            .success())
+    };
+    let installed = apt(&["update", "-qq"])?
+        && apt(&[
+            &["install", "-y", "-qq", "--no-install-recommends"][..],
+            &missing[..],
+        ]
+        .concat())?;
+    let still: Vec<&str> = SYSTEM_TOOLS
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(command, _)| *command)
+        .collect();
+    if !installed || !still.is_empty() {
+        bail!("installing {packages} failed (still missing: {still:?}); run:\n  {command}");
+    }
+    Ok(())
+}
 
 /// Python packages the tests drive: the stock OpenAI SDK as a client, and an OpenAPI
 /// validator for the queen's `/openapi.json`.
@@ -22,7 +107,7 @@ fn ensure_python_packages() -> anyhow::Result<()> {
         let have = || {
             Command::new("python3")
                 .args(["-c", &format!("import {module}")])
-                .stderr(std::process::Stdio::null())
+                .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success())
         };
@@ -51,11 +136,14 @@ fn ensure_python_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo test --workspace --no-fail-fast`, echoed, then one closing line that sums the
+/// Installs what the tests need, then `cargo test --workspace --no-fail-fast`, echoed, then one closing line that sums the
 /// libtest results and the cucumber scenarios.
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
-    fetch_model(&model_dir())?;
+    // Everything the tests need first, so that a missing piece stops the run before the
+    // long builds, naming the command that installs it.
+    ensure_system_packages()?;
     ensure_python_packages()?;
+    fetch_model(&model_dir())?;
     // The dist test runs the single-node stack from this tarball.
     let tarball = dist(&target_dir().join("dist"))?;
     let mut child = Command::new(cargo())

@@ -65,7 +65,7 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "openai client failed (pip install openai; .ci/run does):\n{}\n{stdout}\nqueen:\n{}",
+        "openai client failed (pip install openai; `cargo xtask test` does):\n{}\n{stdout}\nqueen:\n{}",
         String::from_utf8_lossy(&out.stderr),
         s.queen.stderr()
     );
