@@ -1,3 +1,4 @@
+//! The hive registry over a real SQLite file: persistence across reopen, heartbeats, validation.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
