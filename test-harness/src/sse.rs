@@ -1,8 +1,12 @@
 //! Reading SSE responses: each `data:` payload as JSON or `[DONE]`, and the token text and
 //! `end` event of a worker's stream.
 
+use std::collections::VecDeque;
+
 use anyhow::Context;
 use futures_util::StreamExt;
+use rbee_api::SSE_DONE;
+use rbee_api::sse::SseDecoder;
 use serde_json::Value;
 
 /// One SSE `data:` payload.
@@ -12,35 +16,28 @@ pub enum SseData {
     Done,
 }
 
-/// Reads an SSE response incrementally.
+/// Reads an SSE response incrementally, with the daemons' own decoder
+/// ([`rbee_api::sse::SseDecoder`]), so tests read streams exactly as the queen does.
 pub struct SseReader {
     stream: futures_util::stream::BoxStream<'static, reqwest::Result<axum::body::Bytes>>,
-    buf: String,
+    decoder: SseDecoder,
+    ready: VecDeque<String>,
 }
 
 impl SseReader {
     pub fn new(resp: reqwest::Response) -> Self {
         Self {
             stream: resp.bytes_stream().boxed(),
-            buf: String::new(),
+            decoder: SseDecoder::default(),
+            ready: VecDeque::new(),
         }
     }
 
     /// The next `data:` payload, or None at the end of the stream.
     pub async fn next(&mut self) -> anyhow::Result<Option<SseData>> {
         loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let frame: String = self.buf.drain(..end + 2).collect();
-                let data: Vec<&str> = frame
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                    .collect();
-                if data.is_empty() {
-                    continue; // comment or keep-alive
-                }
-                let payload = data.join("\n");
-                if payload == "[DONE]" {
+            if let Some(payload) = self.ready.pop_front() {
+                if payload == SSE_DONE {
                     return Ok(Some(SseData::Done));
                 }
                 return Ok(Some(SseData::Event(
@@ -49,7 +46,7 @@ impl SseReader {
                 )));
             }
             match self.stream.next().await {
-                Some(chunk) => self.buf.push_str(&String::from_utf8_lossy(&chunk?)),
+                Some(chunk) => self.ready.extend(self.decoder.push(&chunk?)),
                 None => return Ok(None),
             }
         }

@@ -13,10 +13,6 @@ const MAX_MAIN_LINES: usize = 200;
 /// shrinks.
 const LONG_SOURCE_FILES: &[&str] = &[
     "libs/rbee-audit/src/lib.rs",
-    "libs/rbee-hive-core/src/hive.rs",
-    "libs/rbee-hive-core/src/worker.rs",
-    "libs/rbee-queen-core/src/api.rs",
-    "libs/rbee-queen-core/src/queen.rs",
     "libs/rbee-registry/src/lib.rs",
     "libs/rbee-worker/src/server.rs",
 ];
