@@ -73,7 +73,7 @@ pub struct Queen {
     /// The one owner of scheduling state.
     sched: Mutex<Scheduler>,
     /// Requests waiting for a worker: where their answer goes.
-    waiters: Mutex<HashMap<Ticket, oneshot::Sender<Result<Lease, ApiError>>>>,
+    waiters: Mutex<HashMap<Ticket, Waiting>>,
     /// Waiting requests by request id (for cancels).
     queued: Mutex<HashMap<String, Vec<Ticket>>>,
     /// (state, model) series of `rbee_queen_workers` set so far, to zero the ones that vanish.
@@ -443,16 +443,16 @@ impl Queen {
                         spawned: grant.spawned,
                     };
                     // A request that left meanwhile drops the lease, which frees the worker.
-                    if let Some(tx) = lock(&self.waiters).remove(&ticket) {
-                        let _ = tx.send(Ok(lease));
+                    if let Some(w) = lock(&self.waiters).remove(&ticket) {
+                        let _ = w.answer.send(Ok(lease));
                     }
                 }
                 Action::Reject { ticket, why, error } => {
                     if let Some(label) = why.label() {
                         self.metrics.queue_rejections.inc(&[label]);
                     }
-                    if let Some(tx) = lock(&self.waiters).remove(&ticket) {
-                        let _ = tx.send(Err(error));
+                    if let Some(w) = lock(&self.waiters).remove(&ticket) {
+                        let _ = w.answer.send(Err(error));
                     }
                 }
                 Action::Spawn { model, hives } => {
@@ -467,6 +467,14 @@ impl Queen {
                 }
                 Action::QueueDepth { model, depth } => {
                     self.metrics.queue_depth.set(&[&model], depth as f64);
+                }
+                Action::Rearm { tickets } => {
+                    let waiters = lock(&self.waiters);
+                    for t in tickets {
+                        if let Some(w) = waiters.get(&t) {
+                            w.rearm.notify_one();
+                        }
+                    }
                 }
             }
         }
@@ -487,6 +495,7 @@ impl Queen {
         avoid: Option<Avoid>,
     ) -> Result<Lease, ApiError> {
         let (tx, mut rx) = oneshot::channel();
+        let rearm = Arc::new(tokio::sync::Notify::new());
         let up = self.registry.up().unwrap_or_default();
         let arrived = {
             let mut s = lock(&self.sched);
@@ -495,7 +504,13 @@ impl Queen {
             match s.arrive(model_ref, avoid, deadline, now) {
                 Ok((ticket, more)) => {
                     // Registered before any action runs: the grant may be for this request.
-                    lock(&self.waiters).insert(ticket, tx);
+                    lock(&self.waiters).insert(
+                        ticket,
+                        Waiting {
+                            answer: tx,
+                            rearm: rearm.clone(),
+                        },
+                    );
                     actions.extend(more);
                     Ok((ticket, actions))
                 }
@@ -540,6 +555,8 @@ impl Queen {
                 _ = tokio::time::sleep_until(wake.into()) => {
                     self.event(|s, now| s.tick(ticket, now));
                 }
+                // Its limits changed: look at them again.
+                _ = rearm.notified() => {}
             }
         }
     }
@@ -673,6 +690,12 @@ impl Drop for ClientSlot {
             .active
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Where a waiting request's answer goes, and how it is told to look at its timer again.
+struct Waiting {
+    answer: oneshot::Sender<Result<Lease, ApiError>>,
+    rearm: Arc<tokio::sync::Notify>,
 }
 
 /// A request's place in the queue until it is answered or its client leaves.

@@ -217,13 +217,12 @@ impl Scheduler {
 
     /// Every hive asked refused the spawn; `reason` is the last one's answer.
     pub fn spawn_exhausted(&mut self, model: &str, reason: &str, now: Instant) -> Vec<Action> {
-        self.spawns.remove(model);
+        let mut actions = self.end_spawn(model);
         self.refused_until
             .insert(model.to_owned(), add(now, SPAWN_RETRY_AFTER_REFUSAL));
         // Requests with no worker to wait for get the hives' answer now; the others wait for
         // a busy worker.
         let retry = self.retry_after(self.ready_workers(model).len(), 0);
-        let mut actions = Vec::new();
         for w in self.waiters_without_workers(model) {
             self.remove_waiter(w);
             actions.push(Action::Reject {
@@ -245,14 +244,13 @@ impl Scheduler {
 
     /// A spawned worker is ready: routable before the hive's next heartbeat lists it.
     pub fn worker_ready(&mut self, model: &str, key: WorkerKey, now: Instant) -> Vec<Action> {
-        if self.spawns.get(model) == Some(&Spawn::Starting(key.clone())) {
-            self.spawns.remove(model);
-        }
+        let mut actions = self.end_spawn_of(model, &key);
         self.failure.remove(model);
         if !self.listed_ready(&key) && !self.seen_ready.iter().any(|(k, _, _)| *k == key) {
             self.seen_ready.push((key, model.to_owned(), now));
         }
-        self.dispatch(model, now)
+        actions.extend(self.dispatch(model, now));
+        actions
     }
 
     /// A spawned worker did not come up; `reason` says what the hive knows.
@@ -263,9 +261,7 @@ impl Scheduler {
         reason: String,
         now: Instant,
     ) -> Vec<Action> {
-        if self.spawns.get(model) == Some(&Spawn::Starting(key.clone())) {
-            self.spawns.remove(model);
-        }
+        let mut actions = self.end_spawn_of(model, key);
         self.failure.insert(model.to_owned(), reason);
         self.spawn_refused(model, &key.hive, now);
         // The next try goes to another hive at once; once every hive failed, wait.
@@ -277,16 +273,16 @@ impl Scheduler {
             self.refused_until
                 .insert(model.to_owned(), add(now, SPAWN_RETRY_AFTER_REFUSAL));
         }
-        self.dispatch(model, now)
+        actions.extend(self.dispatch(model, now));
+        actions
     }
 
     /// The watch of a spawned worker gave up (it took longer than `spawn_wait`): the spawn no
     /// longer holds back others; a heartbeat tells when the worker comes up.
     pub fn watch_ended(&mut self, model: &str, key: &WorkerKey, now: Instant) -> Vec<Action> {
-        if self.spawns.get(model) == Some(&Spawn::Starting(key.clone())) {
-            self.spawns.remove(model);
-        }
-        self.dispatch(model, now)
+        let mut actions = self.end_spawn_of(model, key);
+        actions.extend(self.dispatch(model, now));
+        actions
     }
 
     /// A waiting request's timer fired: refuse it if its time is up, else look again (a spawn
@@ -393,10 +389,10 @@ impl Scheduler {
     pub fn wake_at(&self, ticket: Ticket, now: Instant) -> Option<Instant> {
         let (model, w) = self.find_waiter(ticket)?;
         let mut at = w.deadline.min(self.limit(model, w));
-        if self.spawns.contains_key(model) {
+        if self.spawns.contains_key(model) && w.queue_deadline > now {
             // The queue's limit does not apply while a worker is being started; it may when
-            // the spawn ends.
-            at = at.min(w.queue_deadline.max(now));
+            // the spawn ends (then the request is re-armed).
+            at = at.min(w.queue_deadline);
         }
         if let Some(t) = self.refused_until.get(model)
             && *t > now
@@ -446,6 +442,7 @@ impl Scheduler {
             .map(|q| q.iter().cloned().collect())
             .unwrap_or_default();
         let mut granted = false;
+        let mut rearm = Vec::new();
         for w in &waiting {
             let Some((key, url)) = self.pick(model, &w.avoid) else {
                 continue;
@@ -453,8 +450,8 @@ impl Scheduler {
             *self.leases.entry(key.clone()).or_insert(0) += 1;
             if self.spawns.get(model) == Some(&Spawn::Starting(key.clone())) {
                 // A heartbeat showed the spawned worker ready before its watch did.
-                self.spawns.remove(model);
                 self.failure.remove(model);
+                rearm.extend(self.end_spawn(model));
             }
             self.remove_waiter(w.ticket);
             granted = true;
@@ -472,6 +469,7 @@ impl Scheduler {
         if granted {
             actions.push(self.depth(model));
         }
+        actions.extend(rearm);
         let Some(first) = self.queues.get(model).and_then(|q| q.front()).cloned() else {
             return actions;
         };
@@ -695,6 +693,33 @@ impl Scheduler {
             self.queues.remove(&model);
         }
         Some((model, w))
+    }
+
+    /// The spawn for `model` is over: the requests waiting for it look at their timers again
+    /// (the queue's limit applies to them from now on).
+    fn end_spawn(&mut self, model: &str) -> Vec<Action> {
+        if self.spawns.remove(model).is_none() {
+            return Vec::new();
+        }
+        let tickets: Vec<Ticket> = self
+            .queues
+            .get(model)
+            .map(|q| q.iter().map(|w| w.ticket).collect())
+            .unwrap_or_default();
+        if tickets.is_empty() {
+            Vec::new()
+        } else {
+            vec![Action::Rearm { tickets }]
+        }
+    }
+
+    /// Ends the spawn for `model` if it is the one that started `key`.
+    fn end_spawn_of(&mut self, model: &str, key: &WorkerKey) -> Vec<Action> {
+        if self.spawns.get(model) == Some(&Spawn::Starting(key.clone())) {
+            self.end_spawn(model)
+        } else {
+            Vec::new()
+        }
     }
 
     fn depth(&self, model: &str) -> Action {

@@ -166,7 +166,7 @@ fn summary(actions: &[Action], with_depth: bool) -> Vec<String> {
             )),
             Action::Watch { key, .. } => Some(format!("watch {}/{}", key.hive, key.worker)),
             Action::QueueDepth { depth, .. } if with_depth => Some(format!("depth {depth}")),
-            Action::QueueDepth { .. } => None,
+            Action::QueueDepth { .. } | Action::Rearm { .. } => None,
         })
         .collect()
 }
@@ -638,6 +638,35 @@ fn queue_depth_follows_arrivals_grants_and_departures() {
     assert_eq!(
         summary(&sim.release("h1", "w1"), true),
         ["grant 1 h1/w1", "depth 0"]
+    );
+}
+
+#[test]
+fn a_spawn_that_ends_rearms_its_waiters_and_the_queue_limit_applies_again() {
+    let mut sim = Sim::new(&[hive("h1", 4).ready("w1")]);
+    sim.arrive();
+    sim.arrive();
+    sim.arrive();
+    assert!(sim.at(31).tick(1).is_empty(), "a spawn is under way");
+    let now = sim.now;
+    sim.s.spawn_refused(M, "h1", now);
+    let ended = sim.s.spawn_exhausted(M, "hive h1 answered 507", now);
+    assert!(ended.contains(&Action::Rearm {
+        tickets: vec![1, 2]
+    }));
+    assert_eq!(
+        sim.s.wake_at(1, now),
+        Some(sim.t0 + Duration::from_secs(30))
+    );
+    check(
+        "re-armed past its queue limit",
+        sim.tick(1),
+        &["reject 1 NO_CAPACITY"],
+    );
+    check(
+        "the request that asked keeps the spawn's limit",
+        sim.tick(2),
+        &[],
     );
 }
 

@@ -131,4 +131,6 @@ pub enum Action {
     Watch { model: String, key: WorkerKey },
     /// The number of requests waiting for `model` changed.
     QueueDepth { model: String, depth: usize },
+    /// These requests' timers changed (a spawn they waited for ended): wake them to look again.
+    Rearm { tickets: Vec<Ticket> },
 }
