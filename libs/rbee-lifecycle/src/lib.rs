@@ -5,11 +5,14 @@
 //! - [`Drain`]: in-flight work holds a [`DrainGuard`]; [`Drain::drain`] waits for the last
 //!   one to go, or for the grace window to end.
 //! - [`Signals`] / [`spawn_signal_handler`]: TERM/INT → shutdown, HUP → [`Reload::reload`].
+//! - [`block_on`], [`not_dumpable`], [`EXIT_CONFIG`]: what every `main` does around that.
 
 mod drain;
+mod process;
 mod shutdown;
 mod signals;
 
 pub use drain::{Drain, DrainGuard};
+pub use process::{EXIT_CONFIG, block_on, config_error, exit_code, not_dumpable};
 pub use shutdown::Shutdown;
 pub use signals::{Reload, Signal, Signals, handle_signals, spawn_signal_handler};
