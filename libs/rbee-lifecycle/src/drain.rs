@@ -48,6 +48,19 @@ impl Drain {
     }
 }
 
+impl Drain {
+    /// Waits until `done()` holds, at most `grace`; `done` is checked now and whenever a
+    /// guard is taken or dropped. For work counted elsewhere whose holders live inside
+    /// guarded scopes (a request's counter inside its guarded HTTP exchange): the guard's
+    /// drop is the wake-up, the daemon's own count the answer. True when it held in time.
+    pub async fn drain_until(&self, grace: Duration, done: impl Fn() -> bool) -> bool {
+        let mut rx = self.active.subscribe();
+        tokio::time::timeout(grace, rx.wait_for(|_| done()))
+            .await
+            .is_ok()
+    }
+}
+
 /// One piece of in-flight work; dropping it may finish a [`Drain::drain`].
 #[derive(Debug)]
 #[must_use = "the work counts as in flight only while the guard is held"]
@@ -92,6 +105,36 @@ mod tests {
         assert!(!d.drain(Duration::from_secs(5)).await);
         assert_eq!(t0.elapsed(), Duration::from_secs(5));
         assert_eq!(d.active(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_until_rechecks_the_outside_count_when_a_guard_drops() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let d = Drain::new();
+        let counted = Arc::new(AtomicUsize::new(1));
+        // A long-lived guard (an event stream) that the outside count does not include.
+        let _stream = d.guard();
+        let request = d.guard();
+        let c = counted.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            // The count drops first, then the guard around it.
+            c.fetch_sub(1, Ordering::SeqCst);
+            drop(request);
+        });
+        let t0 = Instant::now();
+        assert!(
+            d.drain_until(Duration::from_secs(10), || counted.load(Ordering::SeqCst)
+                == 0)
+                .await
+        );
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
+        assert_eq!(d.active(), 1);
+        // Already true: at once. Never true: the grace window.
+        assert!(d.drain_until(Duration::from_secs(10), || true).await);
+        let t0 = Instant::now();
+        assert!(!d.drain_until(Duration::from_secs(3), || false).await);
+        assert_eq!(t0.elapsed(), Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]
