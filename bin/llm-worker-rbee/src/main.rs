@@ -60,7 +60,8 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     rbee_lifecycle::not_dumpable();
-    init_logging(&args.log_format);
+    let level = std::env::var("RBEE_LOG").unwrap_or_else(|_| "info".into());
+    let _ = rbee_lifecycle::init_logging(&level, args.log_format == "json");
     let token = match resolve_token(&args) {
         Ok(t) => t,
         Err(e) => return config_error(e),
@@ -74,19 +75,6 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     rbee_lifecycle::exit_code(rbee_lifecycle::block_on(run(args, token)))
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RBEE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.with_ansi(false).init();
-    }
 }
 
 /// The token from --token-file, else from the hive's environment variable (then removed from

@@ -6,7 +6,7 @@
 //! runtime failures.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     rbee_lifecycle::not_dumpable();
     let args = Args::parse();
     if let Some(Cmd::CheckConfig { file }) = &args.command {
-        return check_config(&args, file);
+        return rbee_queen_core::cli::check_config(&loader(&args).file(Some(file)), file);
     }
     // SAFETY: single-threaded here (before the runtime starts).
     let env = unsafe { EnvTokens::take() };
@@ -66,7 +66,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(&cfg);
+    // The filter is read once: log_level needs a restart (NEEDS_RESTART).
+    let _ = rbee_lifecycle::init_logging(&cfg.log_level, cfg.log_format == "json");
     let (tokens, registry) = match rbee_queen_core::reload::prepare(&cfg, &env) {
         Ok(t) => t,
         Err(e) => return config_error(e),
@@ -100,34 +101,6 @@ async fn serve(
     Ok(())
 }
 
-fn check_config(args: &Args, file: &Path) -> ExitCode {
-    let loader = loader(args).file(Some(file));
-    let cfg: QueenConfig = match loader.load() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    // The same checks the daemon makes before it binds.
-    let checked = rbee_queen_core::reload::load_tokens(&cfg, &EnvTokens::read())
-        .and_then(|t| rbee_queen_core::reload::check_security(&cfg, &t));
-    if let Err(e) = checked {
-        eprintln!("{e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    // A closed pipe (`check-config ... | head`) is not an error worth a panic.
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}: ok", file.display());
-    if let Ok(origins) = loader.origins() {
-        for (key, source) in origins {
-            let _ = writeln!(out, "  {key} <- {source}");
-        }
-    }
-    ExitCode::SUCCESS
-}
-
 fn loader(args: &Args) -> Loader {
     let mut l = Loader::new(ENV_PREFIX)
         .file(args.config.as_deref())
@@ -148,17 +121,4 @@ fn loader(args: &Args) -> Loader {
         l = l.set("log_format", v.clone(), "--log-format");
     }
     l
-}
-
-fn init_logging(cfg: &QueenConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cfg.log_format == "json" {
-        b.json().init();
-    } else {
-        b.with_ansi(false).init();
-    }
 }

@@ -8,17 +8,16 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rbee_config::Loader;
+use rbee_hive_core::cli;
 use rbee_hive_core::config::{ENV_PREFIX, HiveConfig};
-use rbee_hive_core::reload::{self, API_TOKEN_ENV, EnvTokens, JOIN_TOKEN_ENV, Reloader};
+use rbee_hive_core::reload::{API_TOKEN_ENV, EnvTokens, JOIN_TOKEN_ENV, Reloader};
 use rbee_hive_core::{Hive, HiveError};
 use rbee_lifecycle::{EXIT_CONFIG, Shutdown, config_error};
 use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,10 +92,12 @@ fn main() -> ExitCode {
     let args = Args::parse();
     rbee_lifecycle::not_dumpable();
     match &args.command {
-        Some(Cmd::CheckConfig { file }) => return check_config(&args, file),
+        Some(Cmd::CheckConfig { file }) => {
+            return cli::check_config(&loader(&args, Some(file)), file);
+        }
         Some(Cmd::Audit {
             cmd: AuditCmd::Verify { file, from_genesis },
-        }) => return audit_verify(file, *from_genesis),
+        }) => return cli::audit_verify(file, *from_genesis),
         None => {}
     }
     // SAFETY: single-threaded here (before the runtime starts).
@@ -109,7 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let set_log_level = init_logging(&cfg);
+    let set_log_level = rbee_lifecycle::init_logging(&cfg.log_level, cfg.log_format == "json");
     let (tokens, catalog) = match rbee_hive_core::reload::prepare(&mut cfg, &env_tokens) {
         Ok(t) => t,
         Err(e) => return config_error(e),
@@ -119,17 +120,11 @@ fn main() -> ExitCode {
         set_log_level,
         env_tokens,
     };
-    let textfile = cfg.metrics_textfile.clone();
     let result = rbee_lifecycle::block_on(serve(cfg, tokens, catalog, reloader));
-    if let Some(Ok(hive)) = &result {
-        if !textfile.is_empty()
-            && let Err(e) = hive.write_metrics_textfile(Path::new(&textfile))
-        {
-            error!(path = %textfile, error = %e, "cannot write the metrics textfile");
-        }
+    if matches!(result, Some(Ok(()))) {
         info!("stopped");
     }
-    rbee_lifecycle::exit_code(result.map(|r| r.map(drop)))
+    rbee_lifecycle::exit_code(result)
 }
 
 async fn serve(
@@ -137,7 +132,8 @@ async fn serve(
     tokens: rbee_hive_core::Tokens,
     catalog: rbee_models::Catalog,
     reloader: Reloader,
-) -> anyhow::Result<Arc<Hive>> {
+) -> anyhow::Result<()> {
+    let textfile = cfg.metrics_textfile.clone();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -148,168 +144,53 @@ async fn serve(
     rbee_lifecycle::spawn_signal_handler(shutdown.clone(), reloader.for_hive(hive.clone()));
     let took = rbee_hive_core::run(hive.clone(), listener, shutdown).await?;
     info!(seconds = took.as_secs_f64(), "shutdown complete");
-    Ok(hive)
+    if !textfile.is_empty()
+        && let Err(e) = hive.write_metrics_textfile(Path::new(&textfile))
+    {
+        error!(path = %textfile, error = %e, "cannot write the metrics textfile");
+    }
+    Ok(())
 }
 
 fn loader(args: &Args, file: Option<&Path>) -> Loader {
-    let mut l = Loader::new(ENV_PREFIX)
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let dirs = (!args.model_dirs.is_empty()).then(|| {
+        let list = args.model_dirs.iter();
+        let list = list.map(|d| toml::Value::String(d.display().to_string()));
+        toml::Value::Array(list.collect()).to_string()
+    });
+    let flags = [
+        ("listen", args.listen.map(|v| v.to_string()), "--listen"),
+        ("hive_id", args.hive_id.clone(), "--hive-id"),
+        ("model_dirs", dirs, "--model-dir"),
+        ("token_file", path(&args.token_file), "--token-file"),
+        ("queen.url", args.queen_url.clone(), "--queen-url"),
+        (
+            "workers.max_workers",
+            args.max_workers.map(|v| v.to_string()),
+            "--max-workers",
+        ),
+        (
+            "workers.binary",
+            path(&args.worker_binary),
+            "--worker-binary",
+        ),
+        ("audit_log", path(&args.audit_log), "--audit-log"),
+        (
+            "metrics_textfile",
+            path(&args.metrics_textfile),
+            "--metrics-textfile",
+        ),
+        ("log_format", args.log_format.clone(), "--log-format"),
+    ];
+    let base = Loader::new(ENV_PREFIX)
         .file(file)
         .env_from_process()
         .ignore_env(&["RBEE_HIVE_CONFIG", API_TOKEN_ENV, JOIN_TOKEN_ENV]);
-    if let Some(v) = args.listen {
-        l = l.set("listen", v.to_string(), "--listen");
-    }
-    if let Some(v) = &args.hive_id {
-        l = l.set("hive_id", v.clone(), "--hive-id");
-    }
-    if !args.model_dirs.is_empty() {
-        let list: Vec<String> = args
-            .model_dirs
-            .iter()
-            .map(|d| toml_string(&d.display().to_string()))
-            .collect();
-        l = l.set(
-            "model_dirs",
-            format!("[{}]", list.join(", ")),
-            "--model-dir",
-        );
-    }
-    if let Some(v) = &args.token_file {
-        l = l.set("token_file", v.display().to_string(), "--token-file");
-    }
-    if let Some(v) = &args.queen_url {
-        l = l.set("queen.url", v.clone(), "--queen-url");
-    }
-    if let Some(v) = args.max_workers {
-        l = l.set("workers.max_workers", v.to_string(), "--max-workers");
-    }
-    if let Some(v) = &args.worker_binary {
-        l = l.set("workers.binary", v.display().to_string(), "--worker-binary");
-    }
-    if let Some(v) = &args.audit_log {
-        l = l.set("audit_log", v.display().to_string(), "--audit-log");
-    }
-    if let Some(v) = &args.metrics_textfile {
-        l = l.set(
-            "metrics_textfile",
-            v.display().to_string(),
-            "--metrics-textfile",
-        );
-    }
-    if let Some(v) = &args.log_format {
-        l = l.set("log_format", v.clone(), "--log-format");
-    }
-    l
-}
-
-fn toml_string(s: &str) -> String {
-    let escaped: String = s
-        .chars()
-        .flat_map(|c| match c {
-            '"' => vec!['\\', '"'],
-            '\\' => vec!['\\', '\\'],
-            c => vec![c],
+    flags
+        .into_iter()
+        .fold(base, |l, (key, value, flag)| match value {
+            Some(v) => l.set(key, v, flag),
+            None => l,
         })
-        .collect();
-    format!("\"{escaped}\"")
-}
-
-type LogReload = rbee_hive_core::reload::SetLogLevel;
-
-/// Logging to stderr (journald picks it up) with a filter a SIGHUP can change.
-fn init_logging(cfg: &HiveConfig) -> LogReload {
-    let filter = || EnvFilter::try_new(&cfg.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    fn reloader<S: 'static>(handle: tracing_subscriber::reload::Handle<EnvFilter, S>) -> LogReload {
-        Box::new(move |level| {
-            let f = EnvFilter::try_new(level).map_err(|e| format!("log_level `{level}`: {e}"))?;
-            handle.reload(f).map_err(|e| e.to_string())
-        })
-    }
-    if cfg.log_format == "json" {
-        let b = tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter())
-            .with_filter_reloading();
-        let handle = b.reload_handle();
-        b.init();
-        reloader(handle)
-    } else {
-        let b = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter())
-            .with_filter_reloading();
-        let handle = b.reload_handle();
-        b.init();
-        reloader(handle)
-    }
-}
-
-fn check_config(args: &Args, file: &Path) -> ExitCode {
-    let loader = loader(args, Some(file));
-    let mut cfg: HiveConfig = match loader.load() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    // The same checks the daemon makes before it binds.
-    if let Err(e) = reload::complete_defaults(&mut cfg) {
-        eprintln!("{e:#}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    match reload::load_tokens(&cfg, &EnvTokens::read()) {
-        Ok((tokens, _)) => {
-            if let Err(e) = reload::check_security(&cfg, &tokens) {
-                eprintln!("{}: {e:#}", file.display());
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    }
-    // A closed pipe (`check-config ... | head`) is not an error worth a panic.
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}: ok", file.display());
-    if let Ok(origins) = loader.origins() {
-        for (key, source) in origins {
-            let _ = writeln!(out, "  {key} <- {source}");
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-fn audit_verify(file: &Path, from_genesis: bool) -> ExitCode {
-    let report = if from_genesis {
-        rbee_audit::verify_file(file, true)
-    } else {
-        rbee_audit::verify_chain(file)
-    };
-    match report {
-        Ok(r) => match &r.first_break {
-            None => {
-                println!("{}: intact, {} records", file.display(), r.records);
-                ExitCode::SUCCESS
-            }
-            Some(b) => {
-                println!(
-                    "{}: BROKEN at line {} (seq {:?}): {}",
-                    file.display(),
-                    b.line,
-                    b.seq,
-                    b.reason
-                );
-                ExitCode::from(1)
-            }
-        },
-        Err(e) => {
-            eprintln!("{}: {e}", file.display());
-            ExitCode::from(2)
-        }
-    }
 }

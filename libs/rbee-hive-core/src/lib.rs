@@ -8,7 +8,9 @@
 //! - [`server`]: the HTTP API; [`proxy`]: inference streams passed through.
 //! - [`downloads`], [`resources`], [`heartbeat`]; systemd notifications via `rbee-systemd`.
 //! - [`reload`]: tokens, the checks before binding, and SIGHUP; [`run`]: serve, then shut down.
+//! - [`cli`]: the one-shot commands (`check-config`, `audit verify`).
 
+pub mod cli;
 pub mod config;
 pub mod downloads;
 pub mod heartbeat;

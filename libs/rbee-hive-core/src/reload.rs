@@ -178,7 +178,7 @@ fn resolve(
 pub type TokenNote = (&'static str, TokenOrigin, String);
 
 /// A callback that applies a new log filter.
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub use rbee_lifecycle::SetLogLevel;
 
 /// Resolves the hive's three tokens from the configuration, with notes for the log.
 pub fn load_tokens(

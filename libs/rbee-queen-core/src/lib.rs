@@ -6,9 +6,11 @@
 //! - [`queen`]: state, scheduling and leases; [`relay`]: one request's trip down the chain.
 //! - [`api`]: routes and handlers; [`metrics`]; [`openapi`]: the API document built from the
 //!   route table.
-//! - [`reload`]: tokens, the checks before binding, and SIGHUP; [`run`]: serve, then drain.
+//! - [`reload`]: tokens, the checks before binding, and SIGHUP; [`run`]: serve, then drain;
+//!   [`cli`]: `check-config`.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod openapi;
