@@ -8,8 +8,8 @@ use cucumber::{World, given, then, when};
 use std::time::{Duration, Instant};
 
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, QueenOptions, QueenProcess, SseData, SseReader, WorkerOptions,
-    WorkerProcess, end_event, joined_text, process_alive, test_model, workspace_binary,
+    Daemon, HiveOptions, QueenOptions, SseData, SseReader, WorkerOptions, end_event, joined_text,
+    process_alive, test_model, workspace_binary,
 };
 use serde_json::{Value, json};
 
@@ -17,17 +17,17 @@ const TOKEN: &str = "bdd-token-0123456789abcdef";
 
 #[derive(Default, World)]
 struct RbeeWorld {
-    worker: Option<WorkerProcess>,
+    worker: Option<Daemon>,
     events: Vec<SseData>,
     status: u16,
     headers: Vec<(String, String)>,
     error: Value,
     /// Keeps a long generation's stream open while a step runs.
     open_stream: Option<SseReader>,
-    hive: Option<HiveProcess>,
+    hive: Option<Daemon>,
     /// The last worker view the hive returned.
     hive_worker: Value,
-    queen: Option<QueenProcess>,
+    queen: Option<Daemon>,
     /// The last JSON body the queen answered.
     answer: Value,
 }
@@ -42,7 +42,7 @@ impl std::fmt::Debug for RbeeWorld {
 }
 
 impl RbeeWorld {
-    fn worker(&self) -> &WorkerProcess {
+    fn worker(&self) -> &Daemon {
         self.worker.as_ref().expect("a worker is running")
     }
 
@@ -73,7 +73,7 @@ impl RbeeWorld {
 #[given("a running worker with the default model and a token")]
 async fn running_worker(w: &mut RbeeWorld) {
     let opts = WorkerOptions::new(workspace_binary("llm-worker-rbee"), test_model()).token(TOKEN);
-    w.worker = Some(WorkerProcess::start(opts).await.unwrap());
+    w.worker = Some(Daemon::worker(opts).await.unwrap());
 }
 
 #[when(expr = "I ask {string} greedily with max_tokens {int}")]
@@ -190,7 +190,7 @@ async fn header_is(w: &mut RbeeWorld, name: String, value: String) {
 }
 
 impl RbeeWorld {
-    fn hive(&self) -> &HiveProcess {
+    fn hive(&self) -> &Daemon {
         self.hive.as_ref().expect("a hive is running")
     }
 
@@ -208,7 +208,7 @@ impl RbeeWorld {
     }
 
     async fn start_hive(&mut self, opts: HiveOptions) {
-        self.hive = Some(HiveProcess::start(opts.token(TOKEN)).await.unwrap());
+        self.hive = Some(Daemon::hive(opts.token(TOKEN)).await.unwrap());
     }
 
     async fn wait_worker(&mut self, secs: u64, pred: impl Fn(&Value) -> bool) {
@@ -370,7 +370,7 @@ async fn no_worker_left(w: &mut RbeeWorld) {
 const JOIN: &str = "bdd-join-token-0123456789";
 
 impl RbeeWorld {
-    fn queen(&self) -> &QueenProcess {
+    fn queen(&self) -> &Daemon {
         self.queen.as_ref().expect("a queen is running")
     }
 
@@ -390,13 +390,13 @@ impl RbeeWorld {
 
 #[given("a queen with one hive joined")]
 async fn queen_with_hive(w: &mut RbeeWorld) {
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         QueenOptions::cluster(("bdd", TOKEN), false, JOIN, TOKEN),
         "127.0.0.1:0",
     )
     .await
     .unwrap();
-    let hive = HiveProcess::start(HiveOptions::joined(
+    let hive = Daemon::hive(HiveOptions::joined(
         &queen.base_url,
         "bdd-hive",
         TOKEN,

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use rbee_test_harness::{HiveOptions, HiveProcess, QueenOptions, QueenProcess, temp_dir};
+use rbee_test_harness::{Daemon, HiveOptions, QueenOptions, temp_dir};
 use serde_json::{Value, json};
 
 const CLIENT: &str = "dist-client-token-0123456789";
@@ -99,7 +99,7 @@ fn the_tarball_holds_binaries_docs_units_configs_and_checksums() {
 async fn the_single_node_stack_runs_from_the_tarball() {
     let root = unpack();
     let bin = root.join("bin");
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         QueenOptions {
             binary: Some(bin.join("queen-rbee")),
             ..QueenOptions::cluster(("ops", CLIENT), false, JOIN, HIVE)
@@ -108,7 +108,7 @@ async fn the_single_node_stack_runs_from_the_tarball() {
     )
     .await
     .unwrap();
-    let hive = HiveProcess::start(HiveOptions {
+    let hive = Daemon::hive(HiveOptions {
         binary: Some(bin.join("rbee-hive")),
         worker_binary: Some(bin.join("llm-worker-rbee")),
         ..HiveOptions::joined(&queen.base_url, "dist-hive", HIVE, JOIN)

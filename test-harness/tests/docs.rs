@@ -9,8 +9,8 @@ use std::process::Command;
 
 use rbee_test_harness::hub::{HubDouble, HubFile};
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, QueenOptions, QueenProcess, WorkerOptions, WorkerProcess,
-    promtool_check_metrics, temp_dir, test_model, workspace_binary,
+    Daemon, HiveOptions, QueenOptions, WorkerOptions, promtool_check_metrics, temp_dir, test_model,
+    workspace_binary,
 };
 use serde_json::{Value, json};
 
@@ -83,7 +83,7 @@ fn systemd_units_verify_without_any_output() {
             .arg("verify")
             .arg(dir.join(unit))
             .output()
-            .expect("systemd-analyze is needed (apt-get install systemd); .ci/run installs it");
+            .expect("systemd-analyze is needed (apt-get install systemd); `cargo xtask test` installs it");
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -99,9 +99,9 @@ fn systemd_units_verify_without_any_output() {
 /// A queen with an admin client token, one hive joined to it (hub: a local double serving
 /// `HUB_MODEL`), and a standalone worker.
 struct Stack {
-    queen: QueenProcess,
-    hive: HiveProcess,
-    worker: WorkerProcess,
+    queen: Daemon,
+    hive: Daemon,
+    worker: Daemon,
     _hub: HubDouble,
 }
 
@@ -115,14 +115,14 @@ async fn stack() -> Stack {
     )])
     .await
     .unwrap();
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         QueenOptions::cluster(("ops", CLIENT), true, JOIN, HIVE),
         "127.0.0.1:0",
     )
     .await
     .unwrap();
     let model_dir = test_model().parent().unwrap().to_path_buf();
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions {
             // Downloads land in the first directory: a fresh one, not the model cache.
             model_dirs: vec![temp_dir("docs-models"), model_dir],
@@ -132,7 +132,7 @@ async fn stack() -> Stack {
     )
     .await
     .unwrap();
-    let worker = WorkerProcess::start(
+    let worker = Daemon::worker(
         WorkerOptions::new(workspace_binary("llm-worker-rbee"), test_model()).token(WORKER),
     )
     .await
@@ -248,7 +248,7 @@ fn promtool(args: &[&str], dir: &Path) {
         .args(args)
         .current_dir(dir)
         .output()
-        .expect("promtool is needed (apt-get install prometheus); .ci/run installs it");
+        .expect("promtool is needed (apt-get install prometheus); `cargo xtask test` installs it");
     assert!(
         out.status.success(),
         "promtool {args:?}: {}{}",

@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rbee_test_harness::{
-    SseData, SseReader, WorkerOptions, WorkerProcess, end_event, joined_text, reference, test_model,
+    Daemon, SseData, SseReader, WorkerOptions, end_event, eventually, joined_text, reference,
+    test_model,
 };
 use serde_json::{Value, json};
 
@@ -20,21 +21,21 @@ fn opts() -> WorkerOptions {
     WorkerOptions::new(WORKER.into(), test_model())
 }
 
-async fn worker() -> WorkerProcess {
-    WorkerProcess::start(opts().token(TOKEN)).await.unwrap()
+async fn worker() -> Daemon {
+    Daemon::worker(opts().token(TOKEN)).await.unwrap()
 }
 
-async fn worker_with(args: &[&str]) -> WorkerProcess {
+async fn worker_with(args: &[&str]) -> Daemon {
     let mut o = opts().token(TOKEN);
     o.extra_args = args.iter().map(|s| s.to_string()).collect();
-    WorkerProcess::start(o).await.unwrap()
+    Daemon::worker(o).await.unwrap()
 }
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-async fn infer(w: &WorkerProcess, body: Value) -> Vec<SseData> {
+async fn infer(w: &Daemon, body: Value) -> Vec<SseData> {
     let resp = w
         .post(&client(), "/v1/inference", &body)
         .send()
@@ -378,26 +379,24 @@ async fn a_second_request_while_busy_gets_503_with_retry_after() {
 }
 
 /// Polls until the worker takes a new request (its one slot is free again).
-async fn wait_until_free(w: &WorkerProcess, limit: Duration) -> Duration {
+async fn wait_until_free(w: &Daemon, limit: Duration) -> Duration {
+    wait_accepted(w, limit, "the worker's slot to be free").await
+}
+
+/// Polls until a 1-token request with the worker's token answers 200; returns how long it took.
+async fn wait_accepted(w: &Daemon, limit: Duration, what: &str) -> Duration {
     let c = client();
     let t0 = Instant::now();
-    loop {
-        let r = w
-            .post(
-                &c,
-                "/v1/inference",
-                &json!({"prompt": "Hi", "max_tokens": 1}),
-            )
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            let _ = r.bytes().await;
-            return t0.elapsed();
-        }
-        assert!(t0.elapsed() < limit, "slot still busy after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let hi = json!({"prompt": "Hi", "max_tokens": 1});
+    eventually(limit, what, || async {
+        let r = w.post(&c, "/v1/inference", &hi).send().await.unwrap();
+        let status = r.status();
+        let _ = r.bytes().await;
+        (status == 200).then_some(()).ok_or(status)
+    })
+    .await
+    .unwrap();
+    t0.elapsed()
 }
 
 #[tokio::test]
@@ -670,7 +669,7 @@ fn bad_flags_exit_64() {
 async fn token_from_the_hive_environment_works_and_dev_mode_is_loud() {
     let mut o = opts();
     o.env = vec![("RBEE_WORKER_TOKEN".into(), TOKEN.into())];
-    let mut w = WorkerProcess::start(o).await.unwrap();
+    let mut w = Daemon::worker(o).await.unwrap();
     w.token = None;
     let resp = w
         .post(
@@ -694,7 +693,7 @@ async fn token_from_the_hive_environment_works_and_dev_mode_is_loud() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    let dev = WorkerProcess::start(opts()).await.unwrap();
+    let dev = Daemon::worker(opts()).await.unwrap();
     assert!(dev.stderr().contains("DEV MODE"), "{}", dev.stderr());
     let resp = dev
         .post(
@@ -714,31 +713,15 @@ async fn sighup_rotates_the_token_without_a_restart() {
     let path = rbee_test_harness::write_token_file(&dir, TOKEN);
     let mut o = opts();
     o.extra_args = vec!["--token-file".into(), path.to_str().unwrap().into()];
-    let mut w = WorkerProcess::start(o).await.unwrap();
+    let mut w = Daemon::worker(o).await.unwrap();
     let pid = w.pid();
     let new_token = "rotated-token-0123456789abcdef";
     rbee_test_harness::write_token_file(&dir, new_token);
     w.signal(libc::SIGHUP);
     let c = client();
     let hi = json!({"prompt": "Hi", "max_tokens": 1});
-    let t0 = Instant::now();
-    loop {
-        w.token = Some(new_token.into());
-        let status = w
-            .post(&c, "/v1/inference", &hi)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        if status == 200 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "new token not accepted: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.token = Some(new_token.into());
+    wait_accepted(&w, Duration::from_secs(5), "the new token to be accepted").await;
     w.token = Some(TOKEN.into());
     let old = w.post(&c, "/v1/inference", &hi).send().await.unwrap();
     assert_eq!(old.status(), 401, "the old token is retired");

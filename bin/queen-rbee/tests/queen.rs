@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, QueenOptions, QueenProcess, SseData, SseReader, end_event,
+    Daemon, HiveOptions, MODEL_FILE, QueenOptions, SseData, SseReader, end_event, eventually,
     joined_text, reference,
 };
 use serde_json::{Value, json};
@@ -12,15 +12,17 @@ use serde_json::{Value, json};
 const CLIENT: &str = "client-token-0123456789abcdef";
 const JOIN: &str = "join-token-0123456789abcdef";
 const HIVE: &str = "hive-token-0123456789abcdef";
+/// How long a reload or a drain may take to show.
+const TEN_S: Duration = Duration::from_secs(10);
 
 struct Stack {
-    queen: QueenProcess,
-    hive: HiveProcess,
+    queen: Daemon,
+    hive: Daemon,
 }
 
 async fn stack() -> Stack {
     let logs = rbee_test_harness::temp_dir("queen-logs");
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         QueenOptions {
             env: vec![
                 (
@@ -63,7 +65,7 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "openai client failed (pip install openai; .ci/run does):\n{}\n{stdout}\nqueen:\n{}",
+        "openai client failed (pip install openai; `cargo xtask test` does):\n{}\n{stdout}\nqueen:\n{}",
         String::from_utf8_lossy(&out.stderr),
         s.queen.stderr()
     );
@@ -143,18 +145,23 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     }
     // One usage record per served request, naming client, model, hive and worker.
     let usage_path = std::path::Path::new(&s.queen.env_value("RBEE_QUEEN_USAGE_LOG")).to_path_buf();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let records: Vec<Value> = loop {
+    let usage_lines = || {
         let text = std::fs::read_to_string(&usage_path).unwrap_or_default();
-        let r: Vec<Value> = text
-            .lines()
+        text.lines().map(str::to_owned).collect::<Vec<String>>()
+    };
+    let records: Vec<Value> = eventually(Duration::from_secs(5), "3 usage records", || async {
+        let r: Vec<Value> = usage_lines()
+            .iter()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        if r.len() >= 3 || std::time::Instant::now() > deadline {
-            break r;
+        if r.len() >= 3 {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await
+    .unwrap();
     let ok: Vec<&Value> = records.iter().filter(|r| r["outcome"] == "ok").collect();
     assert!(ok.len() >= 3, "{records:?}");
     assert_eq!(ok[0]["client"], "alice");
@@ -168,45 +175,42 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
             .contains(CLIENT)
     );
     // The file's hash, once the hive has hashed it, names the exact model in later records.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        assert_eq!(
-            chat(&reqwest::Client::new(), &s.queen, CLIENT, 1)
-                .await
-                .status(),
-            200
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let text = std::fs::read_to_string(&usage_path).unwrap_or_default();
-        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let what = "a new usage record with the model's hash";
+    eventually(Duration::from_secs(20), what, || async {
+        let before = usage_lines().len();
+        let c = reqwest::Client::new();
+        assert_eq!(chat(&c, &s.queen, CLIENT, 1).await.status(), 200);
+        // The usage thread writes the request's record after the response ends.
+        let lines = eventually(Duration::from_secs(5), "its usage record", || async {
+            let lines = usage_lines();
+            (lines.len() > before).then_some(lines)
+        })
+        .await
+        .unwrap();
+        let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
         if last["model_sha256"] == rbee_test_harness::MODEL_SHA256 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("no hash in {last}"))
         }
-        assert!(std::time::Instant::now() < deadline, "no hash in {last}");
-    }
+    })
+    .await
+    .unwrap();
     // logrotate moves the file away and reloads: the next records go to a new file.
     let rotated = usage_path.with_extension("jsonl.1");
     std::fs::rename(&usage_path, &rotated).unwrap();
     s.queen.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&usage_path)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        == 0
-    {
-        assert_eq!(
-            chat(&reqwest::Client::new(), &s.queen, CLIENT, 1)
-                .await
-                .status(),
-            200
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no record in a new usage file after SIGHUP"
-        );
-    }
+    let what = "a record in a new usage file after SIGHUP";
+    eventually(Duration::from_secs(10), what, || async {
+        if !usage_lines().is_empty() {
+            return Some(());
+        }
+        let c = reqwest::Client::new();
+        assert_eq!(chat(&c, &s.queen, CLIENT, 1).await.status(), 200);
+        None
+    })
+    .await
+    .unwrap();
     assert!(std::fs::read_to_string(&rotated).unwrap().lines().count() >= 3);
     drop(s.hive);
 }
@@ -315,7 +319,7 @@ async fn native_stream_cancel_and_auth_through_the_queen() {
 
 async fn chat(
     c: &reqwest::Client,
-    queen: &QueenProcess,
+    queen: &Daemon,
     token: &str,
     max_tokens: u32,
 ) -> reqwest::Response {
@@ -343,17 +347,17 @@ fn queen_options(registry: Option<std::path::PathBuf>, tail: &str) -> QueenOptio
     opts
 }
 
-async fn hive_for(queen_url: &str, id: &str, extra: &[(&str, &str)]) -> HiveProcess {
+async fn hive_for(queen_url: &str, id: &str, extra: &[(&str, &str)]) -> Daemon {
     let mut opts = HiveOptions::joined(queen_url, id, HIVE, JOIN);
     for (k, v) in extra {
         opts = opts.env(k, v);
     }
-    HiveProcess::start(opts).await.unwrap()
+    Daemon::hive(opts).await.unwrap()
 }
 
 #[tokio::test]
 async fn a_dead_hive_leaves_routing_and_requests_go_to_the_other() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let a = hive_for(&queen.base_url, "hive-a", &[]).await;
@@ -394,23 +398,13 @@ async fn a_dead_hive_leaves_routing_and_requests_go_to_the_other() {
             .is_empty()
     );
     // After three missed heartbeats the dead hive is down.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let h: Value = c
-            .get(queen.url(&format!("/v1/admin/hives/{dead_id}")))
-            .bearer_auth(CLIENT)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["state"] == "down" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{dead_id} still {h}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = format!("{dead_id} to be down");
+    eventually(Duration::from_secs(15), &what, || async {
+        let h = admin_get(&c, &queen, &format!("/v1/admin/hives/{dead_id}")).await;
+        (h["state"] == "down").then_some(()).ok_or(h)
+    })
+    .await
+    .unwrap();
     drop(alive);
 }
 
@@ -419,7 +413,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let registry = rbee_test_harness::temp_dir("queen-registry").join("registry.sqlite");
-    let mut queen = QueenProcess::start(queen_options(Some(registry.clone()), ""), &listen)
+    let mut queen = Daemon::queen(queen_options(Some(registry.clone()), ""), &listen)
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-r", &[]).await;
@@ -434,7 +428,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
             .unwrap()
             .success()
     );
-    let queen = QueenProcess::start(queen_options(Some(registry), ""), &listen)
+    let queen = Daemon::queen(queen_options(Some(registry), ""), &listen)
         .await
         .unwrap();
     // Known at once from the registry (down until it beats), then up again.
@@ -456,7 +450,7 @@ async fn a_restarted_queen_keeps_its_registry_and_routes_again() {
 
 #[tokio::test]
 async fn overflow_is_refused_with_retry_after_and_nothing_is_lost() {
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(None, "queue_length = 1\nqueue_wait_seconds = 60\n"),
         "127.0.0.1:0",
     )
@@ -516,7 +510,7 @@ async fn overflow_is_refused_with_retry_after_and_nothing_is_lost() {
 
 #[tokio::test]
 async fn sighup_rotates_client_tokens_without_dropping_a_request() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-t", &[]).await;
@@ -536,23 +530,17 @@ async fn sighup_rotates_client_tokens_without_dropping_a_request() {
     let new = "rotated-client-token-0123456789";
     std::fs::write(queen.dir.join("secrets/client-alice"), new).unwrap();
     queen.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = c
-            .get(queen.url("/v1/models"))
-            .bearer_auth(new)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "new token not accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the new token to be accepted",
+        || async {
+            let r = c.get(queen.url("/v1/models")).bearer_auth(new).send();
+            let status = r.await.unwrap().status();
+            (status == 200).then_some(()).ok_or(status)
+        },
+    )
+    .await
+    .unwrap();
     let old = c
         .get(queen.url("/v1/models"))
         .bearer_auth(CLIENT)
@@ -580,34 +568,24 @@ async fn admins_spawn_list_and_stop_workers_through_the_queen() {
     assert_eq!(resp.status(), 202);
     let spawned: Value = resp.json().await.unwrap();
     let id = spawned["id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let models: Value = c
-            .get(s.queen.url("/v1/admin/models"))
-            .bearer_auth(CLIENT)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let what = format!("worker {id} listed as loaded");
+    let models = eventually(Duration::from_secs(60), &what, || async {
+        let models = admin_get(&c, &s.queen, "/v1/admin/models").await;
         let loaded = &models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["loaded"];
-        if loaded
+        let listed = loaded
             .as_array()
-            .is_some_and(|a| a.iter().any(|w| w["worker"] == id.as_str()))
-        {
-            assert!(
-                models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["on_disk"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|h| h == "hive-a")
-            );
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{models}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .is_some_and(|a| a.iter().any(|w| w["worker"] == id.as_str()));
+        listed.then_some(models.clone()).ok_or(models)
+    })
+    .await
+    .unwrap();
+    assert!(
+        models["models"]["file:SmolLM2-135M-Instruct.Q4_1.gguf"]["on_disk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h == "hive-a")
+    );
     let stopped = c
         .delete(s.queen.url(&format!("/v1/admin/workers/hive-a/{id}")))
         .bearer_auth(CLIENT)
@@ -644,7 +622,7 @@ async fn admins_spawn_list_and_stop_workers_through_the_queen() {
 async fn a_client_over_its_concurrency_limit_gets_429() {
     let dir = rbee_test_harness::temp_dir("bob");
     let bob_file = rbee_test_harness::write_token_file(&dir, "bob-token-0123456789abcdef");
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(
             None,
             &format!(
@@ -775,7 +753,7 @@ fn the_example_config_checks_and_bad_ones_exit_64() {
 
 #[tokio::test]
 async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
-    let mut queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let mut queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-s", &[]).await;
@@ -792,10 +770,11 @@ async fn sigterm_lets_requests_finish_and_leaves_hives_running() {
     reader.next().await.unwrap();
     queen.signal(libc::SIGTERM);
     // While the running request finishes, /health says so and new work is refused.
-    eventually("/health reports the drain", || async {
-        c.get(queen.url("/health")).send().await.unwrap().status() == 503
+    eventually(TEN_S, "/health reports the drain", || async {
+        (c.get(queen.url("/health")).send().await.unwrap().status() == 503).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     let health: Value = c
         .get(queen.url("/health"))
         .send()
@@ -846,12 +825,12 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     let port = free_port();
     let queen_url = format!("http://127.0.0.1:{port}");
     let own = "hive-b-own-token-0123456789";
-    let hive = HiveProcess::start(HiveOptions::joined(&queen_url, "hive-own", own, JOIN))
+    let hive = Daemon::hive(HiveOptions::joined(&queen_url, "hive-own", own, JOIN))
         .await
         .unwrap();
     let dir = rbee_test_harness::temp_dir("hive-own-token");
     let token_file = rbee_test_harness::write_token_file(&dir, own);
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(
             None,
             &format!(
@@ -872,16 +851,16 @@ async fn a_hive_with_its_own_token_is_reached_with_it() {
     // A wrong token for the hive is the operator's problem: 502 naming it, not a 401.
     std::fs::write(&token_file, "not-the-hive-token-0123456789").unwrap();
     queen.signal(libc::SIGHUP);
-    let mut last = None;
-    for _ in 0..100 {
-        let resp = chat(&c, &queen, CLIENT, 2).await;
-        if resp.status() != 200 {
-            last = Some(resp);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let resp = last.expect("the reload took effect");
+    let resp = eventually(
+        Duration::from_secs(15),
+        "the reload to take effect",
+        || async {
+            let resp = chat(&c, &queen, CLIENT, 2).await;
+            (resp.status() != 200).then_some(resp)
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "INTERNAL", "{body}");
@@ -922,23 +901,13 @@ async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
         workers["workers"][0]["id"].as_str().unwrap()
     ));
     let killer = async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let v: Value = c
-                .get(&hive_url)
-                .bearer_auth(HIVE)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["busy"] == true {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "never busy: {v}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(Duration::from_secs(10), "the worker to be busy", || async {
+            let r = c.get(&hive_url).bearer_auth(HIVE).send();
+            let v: Value = r.await.unwrap().json().await.unwrap();
+            (v["busy"] == true).then_some(()).ok_or(v)
+        })
+        .await
+        .unwrap();
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
@@ -965,7 +934,7 @@ async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
 
 #[tokio::test]
 async fn a_request_waiting_for_a_worker_can_be_cancelled() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let hive = hive_for(&queen.base_url, "hive-c", &[("WORKERS__MAX_WORKERS", "1")]).await;
@@ -994,7 +963,8 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Cancel it once it waits in the queue.
+    wait_queue_depth(&c, &queen, 1).await;
     let del = c
         .delete(queen.url("/v1/inference/queued-1"))
         .bearer_auth(CLIENT)
@@ -1016,7 +986,7 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
 
 #[tokio::test]
 async fn waiting_requests_are_served_in_arrival_order() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     // One worker at most, so every request after the first waits for it.
@@ -1036,9 +1006,9 @@ async fn waiting_requests_are_served_in_arrival_order() {
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..4 {
-        let (c, order, url) = (c.clone(), order.clone(), queen.url("/v1/chat/completions"));
+        let (c2, order, url) = (c.clone(), order.clone(), queen.url("/v1/chat/completions"));
         tasks.push(tokio::spawn(async move {
-            let r = c
+            let r = c2
                 .post(url)
                 .bearer_auth(CLIENT)
                 .json(
@@ -1053,8 +1023,9 @@ async fn waiting_requests_are_served_in_arrival_order() {
             order.lock().unwrap().push(i);
             status
         }));
-        // Arrivals well apart, all while the worker is still held.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The next arrives only once this one waits in the queue, all while the worker is
+        // still held.
+        wait_queue_depth(&c, &queen, i + 1).await;
     }
     let rest = holder.collect().await.unwrap();
     assert!(end_event(&rest).is_some(), "{rest:?}");
@@ -1065,22 +1036,27 @@ async fn waiting_requests_are_served_in_arrival_order() {
     drop(hive);
 }
 
-/// Polls `check` every 50 ms until it holds (10 s at most).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// An admin GET through the queen, as JSON.
+async fn admin_get(c: &reqwest::Client, queen: &Daemon, path: &str) -> Value {
+    let r = c.get(queen.url(path)).bearer_auth(CLIENT).send();
+    r.await.unwrap().json().await.unwrap()
+}
+
+/// Waits (10 s at most) until `depth` requests wait for a worker of the test model.
+async fn wait_queue_depth(c: &reqwest::Client, queen: &Daemon, depth: u32) {
+    let series = format!("rbee_queen_queue_depth{{model=\"file:{MODEL_FILE}\"}}");
+    let what = format!("{depth} requests waiting");
+    eventually(Duration::from_secs(10), &what, || async {
+        let now = queen.metric(c, &series).await.unwrap();
+        (now == f64::from(depth)).then_some(()).ok_or(now)
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let config = queen.dir.join("queen.toml");
@@ -1099,10 +1075,11 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
     .unwrap();
     queen.signal(libc::SIGHUP);
     let c = reqwest::Client::new();
-    eventually("/metrics needs a token after the reload", || async {
-        c.get(queen.url("/metrics")).send().await.unwrap().status() == 401
+    eventually(TEN_S, "/metrics needs a token after the reload", || async {
+        (c.get(queen.url("/metrics")).send().await.unwrap().status() == 401).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     let scraped = c
         .get(queen.url("/metrics"))
         .bearer_auth(CLIENT)
@@ -1121,7 +1098,7 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
         .unwrap();
     assert_eq!(h["state"], "down", "{h}");
     // A hive still holding the old join token joins.
-    let hive = HiveProcess::start(HiveOptions::joined(
+    let hive = Daemon::hive(HiveOptions::joined(
         &queen.base_url,
         "hive-old-join",
         HIVE,
@@ -1133,42 +1110,32 @@ async fn sighup_applies_join_token_rotation_configured_hives_and_metrics_auth() 
     // Step 2: the old token is retired and the configured hive dropped.
     std::fs::write(&config, &original).unwrap();
     queen.signal(libc::SIGHUP);
-    eventually("the configured hive is removed", || async {
-        c.get(queen.url("/v1/admin/hives/hive-static"))
-            .bearer_auth(CLIENT)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 404
+    eventually(TEN_S, "the configured hive is removed", || async {
+        let r = c.get(queen.url("/v1/admin/hives/hive-static"));
+        let status = r.bearer_auth(CLIENT).send().await.unwrap().status();
+        (status == 404).then_some(()).ok_or(status)
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         c.get(queen.url("/metrics")).send().await.unwrap().status(),
         200
     );
     // The old token's heartbeats are refused now: the hive goes down after 3 missed beats.
-    eventually(
-        "the hive with the retired join token leaves routing",
-        || async {
-            let v: Value = c
-                .get(queen.url("/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["hives_up"] == 0
-        },
-    )
-    .await;
+    let what = "the hive with the retired join token leaves routing";
+    eventually(TEN_S, what, || async {
+        let resp = c.get(queen.url("/health")).send().await.unwrap();
+        let v: Value = resp.json().await.unwrap();
+        (v["hives_up"] == 0).then_some(()).ok_or(v)
+    })
+    .await
+    .unwrap();
     drop(hive);
 }
 
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_validates() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     let resp = reqwest::get(queen.url("/openapi.json")).await.unwrap();
@@ -1197,7 +1164,7 @@ async fn the_openapi_document_lists_every_route_and_validates() {
 
 #[tokio::test]
 async fn a_worker_that_cannot_start_is_reported_once_and_another_hive_is_used() {
-    let queen = QueenProcess::start(queen_options(None, ""), "127.0.0.1:0")
+    let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
     // Its worker binary exits at once and the hive does not restart it.
@@ -1262,7 +1229,7 @@ async fn only_the_sender_or_an_admin_can_cancel_a_request() {
     let (bob, carol) = ("bob-token-0123456789abcdef", "carol-token-0123456789abcd");
     let bob_file = rbee_test_harness::write_token_file(&dir.join("bob"), bob);
     let carol_file = rbee_test_harness::write_token_file(&dir.join("carol"), carol);
-    let queen = QueenProcess::start(
+    let queen = Daemon::queen(
         queen_options(
             None,
             &format!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rbee_test_harness::hub::{HubDouble, HubFile, sha256_hex};
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, MODEL_FILE, SseData, SseReader, end_event, joined_text, temp_dir,
+    Daemon, HiveOptions, MODEL_FILE, SseData, SseReader, end_event, joined_text, temp_dir,
     test_model,
 };
 use serde_json::{Value, json};
@@ -30,7 +30,7 @@ fn random_bytes(n: usize) -> Vec<u8> {
         .collect()
 }
 
-async fn hive_for(hub: &HubDouble, extra_env: &[(&str, &str)]) -> HiveProcess {
+async fn hive_for(hub: &HubDouble, extra_env: &[(&str, &str)]) -> Daemon {
     let mut opts = HiveOptions {
         model_dirs: vec![temp_dir("dl-models")],
         ..HiveOptions::default().token(TOKEN)
@@ -40,11 +40,11 @@ async fn hive_for(hub: &HubDouble, extra_env: &[(&str, &str)]) -> HiveProcess {
     for (k, v) in extra_env {
         opts.env.push(((*k).to_owned(), (*v).to_owned()));
     }
-    HiveProcess::start(opts).await.unwrap()
+    Daemon::hive(opts).await.unwrap()
 }
 
 /// Starts a download and follows its events to the end; returns (status, events).
-async fn download(hive: &HiveProcess, model: &str) -> (u16, Vec<Value>) {
+async fn download(hive: &Daemon, model: &str) -> (u16, Vec<Value>) {
     let c = client();
     let resp = hive
         .post(&c, "/v1/models/downloads", &json!({ "model": model }))

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rbee_test_harness::{
-    HiveOptions, HiveProcess, MODEL_FILE, SseData, SseReader, end_event, joined_text,
+    Daemon, HiveOptions, MODEL_FILE, SseData, SseReader, end_event, eventually, joined_text,
     process_alive, reference, temp_dir, workspace_binary, write_token_file,
 };
 use serde_json::{Value, json};
@@ -22,6 +22,23 @@ fn worker_pid(v: &Value) -> i32 {
     v["pid"].as_i64().expect("pid") as i32
 }
 
+/// The status of `GET /v1/workers` with `token`.
+async fn workers_status(c: &reqwest::Client, hive: &Daemon, token: &str) -> reqwest::StatusCode {
+    let r = c.get(hive.url("/v1/workers")).bearer_auth(token).send();
+    r.await.unwrap().status()
+}
+
+/// Waits (10 s at most) until `GET /v1/workers` with `token` answers `want`.
+async fn wait_workers_status(hive: &Daemon, token: &str, want: u16, what: &str) {
+    let c = client();
+    eventually(Duration::from_secs(10), what, || async {
+        let status = workers_status(&c, hive, token).await;
+        (status == want).then_some(()).ok_or(status)
+    })
+    .await
+    .unwrap();
+}
+
 fn kill(pid: i32, sig: i32) {
     unsafe {
         libc::kill(pid, sig);
@@ -30,7 +47,7 @@ fn kill(pid: i32, sig: i32) {
 
 #[tokio::test]
 async fn spawn_ready_infer_through_the_hive_and_stop() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -141,7 +158,7 @@ async fn spawn_ready_infer_through_the_hive_and_stop() {
 
 #[tokio::test]
 async fn every_protected_route_needs_the_token() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -297,7 +314,7 @@ async fn configuration_errors_exit_64_and_name_the_field() {
 
 #[tokio::test]
 async fn sighup_rotates_the_token_without_a_restart() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -306,9 +323,9 @@ async fn sighup_rotates_the_token_without_a_restart() {
     // Zero-downtime rotation: the new token in token_file, the old one still accepted from
     // token_previous_files until the next reload drops it.
     let old_file = rbee_test_harness::write_token_file(&hive.dir.join("old"), TOKEN);
-    let original = std::fs::read_to_string(&hive.config_path).unwrap();
+    let original = std::fs::read_to_string(hive.config_path()).unwrap();
     std::fs::write(
-        &hive.config_path,
+        hive.config_path(),
         format!(
             "token_previous_files = [{:?}]\n{original}",
             old_file.display().to_string()
@@ -317,20 +334,7 @@ async fn sighup_rotates_the_token_without_a_restart() {
     .unwrap();
     std::fs::write(&token_file, new).unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = c
-            .get(hive.url("/v1/workers"))
-            .bearer_auth(new)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "new token not accepted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_workers_status(&hive, new, 200, "the new token to be accepted").await;
     let both = c
         .get(hive.url("/v1/workers"))
         .bearer_auth(TOKEN)
@@ -342,22 +346,9 @@ async fn sighup_rotates_the_token_without_a_restart() {
         200,
         "the old token works during the rotation"
     );
-    std::fs::write(&hive.config_path, &original).unwrap();
+    std::fs::write(hive.config_path(), &original).unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let old = c
-            .get(hive.url("/v1/workers"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        if old.status() == 401 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the retired token still works");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_workers_status(&hive, TOKEN, 401, "the retired token to be refused").await;
     let current = c
         .get(hive.url("/v1/workers"))
         .bearer_auth(new)
@@ -378,19 +369,14 @@ async fn sighup_rotates_the_token_without_a_restart() {
     hive.audit_with(&["config.reload"]).await;
 
     // Settings: a limit applies at once, the listen address is reported as needing a restart.
-    let mut toml = std::fs::read_to_string(&hive.config_path).unwrap();
+    let mut toml = std::fs::read_to_string(hive.config_path()).unwrap();
     toml = toml.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
     toml.push_str("max_workers = 1\n"); // the harness writes [workers] last
-    std::fs::write(&hive.config_path, toml).unwrap();
+    std::fs::write(hive.config_path(), toml).unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !hive
-        .stderr()
-        .contains("these settings change only after a restart")
-    {
-        assert!(Instant::now() < deadline, "{}", hive.stderr());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hive.wait_log("these settings change only after a restart")
+        .await
+        .unwrap();
     let log = hive.stderr();
     assert!(log.contains("needs_restart=[\"listen\"]"), "{log}");
     assert!(log.contains("\"workers.max_workers\""), "{log}");
@@ -405,13 +391,9 @@ async fn sighup_rotates_the_token_without_a_restart() {
     let second = spawn(&c2).await.unwrap();
     assert_eq!(second.status(), 507);
     // A broken file changes nothing.
-    std::fs::write(&hive.config_path, "listen = [").unwrap();
+    std::fs::write(hive.config_path(), "listen = [").unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !hive.stderr().contains("reload failed") {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hive.wait_log("reload failed").await.unwrap();
     let still = c
         .get(hive.url("/v1/workers"))
         .bearer_auth(new)
@@ -420,13 +402,9 @@ async fn sighup_rotates_the_token_without_a_restart() {
         .unwrap();
     assert_eq!(still.status(), 200);
     // A file without the token does not turn authentication off.
-    std::fs::write(&hive.config_path, "listen = \"127.0.0.1:0\"\n").unwrap();
+    std::fs::write(hive.config_path(), "listen = \"127.0.0.1:0\"\n").unwrap();
     hive.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !hive.stderr().contains("has no hive token") {
-        assert!(Instant::now() < deadline, "{}", hive.stderr());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hive.wait_log("has no hive token").await.unwrap();
     let anonymous = c.get(hive.url("/v1/workers")).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
 }
@@ -436,7 +414,7 @@ async fn systemd_hears_ready_reloading_and_stopping() {
     let dir = temp_dir("notify");
     let sock_path = dir.join("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
-    let mut hive = HiveProcess::start(HiveOptions {
+    let mut hive = Daemon::hive(HiveOptions {
         env: vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())],
         ..HiveOptions::default()
     })
@@ -470,7 +448,7 @@ async fn systemd_hears_ready_reloading_and_stopping() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams_and_refuses_new_work() {
-    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let mut hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     let w = hive.ready_worker(&c).await.unwrap();
     let id = w["id"].as_str().unwrap();
@@ -486,21 +464,19 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_work() {
     let mut reader = SseReader::new(resp);
     reader.next().await.unwrap();
     hive.signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let r = hive
-            .post(&c, "/v1/workers", &json!({"model": MODEL_REF}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 503 {
-            let body: Value = r.json().await.unwrap();
-            assert_eq!(body["error"]["code"], "SHUTTING_DOWN");
-            break;
+    let spawn = json!({"model": MODEL_REF});
+    let what = "new work to be refused";
+    let refusal: Value = eventually(Duration::from_secs(2), what, || async {
+        let r = hive.post(&c, "/v1/workers", &spawn).send().await.unwrap();
+        let status = r.status();
+        match status.as_u16() {
+            503 => Ok(r.json::<Value>().await.unwrap()),
+            _ => Err(status),
         }
-        assert!(Instant::now() < deadline, "new work still accepted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .unwrap();
+    assert_eq!(refusal["error"]["code"], "SHUTTING_DOWN");
     let health = c.get(hive.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 503);
     let mut rest = Vec::new();
@@ -521,7 +497,7 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_work() {
 
 #[tokio::test]
 async fn crashed_workers_restart_with_backoff_until_the_breaker_opens() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("RESTART__MAX_ATTEMPTS", 2)
@@ -620,7 +596,7 @@ async fn crashed_workers_restart_with_backoff_until_the_breaker_opens() {
 #[tokio::test]
 async fn sigterm_stops_three_workers_one_of_them_frozen_within_30s() {
     let textfile = temp_dir("textfile").join("hive.prom");
-    let mut hive = HiveProcess::start(
+    let mut hive = Daemon::hive(
         HiveOptions {
             extra_args: vec!["--metrics-textfile".into(), textfile.display().to_string()],
             ..HiveOptions::default()
@@ -665,7 +641,7 @@ async fn sigterm_stops_three_workers_one_of_them_frozen_within_30s() {
 
 #[tokio::test]
 async fn sigterm_with_cooperative_workers_is_quick() {
-    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let mut hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     let mut pids = Vec::new();
     for _ in 0..2 {
@@ -687,23 +663,24 @@ async fn sigterm_with_cooperative_workers_is_quick() {
 
 #[tokio::test]
 async fn sigkill_of_the_hive_leaves_no_worker_behind() {
-    let mut hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let mut hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     let pid = worker_pid(&hive.ready_worker(&c).await.unwrap());
     hive.signal(libc::SIGKILL);
     hive.wait_exit(Duration::from_secs(5))
         .await
         .expect("hive died");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while process_alive(pid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!process_alive(pid), "worker {pid} orphaned");
+    let what = format!("worker {pid} to die with its hive (not be orphaned)");
+    eventually(Duration::from_secs(5), &what, || async {
+        (!process_alive(pid)).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn admission_refuses_what_does_not_fit_with_figures() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("RESOURCES__MAX_MEMORY_MB", 300),
@@ -748,7 +725,7 @@ async fn admission_refuses_what_does_not_fit_with_figures() {
 
 #[tokio::test]
 async fn max_workers_and_bad_model_refs_are_refused() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("WORKERS__MAX_WORKERS", 1),
@@ -826,7 +803,7 @@ async fn max_workers_and_bad_model_refs_are_refused() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_frees_the_worker_at_once() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -845,24 +822,17 @@ async fn a_client_that_goes_away_frees_the_worker_at_once() {
     assert_eq!(busy.headers()["retry-after"], "1");
     drop(reader);
     let t0 = Instant::now();
-    loop {
-        let r = hive
-            .post(&c, &path, &json!({"prompt": "Hi", "max_tokens": 1}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            let events = SseReader::new(r).collect().await.unwrap();
-            assert!(end_event(&events).is_some());
-            break;
+    let hi = json!({"prompt": "Hi", "max_tokens": 1});
+    let events = eventually(Duration::from_secs(1), "the worker to be free", || async {
+        let r = hive.post(&c, &path, &hi).send().await.unwrap();
+        match r.status().as_u16() {
+            200 => Ok(SseReader::new(r).collect().await.unwrap()),
+            _ => Err(r.status()),
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(1),
-            "worker still busy after {:?}",
-            t0.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .unwrap();
+    assert!(end_event(&events).is_some());
     let freed = t0.elapsed();
     println!("worker served the next request {freed:?} after the client left");
     assert!(freed < Duration::from_secs(1), "{freed:?}");
@@ -919,7 +889,7 @@ fn rbee_unix_ms() -> i64 {
 
 #[tokio::test]
 async fn a_worker_crash_mid_stream_ends_the_stream_with_an_error_event() {
-    let hive = HiveProcess::start(HiveOptions::default().env("RESTART__ENABLED", false))
+    let hive = Daemon::hive(HiveOptions::default().env("RESTART__ENABLED", false))
         .await
         .unwrap();
     let c = client();
@@ -964,7 +934,7 @@ async fn a_worker_crash_mid_stream_ends_the_stream_with_an_error_event() {
 
 #[tokio::test]
 async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .env("WORKERS__KEEP_ALIVE_SECONDS", 4)
             .env("WORKERS__HEALTH_INTERVAL_SECONDS", 1)
@@ -977,8 +947,9 @@ async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
     let id = w["id"].as_str().unwrap().to_owned();
     let used_at = w["last_used_unix_ms"].clone();
     let t0 = Instant::now();
-    let mut saw_generation_probe = false;
-    loop {
+    let saw_generation_probe = std::cell::Cell::new(false);
+    let what = "the keep-alive to stop the unused worker";
+    eventually(Duration::from_secs(20), what, || async {
         // Scrapes and reads are not use.
         let _ = hive.get(&c, "/metrics").send().await.unwrap();
         let r = hive
@@ -987,7 +958,7 @@ async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
             .await
             .unwrap();
         if r.status() == 404 {
-            break;
+            return Ok(());
         }
         let v: Value = r.json().await.unwrap();
         if v["state"] == "ready" {
@@ -996,17 +967,21 @@ async fn idle_workers_stop_after_the_keep_alive_and_probes_do_not_count() {
                 "probes must not count as use"
             );
         }
-        saw_generation_probe |= hive
+        let probes = hive
             .metric(
                 &c,
                 "rbee_hive_health_probes_total{kind=\"generate\",outcome=\"ok\"}",
             )
             .await
-            .unwrap()
-            >= 1.0;
-        assert!(t0.elapsed() < Duration::from_secs(20), "not stopped: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .unwrap();
+        if probes >= 1.0 {
+            saw_generation_probe.set(true);
+        }
+        Err(format!("not stopped: {v}"))
+    })
+    .await
+    .unwrap();
+    let saw_generation_probe = saw_generation_probe.get();
     let idle_for = t0.elapsed();
     println!("keep-alive stop after {idle_for:?}");
     assert!(idle_for >= Duration::from_secs(2));
@@ -1031,7 +1006,7 @@ async fn a_worker_that_never_reports_ready_is_killed_with_a_reason() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let hive = HiveProcess::start(HiveOptions {
+    let hive = Daemon::hive(HiveOptions {
         worker_binary: Some(script),
         ..HiveOptions::default()
             .env("WORKERS__LOAD_TIMEOUT_SECONDS", 1)
@@ -1056,7 +1031,7 @@ async fn a_worker_that_never_reports_ready_is_killed_with_a_reason() {
 
 #[tokio::test]
 async fn worker_events_stream_shows_readiness() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -1065,18 +1040,21 @@ async fn worker_events_stream_shows_readiness() {
     let mut events = SseReader::new(resp);
     let id = hive.spawn_worker(&c, MODEL_REF).await.unwrap();
     let mut states = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let Some(SseData::Event(ev)) = events.next().await.unwrap() else {
-            panic!("stream ended");
-        };
-        if ev["worker"]["id"] == id.as_str() {
-            states.push(ev["worker"]["state"].as_str().unwrap().to_owned());
-            if ev["worker"]["state"] == "ready" {
-                break;
+    // Read until the worker is ready; a stream that goes quiet fails at the timeout.
+    let _ = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let Some(SseData::Event(ev)) = events.next().await.unwrap() else {
+                panic!("stream ended");
+            };
+            if ev["worker"]["id"] == id.as_str() {
+                states.push(ev["worker"]["state"].as_str().unwrap().to_owned());
+                if ev["worker"]["state"] == "ready" {
+                    break;
+                }
             }
         }
-    }
+    })
+    .await;
     assert_eq!(states.first().map(String::as_str), Some("starting"));
     assert_eq!(states.last().map(String::as_str), Some("ready"));
     // A late subscriber gets a snapshot first.
@@ -1098,7 +1076,7 @@ async fn models_are_listed_and_deletion_waits_for_workers() {
     if std::fs::hard_link(&src, &copy).is_err() {
         std::fs::copy(&src, &copy).unwrap();
     }
-    let hive = HiveProcess::start(HiveOptions {
+    let hive = Daemon::hive(HiveOptions {
         model_dirs: vec![dir.clone()],
         ..HiveOptions::default().token(TOKEN)
     })
@@ -1162,7 +1140,7 @@ async fn models_are_listed_and_deletion_waits_for_workers() {
 
 #[tokio::test]
 async fn audit_log_verifies_and_tampering_is_found() {
-    let hive = HiveProcess::start(HiveOptions::default().token(TOKEN))
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await
         .unwrap();
     let c = client();
@@ -1202,7 +1180,7 @@ async fn audit_log_verifies_and_tampering_is_found() {
 
 #[tokio::test]
 async fn metrics_pass_promtool() {
-    let hive = HiveProcess::start(HiveOptions::default()).await.unwrap();
+    let hive = Daemon::hive(HiveOptions::default()).await.unwrap();
     let c = client();
     hive.ready_worker(&c).await.unwrap();
     let text = c
@@ -1261,7 +1239,7 @@ async fn queen_double() -> (
 async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
     let (url, beats, queen) = queen_double().await;
     let join = "join-token-abcdefghijklmnop";
-    let hive = HiveProcess::start(
+    let hive = Daemon::hive(
         HiveOptions::default()
             .token(TOKEN)
             .env("QUEEN__URL", &url)
@@ -1273,9 +1251,9 @@ async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
     .unwrap();
     let c = client();
     let w = hive.ready_worker(&c).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let beat = loop {
-        let found = beats
+    let what = "a heartbeat with a ready worker";
+    let beat = eventually(Duration::from_secs(20), what, || async {
+        beats
             .lock()
             .unwrap()
             .iter()
@@ -1284,16 +1262,10 @@ async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
                     .as_array()
                     .is_some_and(|ws| ws.iter().any(|x| x["state"] == "ready"))
             })
-            .cloned();
-        if let Some(b) = found {
-            break b;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no heartbeat with a ready worker"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+            .cloned()
+    })
+    .await
+    .unwrap();
     assert_eq!(beat.0.as_deref(), Some(format!("Bearer {join}").as_str()));
     let body = beat.1;
     assert_eq!(body["hive_id"], "test-hive-1");
@@ -1320,16 +1292,17 @@ async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
     // Queen gone: the hive keeps serving and counts the failures.
     queen.abort();
     let _ = queen.await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while hive
-        .metric(&c, "rbee_hive_heartbeats_total{outcome=\"failed\"}")
-        .await
-        .unwrap()
-        < 1.0
-    {
-        assert!(Instant::now() < deadline, "no failed heartbeat counted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let failed = "rbee_hive_heartbeats_total{outcome=\"failed\"}";
+    eventually(
+        Duration::from_secs(20),
+        "a failed heartbeat counted",
+        || async {
+            let n = hive.metric(&c, failed).await.unwrap();
+            (n >= 1.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     let health = c.get(hive.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     let r = hive

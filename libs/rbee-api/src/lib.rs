@@ -269,6 +269,13 @@ pub struct HeartbeatWorker {
     pub device: String,
     pub state: WorkerState,
     pub busy: bool,
+    /// Requests the worker serves at once.
+    #[serde(default = "one_slot")]
+    pub slots: u32,
+}
+
+fn one_slot() -> u32 {
+    1
 }
 
 /// What a hive POSTs to the queen's `/v1/hives/heartbeat` every few seconds.

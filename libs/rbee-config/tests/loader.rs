@@ -1,3 +1,4 @@
+//! The config loader end to end: defaults, file < environment < flags, and errors naming the field and layer.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};

@@ -1,15 +1,38 @@
 //! Model downloads in flight: one per model reference; progress in a watch channel so a late
-//! subscriber starts from the current state.
+//! subscriber starts from the current state. Each download reports its start and its end
+//! over a channel; the hive turns those into metrics and audit records.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rbee_models::{DownloadProgress, DownloadState, HubClient, ModelRef, ProgressError};
-use serde_json::json;
-use tokio::sync::watch;
+use rbee_models::{
+    Catalog, DownloadProgress, DownloadState, HubClient, ModelError, ModelRef, ProgressError,
+};
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::hive::Hive;
+/// The hub a download comes from, as configured when it starts.
+pub struct Hub {
+    pub endpoint: String,
+    pub token: Option<String>,
+    pub retries: u32,
+}
+
+/// What a download task reports, in order; the channel closes when it ends.
+#[derive(Debug)]
+pub enum DownloadReport {
+    /// The transfer begins (the hub client is set up).
+    Started { id: String, model: String },
+    /// The transfer is over, with the bytes moved and the file or the error.
+    Finished {
+        id: String,
+        model: String,
+        bytes_done: u64,
+        bytes_total: Option<u64>,
+        result: Result<PathBuf, ModelError>,
+    },
+}
 
 pub struct Download {
     pub id: String,
@@ -49,16 +72,24 @@ impl Downloads {
         }
     }
 
-    /// Starts a download, or returns the one already running for the same reference.
-    /// The bool says whether a new one started.
-    pub fn start(&self, hive: &Arc<Hive>, model: ModelRef) -> (Arc<Download>, bool) {
+    /// Starts a download into `catalog`'s first directory, or returns the one already running
+    /// for the same reference. A new one comes with the receiver of its reports.
+    pub fn start(
+        &self,
+        hub: Hub,
+        catalog: &Catalog,
+        model: ModelRef,
+    ) -> (
+        Arc<Download>,
+        Option<mpsc::UnboundedReceiver<DownloadReport>>,
+    ) {
         let key = model.to_string();
         let mut map = lock(&self.map);
         if let Some(d) = map
             .values()
             .find(|d| d.model == key && !is_finished(&d.progress.borrow()))
         {
-            return (d.clone(), false);
+            return (d.clone(), None);
         }
         // Finished records are kept so a late subscriber learns the outcome; bound them.
         if map.len() >= 64
@@ -83,17 +114,11 @@ impl Downloads {
         });
         map.insert(id.clone(), dl.clone());
         drop(map);
-        let hive = hive.clone();
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let catalog = catalog.clone();
         tokio::spawn(async move {
-            let cfg = hive.config();
-            let token = hive
-                .tokens
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .hub
-                .clone();
-            let client = match HubClient::new(&cfg.hub.endpoint, token) {
-                Ok(c) => c.with_retries(cfg.hub.retries),
+            let client = match HubClient::new(&hub.endpoint, hub.token) {
+                Ok(c) => c.with_retries(hub.retries),
                 Err(e) => {
                     tx.send_modify(|p| {
                         p.state = DownloadState::Failed;
@@ -105,34 +130,31 @@ impl Downloads {
                     return;
                 }
             };
-            hive.audit(
-                "model.download_start",
-                json!({"download_id": id, "model": key}),
-            );
+            // A send fails only when the hive is gone; the download goes on regardless.
+            let _ = reports.send(DownloadReport::Started {
+                id: id.clone(),
+                model: key.clone(),
+            });
             info!(download_id = %id, model = %key, "download started");
             let progress = tx.subscribe();
-            let result = rbee_models::download(&client, &hive.catalog, &model, tx, cancel_rx).await;
+            let result = rbee_models::download(&client, &catalog, &model, tx, cancel_rx).await;
             let p = progress.borrow().clone();
-            hive.metrics.download_bytes.inc_by(&[], p.bytes_done as f64);
-            match result {
+            match &result {
                 Ok(path) => {
-                    hive.metrics.downloads.inc(&["ok"]);
                     info!(download_id = %id, path = %path.display(), "download finished");
-                    hive.audit(
-                        "model.download",
-                        json!({"download_id": id, "model": key, "path": path, "bytes": p.bytes_total}),
-                    );
                 }
                 Err(e) => {
-                    hive.metrics.downloads.inc(&[e.code().as_str()]);
                     warn!(download_id = %id, error = %e, "download failed");
-                    hive.audit(
-                        "model.download_failed",
-                        json!({"download_id": id, "model": key, "code": e.code(), "error": e.to_string()}),
-                    );
                 }
             }
+            let _ = reports.send(DownloadReport::Finished {
+                id,
+                model: key,
+                bytes_done: p.bytes_done,
+                bytes_total: p.bytes_total,
+                result,
+            });
         });
-        (dl, true)
+        (dl, Some(reports_rx))
     }
 }

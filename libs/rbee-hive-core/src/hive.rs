@@ -1,7 +1,7 @@
 //! The hive's shared state: configuration, tokens, the worker registry, admission, the
 //! background loops (health, keep-alive) and the shutdown sequence.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,15 +12,17 @@ use rbee_audit::AuditLog;
 use rbee_auth::Token;
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::HiveError;
 use crate::config::HiveConfig;
 use crate::downloads::Downloads;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::HiveMetrics;
+use crate::ports::Ports;
 use crate::resources;
-use crate::worker::{self, StopCause, Worker, WorkerSpec, WorkerState, WorkerView};
+use crate::worker::{StopCause, Worker, WorkerSpec, WorkerState, WorkerView};
 
 /// A change to a worker, as `GET /v1/workers/events` streams it.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +46,8 @@ pub struct Tokens {
 }
 
 pub struct Hive {
-    cfg: RwLock<HiveConfig>,
+    /// A watch channel, so each worker's lifecycle task reads the current configuration.
+    cfg: watch::Sender<HiveConfig>,
     pub address: SocketAddr,
     pub tokens: RwLock<Tokens>,
     pub metrics: HiveMetrics,
@@ -53,8 +56,9 @@ pub struct Hive {
     pub downloads: Downloads,
     workers: Mutex<BTreeMap<String, Arc<Worker>>>,
     events: broadcast::Sender<WorkerEvent>,
-    ports: Mutex<BTreeSet<u16>>,
-    pub draining: AtomicBool,
+    ports: Arc<Ports>,
+    /// Shared with the lifecycle tasks: nothing starts once it is set.
+    pub draining: Arc<AtomicBool>,
     /// Requests passing through now: sequence number → (request id, worker id). Keyed by our
     /// own number, since clients may reuse request ids.
     inflight: Mutex<HashMap<u64, (String, String)>>,
@@ -108,7 +112,7 @@ impl Hive {
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_default();
         Ok(Arc::new(Self {
-            cfg: RwLock::new(cfg),
+            cfg: watch::channel(cfg).0,
             address,
             tokens: RwLock::new(tokens),
             metrics: HiveMetrics::new(),
@@ -117,8 +121,8 @@ impl Hive {
             downloads: Downloads::default(),
             workers: Mutex::new(BTreeMap::new()),
             events: broadcast::channel(256).0,
-            ports: Mutex::new(BTreeSet::new()),
-            draining: AtomicBool::new(false),
+            ports: Arc::default(),
+            draining: Arc::default(),
             inflight: Mutex::new(HashMap::new()),
             inflight_seq: std::sync::atomic::AtomicU64::new(0),
             cut_streams: watch::channel(false).0,
@@ -131,11 +135,11 @@ impl Hive {
 
     /// A copy of the current configuration.
     pub fn config(&self) -> HiveConfig {
-        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.cfg.borrow().clone()
     }
 
     pub fn set_config(&self, cfg: HiveConfig) {
-        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        self.cfg.send_replace(cfg);
     }
 
     /// Whether a caller presenting `presented` may use the API: the hive token or one being
@@ -212,13 +216,13 @@ impl Hive {
         lock(&self.workers).get(id).cloned()
     }
 
-    fn all(&self) -> Vec<Arc<Worker>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Worker>> {
         lock(&self.workers).values().cloned().collect()
     }
 
-    /// Called by the lifecycle task at its end: a stopped worker leaves the registry; a
+    /// At the end of a worker's lifecycle task: a stopped worker leaves the registry; a
     /// failed one stays (with its crash report) until it is deleted.
-    pub fn worker_finished(&self, worker: &Worker) {
+    pub(crate) fn worker_finished(&self, worker: &Worker) {
         let id = worker.id().to_owned();
         if worker.state() == WorkerState::Stopped {
             lock(&self.workers).remove(&id);
@@ -275,35 +279,6 @@ impl Hive {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         format!("http://{addr}/v1/workers/{worker_id}/ready")
-    }
-
-    /// A free port from the configured range: not handed out already and bindable now.
-    pub fn reserve_port(&self) -> Result<u16, String> {
-        let w = self.config().workers;
-        let mut used = lock(&self.ports);
-        for port in w.port_min..=w.port_max {
-            if used.contains(&port) {
-                continue;
-            }
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                used.insert(port);
-                return Ok(port);
-            }
-        }
-        Err(format!(
-            "no free port in workers.port_min..=port_max ({}..={})",
-            w.port_min, w.port_max
-        ))
-    }
-
-    pub fn release_port(&self, port: u16) {
-        lock(&self.ports).remove(&port);
-    }
-
-    pub fn release_port_of(&self, worker: &Worker) {
-        if let Some(p) = worker.view().port {
-            self.release_port(p);
-        }
     }
 
     /// Reads what a worker really uses (resident memory on the CPU, VRAM on CUDA) and
@@ -406,7 +381,18 @@ impl Hive {
         );
         info!(worker_id = %id, model = %worker.spec.model_ref, %device, estimate_mib = estimate.total_bytes >> 20, "spawning worker");
         let view = worker.view();
-        tokio::spawn(worker::run(self.clone(), worker));
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let lifecycle = Lifecycle {
+            worker: worker.clone(),
+            config: self.cfg.subscribe(),
+            ports: self.ports.clone(),
+            draining: self.draining.clone(),
+            http: self.http.clone(),
+            ready_url: self.ready_url(&id),
+            reports,
+        };
+        tokio::spawn(self.clone().follow(worker, reports_rx));
+        tokio::spawn(lifecycle.run());
         Ok(view)
     }
 
@@ -529,107 +515,6 @@ impl Hive {
         worker.request_stop(cause);
         worker.wait_done().await;
         Some(worker.view())
-    }
-
-    /// Stops idle workers (keep-alive) and health-checks ready ones, forever.
-    pub async fn supervise_loop(self: Arc<Self>) {
-        let mut last_health = Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if self.draining.load(Ordering::SeqCst) {
-                return;
-            }
-            let cfg = self.config();
-            if cfg.workers.keep_alive_seconds > 0 {
-                let keep = Duration::from_secs(cfg.workers.keep_alive_seconds);
-                for w in self.all() {
-                    if w.idle_for(keep) && !w.stop_requested() {
-                        info!(worker_id = %w.id(), keep_alive_s = keep.as_secs(), "unused for the keep-alive; stopping");
-                        self.metrics.keep_alive_stops.inc(&[]);
-                        w.request_stop(StopCause::Idle);
-                    }
-                }
-            }
-            if last_health.elapsed() >= Duration::from_secs(cfg.workers.health_interval_seconds) {
-                last_health = Instant::now();
-                for w in self.all() {
-                    if w.state() == WorkerState::Ready && w.begin_probe() {
-                        let hive = self.clone();
-                        tokio::spawn(async move {
-                            hive.health_check(&w).await;
-                            w.end_probe();
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    /// `/health` must say ready; a worker with no recent success must also generate one
-    /// token. Three failures in a row kill it (then the restart policy applies).
-    async fn health_check(&self, w: &Worker) {
-        let Some((port, token)) = w.endpoint() else {
-            return;
-        };
-        if let Some(pid) = w.pid() {
-            self.sample_memory(w, pid).await;
-        }
-        let base = format!("http://127.0.0.1:{port}");
-        let health = self
-            .http
-            .get(format!("{base}/health"))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        let mut ok = matches!(&health, Ok(r) if r.status().is_success());
-        self.metrics
-            .health_probes
-            .inc(&["health", if ok { "ok" } else { "failed" }]);
-        let idle = Duration::from_secs(self.config().workers.health_probe_idle_seconds);
-        if ok && w.needs_generation_probe(idle) {
-            // Only when no client holds the slot; a busy worker is evidently alive.
-            if let Ok(permit) = w.slot.clone().try_acquire_owned() {
-                w.probe_holds.store(true, Ordering::SeqCst);
-                let res = self
-                    .http
-                    .post(format!("{base}/v1/inference"))
-                    .bearer_auth(token.expose())
-                    .json(&json!({"prompt": "Hi", "max_tokens": 1}))
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
-                let body = match res {
-                    Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
-                    Ok(r) => format!("HTTP {}", r.status()),
-                    Err(e) => e.to_string(),
-                };
-                w.probe_holds.store(false, Ordering::SeqCst);
-                drop(permit);
-                let mut seen = rbee_api::sse::StreamObserver::default();
-                seen.observe(body.as_bytes());
-                ok = seen.terminal() == Some(rbee_api::sse::Terminal::End);
-                self.metrics
-                    .health_probes
-                    .inc(&["generate", if ok { "ok" } else { "failed" }]);
-                if ok {
-                    w.mark_probe_success();
-                } else {
-                    debug!(worker_id = %w.id(), "generation probe failed");
-                }
-            }
-        }
-        if ok {
-            w.health_failures.store(0, Ordering::SeqCst);
-        } else {
-            let n = w.health_failures.fetch_add(1, Ordering::SeqCst) + 1;
-            warn!(worker_id = %w.id(), failures = n, "health check failed");
-            if n >= 3
-                && let Some(pid) = w.pid()
-                && w.kill_unhealthy(pid)
-            {
-                warn!(worker_id = %w.id(), pid, "three failed health checks; killed");
-            }
-        }
     }
 
     /// Graceful shutdown: refuse new work, let streams finish within the drain window, cut

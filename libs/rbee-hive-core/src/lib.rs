@@ -3,8 +3,10 @@
 //! inference to its workers, heartbeats to the queen and shuts everything down in order.
 //!
 //! - [`config`]: the configuration file, environment and flags ([`config::HiveConfig`]).
-//! - [`hive`]: shared state, admission, keep-alive and health loops, shutdown.
-//! - [`worker`]: one worker's lifecycle (spawn, ready, crash, restart, stop).
+//! - [`hive`]: shared state, admission, shutdown; `health`: the keep-alive and health loop;
+//!   `reports`: lifecycle and download reports taken in (state, metrics, audit).
+//! - [`worker`]: one worker's record and handle; [`lifecycle`]: its task (spawn, ready, crash,
+//!   restart, stop), over [`process`] (spawn, signals, reaping) and [`restart`] (the policy).
 //! - [`server`]: the HTTP API; [`proxy`]: inference streams passed through.
 //! - [`downloads`], [`resources`], [`heartbeat`]; systemd notifications via `rbee-systemd`.
 //! - [`reload`]: tokens, the checks before binding, and SIGHUP; [`run`]: serve, then shut down.
@@ -13,12 +15,18 @@
 pub mod cli;
 pub mod config;
 pub mod downloads;
+mod health;
 pub mod heartbeat;
 pub mod hive;
+pub mod lifecycle;
 pub mod metrics;
+pub mod ports;
+pub mod process;
 pub mod proxy;
 pub mod reload;
+mod reports;
 pub mod resources;
+pub mod restart;
 pub mod server;
 pub mod worker;
 

@@ -501,7 +501,7 @@ async fn start_download(
             ),
         );
     }
-    let (dl, started) = hive.downloads.start(&hive, model);
+    let (dl, started) = hive.start_download(model);
     let status = if started {
         StatusCode::ACCEPTED
     } else {

@@ -1,46 +1,22 @@
-//! One supervised worker: its record (what the API shows) and its lifecycle task, which owns
-//! the child process from spawn to the last exit, through readiness, crashes, restarts with
-//! backoff, the circuit breaker and the stop sequence.
+//! One supervised worker's record (what the API, events and heartbeats show) and the handle
+//! the hive uses to reach its lifecycle task: stop and kill requests, the ready call, the end.
+//!
+//! The record knows no process: the lifecycle task ([`crate::lifecycle`]) owns the child and
+//! writes what it does here.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rbee_auth::Token;
 use rbee_http::unix_ms;
-use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::{Semaphore, oneshot, watch};
-use tracing::{Instrument, error, info, warn};
 
-use crate::hive::Hive;
+use crate::process::StderrTail;
 pub use rbee_api::worker::{
     BackoffInfo, ExitInfo, ReadyReport, StopCause, StopInfo, StopOutcome, WorkerState, WorkerView,
 };
-
-/// Lines of a worker's stderr kept for its crash report.
-const STDERR_TAIL_LINES: usize = 20;
-const STDERR_LINE_MAX: usize = 512;
-
-/// Variables a worker inherits from the hive; everything else is cleared.
-const ENV_ALLOW: &[&str] = &[
-    "PATH",
-    "HOME",
-    "LANG",
-    "LC_ALL",
-    "TZ",
-    "TMPDIR",
-    "RUST_BACKTRACE",
-    "RBEE_LOG",
-    "LD_LIBRARY_PATH",
-    "CUDA_HOME",
-    "CUDA_PATH",
-    "NVIDIA_VISIBLE_DEVICES",
-];
 
 /// What a spawn asks for, after validation and admission.
 #[derive(Debug, Clone)]
@@ -63,7 +39,7 @@ struct Status {
     restart_count: u32,
     breaker_open: bool,
     last_exit: Option<ExitInfo>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_tail: StderrTail,
     backoff: Option<BackoffInfo>,
     failure: Option<String>,
     spawned_at: Option<(Instant, i64)>,
@@ -76,10 +52,20 @@ struct Status {
     stop: Option<StopInfo>,
 }
 
+/// What the hive asks of a worker's lifecycle task. A request stays until the task acts on
+/// it, so one made while the task is busy elsewhere is not lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Commands {
+    /// Stop for good; the first cause wins.
+    pub stop: Option<StopCause>,
+    /// Kill this process: it failed its health checks (its exit then counts as a crash).
+    pub kill_unhealthy: Option<u32>,
+}
+
 pub struct Worker {
     pub spec: WorkerSpec,
     status: Mutex<Status>,
-    stop_tx: watch::Sender<Option<StopCause>>,
+    commands: watch::Sender<Commands>,
     ready_tx: Mutex<Option<oneshot::Sender<ReadyReport>>>,
     done_tx: watch::Sender<bool>,
     /// The worker serves one generation at a time; the hive holds this while it streams one.
@@ -89,8 +75,6 @@ pub struct Worker {
     pub inflight: AtomicU32,
     pub health_failures: AtomicU32,
     probing: AtomicBool,
-    /// The pid a failed health check killed, so its exit is reported as that (not a stop).
-    unhealthy_pid: Mutex<Option<u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,7 +94,7 @@ impl Worker {
                 restart_count: 0,
                 breaker_open: false,
                 last_exit: None,
-                stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
+                stderr_tail: StderrTail::default(),
                 backoff: None,
                 failure: None,
                 spawned_at: None,
@@ -122,7 +106,7 @@ impl Worker {
                 last_success: None,
                 stop: None,
             }),
-            stop_tx: watch::channel(None).0,
+            commands: watch::channel(Commands::default()).0,
             ready_tx: Mutex::new(None),
             done_tx: watch::channel(false).0,
             slot: Arc::new(Semaphore::new(1)),
@@ -130,7 +114,6 @@ impl Worker {
             inflight: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
             probing: AtomicBool::new(false),
-            unhealthy_pid: Mutex::new(None),
         })
     }
 
@@ -140,7 +123,6 @@ impl Worker {
 
     pub fn view(&self) -> WorkerView {
         let s = lock(&self.status);
-        let tail = lock(&s.stderr_tail).iter().cloned().collect();
         WorkerView {
             id: self.spec.id.clone(),
             model: self.spec.model_ref.clone(),
@@ -154,7 +136,7 @@ impl Worker {
             restart_count: s.restart_count,
             breaker_open: s.breaker_open,
             last_exit: s.last_exit.clone(),
-            stderr_tail: tail,
+            stderr_tail: s.stderr_tail.lines(),
             backoff: s.backoff.clone(),
             failure: s.failure.clone(),
             spawned_at_unix_ms: s.spawned_at.map(|(_, ms)| ms),
@@ -212,9 +194,9 @@ impl Worker {
 
     /// Asks the lifecycle task to stop the worker. The first cause wins.
     pub fn request_stop(&self, cause: StopCause) {
-        self.stop_tx.send_if_modified(|c| {
-            if c.is_none() {
-                *c = Some(cause);
+        self.commands.send_if_modified(|c| {
+            if c.stop.is_none() {
+                c.stop = Some(cause);
                 true
             } else {
                 false
@@ -222,27 +204,30 @@ impl Worker {
         });
     }
 
-    /// Kills the process that failed its health checks, if it is still the current, ready
-    /// one; its exit then goes through the crash path (restart policy).
-    pub fn kill_unhealthy(&self, pid: u32) -> bool {
-        let s = lock(&self.status);
-        if s.state != WorkerState::Ready || s.pid != Some(pid) {
-            return false;
+    /// Asks the lifecycle task to kill the process that failed its health checks, if it is
+    /// still the current, ready one; its exit then goes through the crash path (restart
+    /// policy). False when it is not.
+    pub fn request_kill_unhealthy(&self, pid: u32) -> bool {
+        {
+            let s = lock(&self.status);
+            if s.state != WorkerState::Ready || s.pid != Some(pid) {
+                return false;
+            }
         }
-        *lock(&self.unhealthy_pid) = Some(pid);
-        signal_group(pid, libc::SIGKILL);
+        self.commands.send_modify(|c| c.kill_unhealthy = Some(pid));
         true
     }
 
     pub fn stop_requested(&self) -> bool {
-        self.stop_tx.borrow().is_some()
+        self.commands.borrow().stop.is_some()
     }
 
     pub fn is_done(&self) -> bool {
         *self.done_tx.borrow()
     }
 
-    /// Waits until the lifecycle task has ended (the process is gone for good).
+    /// Waits until the lifecycle task has ended and the hive has taken in all it reported
+    /// (the process is gone for good).
     pub async fn wait_done(&self) {
         let mut rx = self.done_tx.subscribe();
         let _ = rx.wait_for(|d| *d).await;
@@ -290,562 +275,98 @@ impl Worker {
         self.probing.store(false, Ordering::SeqCst);
     }
 
-    fn set_state(&self, hive: &Hive, state: WorkerState) {
+    // What the lifecycle task and the hive write.
+
+    /// The requests for the lifecycle task.
+    pub(crate) fn commands(&self) -> watch::Receiver<Commands> {
+        self.commands.subscribe()
+    }
+
+    /// Opens the way for the ready call of the process just started.
+    pub(crate) fn expect_ready(&self) -> oneshot::Receiver<ReadyReport> {
+        let (tx, rx) = oneshot::channel();
+        *lock(&self.ready_tx) = Some(tx);
+        rx
+    }
+
+    pub(crate) fn stop_expecting_ready(&self) {
+        lock(&self.ready_tx).take();
+    }
+
+    pub(crate) fn stderr_tail(&self) -> StderrTail {
+        lock(&self.status).stderr_tail.clone()
+    }
+
+    /// Only the hive sets the state, as it takes in the lifecycle's reports.
+    pub(crate) fn set_state(&self, state: WorkerState) {
         lock(&self.status).state = state;
-        hive.announce(self);
     }
 
-    fn update(&self, f: impl FnOnce(&mut Status)) {
-        f(&mut lock(&self.status));
+    /// The lifecycle task has ended and its reports are taken in.
+    pub(crate) fn mark_done(&self) {
+        self.done_tx.send_replace(true);
     }
-}
 
-/// How a start ended: the ready call, or one of the [`Outcome`]s.
-enum Phase {
-    Ready(ReadyReport),
-    Over(Outcome),
-}
-
-/// How a worker process's supervision ended.
-enum Outcome {
-    Exited(std::io::Result<ExitStatus>),
-    LoadTimeout,
-    Stop(StopCause),
-}
-
-async fn wait_stop(rx: &mut watch::Receiver<Option<StopCause>>) -> StopCause {
-    loop {
-        if let Some(c) = *rx.borrow_and_update() {
-            return c;
-        }
-        if rx.changed().await.is_err() {
-            // The worker record (and with it the sender) is gone: nothing will ask again.
-            std::future::pending::<()>().await;
-        }
+    pub(crate) fn started(&self, pid: u32, port: u16, token: Token, at: Instant) {
+        let mut s = lock(&self.status);
+        s.pid = Some(pid);
+        s.port = Some(port);
+        s.token = Some(token);
+        s.spawned_at = Some((at, unix_ms()));
+        s.ready_at_unix_ms = None;
+        s.backoff = None;
+        s.failure = None;
     }
-}
 
-fn exit_fields(st: &std::io::Result<ExitStatus>) -> (Option<i32>, Option<i32>) {
-    use std::os::unix::process::ExitStatusExt;
-    match st {
-        Ok(s) => (s.code(), s.signal()),
-        Err(_) => (None, None),
-    }
-}
-
-fn describe_exit(st: &std::io::Result<ExitStatus>) -> String {
-    match st {
-        Ok(s) => s.to_string(),
-        Err(e) => format!("wait failed: {e}"),
-    }
-}
-
-/// Sends `sig` to the worker's process group (it leads its own group).
-fn signal_group(pid: u32, sig: i32) {
-    // SAFETY: kill has no memory-safety preconditions; a stale pid group fails with ESRCH.
-    unsafe {
-        libc::kill(-(pid as i32), sig);
-    }
-}
-
-/// The lifecycle task: spawn, wait for ready, supervise, restart or stop. Ends when the
-/// worker is stopped for good or given up on; then the record is done.
-pub async fn run(hive: Arc<Hive>, worker: Arc<Worker>) {
-    let span = tracing::info_span!("worker", worker_id = %worker.spec.id);
-    lifecycle(&hive, &worker).instrument(span).await;
-    hive.release_port_of(&worker);
-    worker.done_tx.send_replace(true);
-    hive.worker_finished(&worker);
-}
-
-async fn lifecycle(hive: &Arc<Hive>, worker: &Arc<Worker>) {
-    let mut stop_rx = worker.stop_tx.subscribe();
-    let mut crash_times: VecDeque<Instant> = VecDeque::new();
-    loop {
-        let cause = *stop_rx.borrow();
-        if let Some(cause) = cause {
-            finish_stopped(hive, worker, cause, StopOutcome::NotRunning, 0.0);
-            return;
-        }
-        if hive.draining.load(Ordering::SeqCst) {
-            finish_stopped(
-                hive,
-                worker,
-                StopCause::Shutdown,
-                StopOutcome::NotRunning,
-                0.0,
-            );
-            return;
-        }
-        let (mut child, pid, port, token) = match spawn(hive, worker).await {
-            Ok(c) => c,
-            Err(why) => {
-                error!(error = %why, "cannot start the worker process");
-                worker.update(|s| s.failure = Some(why.clone()));
-                worker.set_state(hive, WorkerState::Failed);
-                hive.audit(
-                    "worker.spawn_failed",
-                    json!({"worker_id": worker.spec.id, "error": why}),
-                );
-                return;
-            }
-        };
-        let (ready_tx, mut ready_rx) = oneshot::channel();
-        *lock(&worker.ready_tx) = Some(ready_tx);
-        let spawned = Instant::now();
-        worker.update(|s| {
-            s.pid = Some(pid);
-            s.port = Some(port);
-            s.token = Some(token.clone());
-            s.spawned_at = Some((spawned, unix_ms()));
-            s.ready_at_unix_ms = None;
-            s.backoff = None;
-            s.failure = None;
-        });
-        worker.set_state(hive, WorkerState::Starting);
-        hive.metrics.spawns.inc(&[]);
-        info!(pid, port, model = %worker.spec.model_ref, device = %worker.spec.device, "worker process started");
-
-        let load_timeout = Duration::from_secs(hive.config().workers.load_timeout_seconds);
-        let ready = async {
-            match (&mut ready_rx).await {
-                Ok(r) => r,
-                Err(_) => std::future::pending().await,
-            }
-        };
-        let phase = tokio::select! {
-            st = child.wait() => Phase::Over(Outcome::Exited(st)),
-            r = ready => Phase::Ready(r),
-            _ = tokio::time::sleep(load_timeout) => Phase::Over(Outcome::LoadTimeout),
-            c = wait_stop(&mut stop_rx) => Phase::Over(Outcome::Stop(c)),
-        };
-        lock(&worker.ready_tx).take();
-        let outcome = match phase {
-            Phase::Ready(report) => {
-                let secs = spawned.elapsed().as_secs_f64();
-                hive.metrics.spawn_to_ready.observe(&[], secs);
-                worker.update(|s| {
-                    s.context_length = Some(report.context_length);
-                    s.ready_at_unix_ms = Some(unix_ms());
-                    s.spawn_to_ready_seconds = Some(secs);
-                    // Readiness counts as use, so a fresh worker gets a full keep-alive.
-                    s.last_used = Some((Instant::now(), unix_ms()));
-                    s.last_success = Some(Instant::now());
-                });
-                worker.health_failures.store(0, Ordering::SeqCst);
-                worker.set_state(hive, WorkerState::Ready);
-                {
-                    // nvidia-smi can take seconds; never hold supervision up for it.
-                    let (h, w) = (hive.clone(), worker.clone());
-                    tokio::spawn(async move { h.sample_memory(&w, pid).await });
-                }
-                info!(
-                    spawn_to_ready_s = secs,
-                    load_s = report.load_seconds,
-                    address = %report.address,
-                    "worker ready"
-                );
-                hive.audit(
-                    "worker.ready",
-                    json!({"worker_id": worker.spec.id, "pid": pid, "spawn_to_ready_seconds": secs}),
-                );
-                tokio::select! {
-                    st = child.wait() => Outcome::Exited(st),
-                    c = wait_stop(&mut stop_rx) => Outcome::Stop(c),
-                }
-            }
-            Phase::Over(outcome) => outcome,
-        };
-
-        let (status, reason) = match outcome {
-            Outcome::Stop(cause) => {
-                worker.set_state(hive, WorkerState::Stopping);
-                let t0 = Instant::now();
-                let outcome = stop_sequence(hive, &mut child, pid, port, &token).await;
-                finish_stopped(hive, worker, cause, outcome, t0.elapsed().as_secs_f64());
-                return;
-            }
-            Outcome::LoadTimeout => {
-                warn!(
-                    timeout_s = load_timeout.as_secs(),
-                    "no ready call in time; killing it"
-                );
-                signal_group(pid, libc::SIGKILL);
-                hive.metrics.force_kills.inc(&[]);
-                let st = child.wait().await;
-                (
-                    st,
-                    format!(
-                        "did not report ready within {} s (workers.load_timeout_seconds)",
-                        load_timeout.as_secs()
-                    ),
-                )
-            }
-            Outcome::Exited(st) => {
-                let was_ready = worker.view().ready_at_unix_ms.is_some();
-                let killed_unhealthy = lock(&worker.unhealthy_pid).take() == Some(pid);
-                let why = if killed_unhealthy {
-                    hive.metrics.force_kills.inc(&[]);
-                    "failed three health checks in a row and was killed".to_owned()
-                } else if was_ready {
-                    format!("exited unexpectedly ({})", describe_exit(&st))
-                } else {
-                    format!("exited before it was ready ({})", describe_exit(&st))
-                };
-                (st, why)
-            }
-        };
-        let (code, signal) = exit_fields(&status);
-        hive.metrics
-            .worker_exit_code
-            .set(&[&worker.spec.id], code.map_or(-1.0, f64::from));
-        hive.metrics
-            .worker_exit_signal
-            .set(&[&worker.spec.id], signal.map_or(0.0, f64::from));
-        // Reap any helper processes the worker left in its group.
-        signal_group(pid, libc::SIGKILL);
-        hive.release_port(port);
-
-        let tail: Vec<String> = worker.view().stderr_tail;
-        worker.update(|s| {
-            s.pid = None;
-            s.port = None;
-            s.token = None;
-            s.last_exit = Some(ExitInfo {
-                code,
-                signal,
-                at_unix_ms: unix_ms(),
-                reason: reason.clone(),
-            });
-        });
-        hive.metrics.crashes.inc(&[]);
-        warn!(?code, ?signal, %reason, "worker crashed");
-        hive.audit(
-            "worker.crash",
-            json!({
-                "worker_id": worker.spec.id, "model": worker.spec.model_ref, "exit_code": code,
-                "signal": signal, "reason": reason,
-                "stderr_tail": tail.iter().rev().take(5).rev().collect::<Vec<_>>(),
-            }),
-        );
-        let policy = hive.config().restart;
-        if !policy.enabled {
-            worker.update(|s| s.failure = Some(format!("{reason}; restarts are disabled")));
-            worker.set_state(hive, WorkerState::Failed);
-            return;
-        }
-        let now = Instant::now();
-        let window = Duration::from_secs(policy.window_seconds);
-        crash_times.push_back(now);
-        while crash_times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
+    pub(crate) fn became_ready(&self, context_length: u64, spawn_to_ready_seconds: f64) {
         {
-            crash_times.pop_front();
+            let mut s = lock(&self.status);
+            s.context_length = Some(context_length);
+            s.ready_at_unix_ms = Some(unix_ms());
+            s.spawn_to_ready_seconds = Some(spawn_to_ready_seconds);
+            // Readiness counts as use, so a fresh worker gets a full keep-alive.
+            s.last_used = Some((Instant::now(), unix_ms()));
+            s.last_success = Some(Instant::now());
         }
-        let recent = crash_times.len() as u32;
-        if recent >= policy.max_attempts {
-            worker.update(|s| {
-                s.breaker_open = true;
-                s.failure = Some(format!(
-                    "circuit breaker open: {recent} crashes within {} s (restart.max_attempts = {}); last: {reason}",
-                    policy.window_seconds, policy.max_attempts
-                ));
-            });
-            hive.metrics.breaker_open.inc(&[]);
-            hive.metrics.worker_breaker.set(&[&worker.spec.id], 1.0);
-            error!(recent, "circuit breaker open; not restarting");
-            hive.audit(
-                "worker.breaker_open",
-                json!({"worker_id": worker.spec.id, "recent_crashes": recent}),
-            );
-            worker.set_state(hive, WorkerState::Failed);
-            return;
-        }
-        let delay = backoff_delay(
-            recent,
-            policy.backoff_initial_ms,
-            policy.backoff_max_ms,
-            rand::random::<f64>(),
-        );
-        worker.update(|s| {
-            s.backoff = Some(BackoffInfo {
-                recent_crashes: recent,
-                next_restart_unix_ms: unix_ms() + delay.as_millis() as i64,
-                delay_ms: delay.as_millis() as u64,
-            });
-        });
-        hive.metrics
-            .worker_backoff
-            .set(&[&worker.spec.id], delay.as_secs_f64());
-        worker.set_state(hive, WorkerState::Backoff);
-        info!(
-            delay_ms = delay.as_millis() as u64,
-            recent, "restarting after backoff"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            cause = wait_stop(&mut stop_rx) => {
-                finish_stopped(hive, worker, cause, StopOutcome::NotRunning, 0.0);
-                return;
-            }
-        }
-        hive.metrics.worker_backoff.set(&[&worker.spec.id], 0.0);
-        worker.update(|s| s.restart_count += 1);
-        let count = worker.view().restart_count;
-        hive.metrics.restarts.inc(&[]);
-        hive.metrics
-            .worker_restart_count
-            .set(&[&worker.spec.id], f64::from(count));
-        hive.audit(
-            "worker.restart",
-            json!({"worker_id": worker.spec.id, "restart_count": count}),
-        );
+        self.health_failures.store(0, Ordering::SeqCst);
     }
-}
 
-/// Exponential backoff: `initial × 2^(crashes−1)`, capped, then scaled by a jitter factor in
-/// [0.5, 1.0) so workers that crashed together do not restart together.
-pub fn backoff_delay(crashes: u32, initial_ms: u64, max_ms: u64, jitter: f64) -> Duration {
-    let exp = crashes.saturating_sub(1).min(20);
-    let base = initial_ms.saturating_mul(1u64 << exp).min(max_ms);
-    let factor = 0.5 + 0.5 * jitter.clamp(0.0, 1.0);
-    Duration::from_millis(((base as f64) * factor).max(1.0) as u64)
-}
-
-fn finish_stopped(
-    hive: &Hive,
-    worker: &Worker,
-    cause: StopCause,
-    outcome: StopOutcome,
-    seconds: f64,
-) {
-    match outcome {
-        StopOutcome::Graceful => hive.metrics.graceful_stops.inc(&[]),
-        StopOutcome::ForceKilled => hive.metrics.force_kills.inc(&[]),
-        StopOutcome::NotRunning => {}
+    /// The process exited without being asked to.
+    pub(crate) fn exited(&self, exit: ExitInfo) {
+        let mut s = lock(&self.status);
+        s.pid = None;
+        s.port = None;
+        s.token = None;
+        s.last_exit = Some(exit);
     }
-    worker.update(|s| {
+
+    pub(crate) fn set_failure(&self, why: String) {
+        lock(&self.status).failure = Some(why);
+    }
+
+    pub(crate) fn open_breaker(&self, why: String) {
+        let mut s = lock(&self.status);
+        s.breaker_open = true;
+        s.failure = Some(why);
+    }
+
+    pub(crate) fn set_backoff(&self, backoff: BackoffInfo) {
+        lock(&self.status).backoff = Some(backoff);
+    }
+
+    /// Counts a restart; returns the new count.
+    pub(crate) fn count_restart(&self) -> u32 {
+        let mut s = lock(&self.status);
+        s.restart_count += 1;
+        s.restart_count
+    }
+
+    /// Stopped for good (the port stays in the record, for the final view).
+    pub(crate) fn stopped(&self, stop: StopInfo) {
+        let mut s = lock(&self.status);
         s.pid = None;
         s.token = None;
         s.backoff = None;
-        s.stop = Some(StopInfo {
-            cause,
-            outcome,
-            seconds,
-        });
-    });
-    let event = if outcome == StopOutcome::ForceKilled {
-        "worker.kill"
-    } else {
-        "worker.stop"
-    };
-    info!(?cause, ?outcome, seconds, "worker stopped");
-    hive.audit(
-        event,
-        json!({"worker_id": worker.spec.id, "cause": cause, "outcome": outcome, "seconds": seconds}),
-    );
-    worker.set_state(hive, WorkerState::Stopped);
-}
-
-/// Ask (`POST /v1/shutdown`), then SIGTERM, then SIGKILL, each after its wait.
-async fn stop_sequence(
-    hive: &Hive,
-    child: &mut Child,
-    pid: u32,
-    port: u16,
-    token: &Token,
-) -> StopOutcome {
-    let cfg = hive.config().shutdown;
-    let ask_for = Duration::from_secs(cfg.ask_seconds);
-    let ask = async {
-        let url = format!("http://127.0.0.1:{port}/v1/shutdown");
-        let sent = hive
-            .http
-            .post(&url)
-            .bearer_auth(token.expose())
-            .timeout(ask_for)
-            .send()
-            .await;
-        if let Err(e) = sent {
-            info!(error = %e, "the stop request did not get through; will signal");
-        }
-        tokio::time::sleep(ask_for).await;
-    };
-    tokio::select! {
-        _ = child.wait() => return StopOutcome::Graceful,
-        _ = tokio::time::timeout(ask_for, ask) => {}
-    }
-    info!("sending SIGTERM");
-    signal_group(pid, libc::SIGTERM);
-    let term_for = Duration::from_secs(cfg.term_seconds);
-    if tokio::time::timeout(term_for, child.wait()).await.is_ok() {
-        signal_group(pid, libc::SIGKILL);
-        return StopOutcome::Graceful;
-    }
-    warn!(
-        waited_s = term_for.as_secs(),
-        "still running after SIGTERM; sending SIGKILL"
-    );
-    signal_group(pid, libc::SIGKILL);
-    let _ = child.wait().await;
-    StopOutcome::ForceKilled
-}
-
-/// Starts the worker process: cleared environment plus an allow-list, token by environment,
-/// its own process group, and death with the hive (`PR_SET_PDEATHSIG`).
-async fn spawn(hive: &Hive, worker: &Worker) -> Result<(Child, u32, u16, Token), String> {
-    let port = hive.reserve_port()?;
-    let secret = format!(
-        "{:032x}{:032x}",
-        rand::random::<u128>(),
-        rand::random::<u128>()
-    );
-    let token = Token::new(secret, "generated worker token").map_err(|e| e.to_string())?;
-    let cfg = hive.config();
-    let spec = &worker.spec;
-    let mut cmd = Command::new(&spec.binary);
-    cmd.env_clear();
-    for key in ENV_ALLOW {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
-        }
-    }
-    cmd.env("RBEE_LOG_FORMAT", &cfg.log_format)
-        .env("RBEE_WORKER_TOKEN", token.expose())
-        .env("RBEE_WORKER_READY_URL", hive.ready_url(&spec.id))
-        .arg("--model")
-        .arg(&spec.model_path)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--device")
-        .arg(&spec.device)
-        .arg("--worker-id")
-        .arg(&spec.id)
-        .arg("--grace-seconds")
-        .arg(cfg.workers.grace_seconds.to_string());
-    if cfg.workers.threads > 0 {
-        cmd.arg("--threads").arg(cfg.workers.threads.to_string());
-    }
-    if let Some(c) = spec.max_context {
-        cmd.arg("--max-context").arg(c.to_string());
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    set_parent_death_signal(&mut cmd);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            hive.release_port(port);
-            return Err(format!("{}: {e}", spec.binary.display()));
-        }
-    };
-    let Some(pid) = child.id() else {
-        hive.release_port(port);
-        return Err("the worker exited at once".into());
-    };
-    let tail = lock(&worker.status).stderr_tail.clone();
-    lock(&tail).clear();
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward_lines(out, spec.id.clone(), "stdout", None));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward_lines(err, spec.id.clone(), "stderr", Some(tail)));
-    }
-    Ok((child, pid, port, token))
-}
-
-#[cfg(target_os = "linux")]
-fn set_parent_death_signal(cmd: &mut Command) {
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and calls only the
-    // async-signal-safe prctl and getppid.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The hive may have died between fork and prctl; then nobody would kill us.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::other("the hive exited during spawn"));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_cmd: &mut Command) {
-    // No PR_SET_PDEATHSIG outside Linux; the hive stops its workers on every orderly exit.
-}
-
-/// Forwards a worker's output into our log, tagged with its id; keeps the stderr tail.
-async fn forward_lines(
-    stream: impl AsyncRead + Unpin,
-    worker_id: String,
-    which: &'static str,
-    tail: Option<Arc<Mutex<VecDeque<String>>>>,
-) {
-    let mut reader = BufReader::new(stream);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let line = line.trim_end();
-        if line.is_empty() {
-            continue;
-        }
-        info!(target: "rbee_hive::worker_output", worker_id = %worker_id, stream = which, "{line}");
-        if let Some(tail) = &tail {
-            let mut t = lock(tail);
-            if t.len() == STDERR_TAIL_LINES {
-                t.pop_front();
-            }
-            let mut l = line.to_owned();
-            if l.len() > STDERR_LINE_MAX {
-                let mut cut = STDERR_LINE_MAX;
-                while !l.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                l.truncate(cut);
-            }
-            t.push_back(l);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_caps_and_jitters() {
-        assert_eq!(
-            backoff_delay(1, 1000, 60_000, 1.0),
-            Duration::from_millis(1000)
-        );
-        assert_eq!(
-            backoff_delay(2, 1000, 60_000, 1.0),
-            Duration::from_millis(2000)
-        );
-        assert_eq!(
-            backoff_delay(3, 1000, 60_000, 0.0),
-            Duration::from_millis(2000)
-        );
-        assert_eq!(
-            backoff_delay(30, 1000, 60_000, 1.0),
-            Duration::from_millis(60_000)
-        );
-        assert_eq!(
-            backoff_delay(0, 1000, 60_000, 1.0),
-            Duration::from_millis(1000)
-        );
+        s.stop = Some(stop);
     }
 }

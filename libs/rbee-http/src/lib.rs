@@ -27,7 +27,7 @@ use tracing::Instrument;
 /// An error response in the one JSON shape. The status comes from the code's one entry in
 /// [`ErrorCode::status`]; the few call sites that answer otherwise say so with
 /// [`ApiError::with_status`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCode,

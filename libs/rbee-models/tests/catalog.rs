@@ -1,3 +1,4 @@
+//! The model catalog over real directories: `file:` refs resolve inside them only, symlinks included.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;

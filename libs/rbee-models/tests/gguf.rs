@@ -1,3 +1,4 @@
+//! GGUF metadata and the memory estimate of the default model, and non-GGUF files refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rbee_models::{GgufSummary, MemoryEstimate, estimate_memory};

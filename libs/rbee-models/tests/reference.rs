@@ -1,3 +1,4 @@
+//! Model references: what parses (printed canonically), what is refused and why, serde as strings.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;

@@ -9,14 +9,21 @@
 //! - [`reload`]: tokens, the checks before binding, and SIGHUP; [`run`]: serve, then drain;
 //!   [`cli`]: `check-config`.
 
+pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod hive_client;
+pub mod inference;
 pub mod metrics;
 pub mod openapi;
 pub mod queen;
 pub mod relay;
 pub mod reload;
+pub mod respond;
+pub mod sched;
+mod spawning;
 pub mod usage;
 
 use std::sync::Arc;

@@ -243,7 +243,7 @@ fn operation(g: &mut SchemaGenerator, method: &str, path: &str) -> Operation {
         ("POST", "/v1/admin/workers") => op(
             "Spawn a worker on the named or the best hive",
             "admin",
-            Some(schema::<crate::api::AdminSpawn>(g)),
+            Some(schema::<crate::admin::AdminSpawn>(g)),
             Content::Json(object("The hive's worker record plus `hive`")),
         ),
         ("DELETE", "/v1/admin/workers/{hive}/{id}") => op(
@@ -261,7 +261,7 @@ fn operation(g: &mut SchemaGenerator, method: &str, path: &str) -> Operation {
         ("POST", "/v1/admin/models/pull") => op(
             "Download a model to a hive",
             "admin",
-            Some(schema::<crate::api::AdminPull>(g)),
+            Some(schema::<crate::admin::AdminPull>(g)),
             Content::Json(object("The hive's download record plus `hive`")),
         ),
         ("GET", "/v1/admin/models/pull/{hive}/{id}/events") => op(

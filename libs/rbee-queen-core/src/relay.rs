@@ -18,6 +18,7 @@ use rbee_http::ApiError;
 use tracing::{error, warn};
 
 use crate::queen::{Lease, Queen};
+use crate::sched::Avoid;
 
 pub type EventStream = Pin<Box<dyn Stream<Item = StreamEvent> + Send>>;
 
@@ -41,16 +42,11 @@ pub async fn start(
     deadline_ms: i64,
     accepted: Instant,
 ) -> Result<Upstream, ApiError> {
-    let mut avoid: Option<(String, String)> = None;
+    let mut avoid: Option<Avoid> = None;
     let mut last_err = None;
     for attempt in 0..2 {
         let lease = match queen
-            .lease(
-                model_ref,
-                request_id,
-                deadline,
-                avoid.as_ref().map(|(h, w)| (h.as_str(), w.as_str())),
-            )
+            .lease(model_ref, request_id, deadline, avoid.clone())
             .await
         {
             Ok(l) => l,
@@ -104,7 +100,7 @@ pub async fn start(
                 if attempt == 1 {
                     return Err(err);
                 }
-                avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                avoid = Some(Avoid::Worker(lease.key()));
                 last_err = Some(err);
                 queen.metrics.retries.inc(&[]);
                 continue;
@@ -151,7 +147,7 @@ pub async fn start(
                         queen.metrics.upstream_errors.inc(&["before_first_token"]);
                         warn!(hive = %lease.hive_id, worker = %lease.worker_id, %code, %message,
                               "failed before the first token; retrying on another worker");
-                        avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                        avoid = Some(Avoid::Worker(lease.key()));
                         last_err =
                             Some(ApiError::new(code, message).with_status(StatusCode::BAD_GATEWAY));
                     }
@@ -188,7 +184,7 @@ pub async fn start(
                     if attempt == 1 {
                         return Err(err);
                     }
-                    avoid = Some((lease.hive_id.clone(), "*".to_owned()));
+                    avoid = Some(Avoid::Hive(lease.hive_id.clone()));
                     last_err = Some(err);
                     queen.metrics.retries.inc(&[]);
                     continue;
@@ -207,14 +203,14 @@ pub async fn start(
                     return Err(err);
                 }
                 warn!(hive = %lease.hive_id, worker = %lease.worker_id, %code, "retrying on another worker");
-                avoid = Some((lease.hive_id.clone(), lease.worker_id.clone()));
+                avoid = Some(Avoid::Worker(lease.key()));
                 last_err = Some(err);
             }
             Err(e) => {
                 queen.metrics.upstream_errors.inc(&["hive_unreachable"]);
                 warn!(hive = %lease.hive_id, error = %e, "hive unreachable; retrying on another hive");
                 // The whole hive is unreachable, not just this worker.
-                avoid = Some((lease.hive_id.clone(), "*".to_owned()));
+                avoid = Some(Avoid::Hive(lease.hive_id.clone()));
                 last_err = Some(ApiError::new(
                     codes::WORKER_UNAVAILABLE,
                     format!("hive {} did not answer: {e}", lease.hive_id),
@@ -302,4 +298,25 @@ fn parse_events(
         },
     );
     Box::pin(s)
+}
+
+/// `events` until the stream ends or the queen cuts it, then an `error` event.
+pub fn cuttable(queen: &Queen, events: EventStream) -> EventStream {
+    use futures_util::StreamExt;
+    let mut rx = queen.cut_signal();
+    let cut = Box::pin(async move {
+        let _ = rx.wait_for(|c| *c).await;
+    });
+    let tail = futures_util::stream::once(async {
+        rbee_api::StreamEvent::Error {
+            code: codes::SHUTTING_DOWN,
+            message: "the queen is shutting down; the stream was cut after the drain window".into(),
+        }
+    });
+    // A stream that ends by itself ends there; only a cut one gets the error.
+    let cut_flag = queen.cut_signal();
+    Box::pin(events.take_until(cut).chain(tail.filter(move |_| {
+        let was_cut = *cut_flag.borrow();
+        async move { was_cut }
+    })))
 }

@@ -893,6 +893,7 @@ mod tests {
                 device: "cpu".into(),
                 state: rbee_api::WorkerState::Ready,
                 busy,
+                slots: 1,
             }],
             models: vec!["hf:org/repo:file.gguf".into()],
             model_sha256: Default::default(),

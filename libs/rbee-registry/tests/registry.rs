@@ -1,3 +1,4 @@
+//! The hive registry over a real SQLite file: persistence across reopen, heartbeats, validation.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,7 @@ fn heartbeat(id: &str, url: &str) -> HiveHeartbeat {
             device: "cuda:0".into(),
             state: rbee_api::WorkerState::Ready,
             busy: false,
+            slots: 1,
         }],
         models: vec!["hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf".into()],
         model_sha256: Default::default(),

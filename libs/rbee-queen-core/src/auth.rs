@@ -1,0 +1,88 @@
+//! Who is asking: the bearer token checked against the client tokens (the join token on the
+//! heartbeat route), admin routes for admin tokens only, new work refused while draining.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use rbee_api::codes;
+use rbee_http::{ApiError, RequestId, presented_bearer};
+use serde_json::json;
+use tracing::warn;
+
+use crate::queen::Queen;
+
+type Shared = Arc<Queen>;
+use crate::respond::api_error;
+
+/// The name of the client token a request presented (`dev` in dev mode).
+#[derive(Clone, Debug)]
+pub struct ClientName(pub String);
+
+pub(crate) async fn require_token(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path().to_owned();
+    // Hives keep beating and clients may cancel while the queen drains; everything else new
+    // is refused.
+    let cancelling =
+        req.method() == axum::http::Method::DELETE && path.starts_with("/v1/inference/");
+    if q.is_draining() && path != "/v1/hives/heartbeat" && !cancelling {
+        return api_error(
+            ApiError::new(
+                codes::SHUTTING_DOWN,
+                "the queen is shutting down; retry against another queen or after its restart",
+            )
+            .retry_after(5),
+            &rid.0,
+        );
+    }
+    let tokens = q.tokens();
+    let presented = presented_bearer(req.headers()).map(str::to_owned);
+    let name = if path == "/v1/hives/heartbeat" {
+        q.join_allowed(presented.as_deref())
+            .then(|| "hive".to_owned())
+    } else if tokens.clients.is_empty() {
+        Some("dev".to_owned())
+    } else {
+        presented
+            .as_deref()
+            .and_then(|p| tokens.clients.verify(p))
+            .map(str::to_owned)
+    };
+    let Some(name) = name else {
+        q.metrics.auth_failures.inc(&[]);
+        warn!(%path, presented = presented.is_some(), "authentication failed");
+        q.audit(
+            "auth.failure",
+            "anonymous",
+            json!({"path": path, "request_id": rid.0, "token_presented": presented.is_some()}),
+        );
+        return api_error(ApiError::unauthorized(), &rid.0);
+    };
+    if path.starts_with("/v1/admin/") && !q.is_admin(&name) {
+        q.metrics.auth_failures.inc(&[]);
+        warn!(%path, client = %name, "a client token without `admin` asked for an admin route");
+        q.audit(
+            "auth.forbidden",
+            &name,
+            json!({"path": path, "request_id": rid.0}),
+        );
+        return api_error(
+            ApiError::new(
+                codes::FORBIDDEN,
+                format!(
+                    "client `{name}` may not use the admin routes (set `admin = true` on its token)"
+                ),
+            ),
+            &rid.0,
+        );
+    }
+    req.extensions_mut().insert(ClientName(name));
+    next.run(req).await
+}

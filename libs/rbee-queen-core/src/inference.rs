@@ -1,0 +1,560 @@
+//! The inference routes: OpenAI chat and completions (streamed as chunks or aggregated), the
+//! native SSE route, cancel; and the accounting when a response ends however it ends.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::StreamExt;
+use rbee_api::{HEADER_REQUEST_TIMEOUT, InferenceRequest, MAX_BODY_BYTES, StreamEvent, codes};
+use rbee_http::{ApiError, RequestId};
+use rbee_openai::{
+    Aggregator, ChatCompletionRequest, ChunkStream, CompletionRequest, EndpointKind, OpenAiError,
+    sse_data,
+};
+use serde_json::{Value, json};
+use tracing::info;
+
+use crate::queen::Queen;
+use crate::relay;
+
+type Shared = Arc<Queen>;
+use crate::auth::ClientName;
+use crate::respond::{api_error, count_refusal, early, error, openai_error, sse_response};
+
+/// The client's `X-Request-Timeout` (seconds) or the default, as an instant and unix ms.
+pub(crate) fn deadline(q: &Queen, headers: &HeaderMap) -> Result<(Instant, i64), String> {
+    let secs = match headers.get(HEADER_REQUEST_TIMEOUT) {
+        None => q.config().scheduling.default_timeout_seconds as f64,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+            .ok_or("`X-Request-Timeout` must be seconds, more than 0 and at most 86400")?,
+    };
+    let d = Duration::from_secs_f64(secs);
+    Ok((
+        Instant::now() + d,
+        rbee_http::unix_ms() + d.as_millis() as i64,
+    ))
+}
+
+pub(crate) fn unix_secs() -> u64 {
+    (rbee_http::unix_ms() / 1000).max(0) as u64
+}
+
+/// What every inference route shares: model resolution, the deadline, the trip down.
+pub(crate) async fn begin(
+    q: &Shared,
+    rid: &str,
+    headers: &HeaderMap,
+    model: &str,
+    req: &InferenceRequest,
+    accepted: Instant,
+) -> Result<relay::Upstream, Box<Response>> {
+    // Parsing and checking the request, up to here.
+    q.metrics
+        .stage
+        .observe(&["validation"], accepted.elapsed().as_secs_f64());
+    let Some(model_ref) = q.resolve_model(model) else {
+        return Err(Box::new(error(
+            ApiError::new(
+                codes::MODEL_NOT_SERVED,
+                format!("model `{model}` is not served here; GET /v1/models lists what is"),
+            ),
+            Some("model"),
+            rid,
+        )));
+    };
+    let (at, at_ms) = deadline(q, headers)
+        .map_err(|m| Box::new(api_error(ApiError::new(codes::INVALID_PARAMETER, m), rid)))?;
+    relay::start(q, &model_ref, req, rid, at, at_ms, accepted)
+        .await
+        .map_err(|e| Box::new(api_error(e, rid)))
+}
+
+pub(crate) fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                codes::PAYLOAD_TOO_LARGE,
+                format!("request body over {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(codes::INVALID_JSON, e.body_text())
+        }
+    })
+}
+
+/// Accounting when a stream ends, however it ends.
+pub(crate) struct Finish {
+    q: Shared,
+    route: &'static str,
+    model: String,
+    client: String,
+    accepted: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    outcome: (u16, String),
+    usage: Option<(u32, u32)>,
+    /// request id, model reference, hive, worker, whether the worker was spawned for it.
+    trip: (String, String, String, String, bool),
+    _slot: crate::queen::ClientSlot,
+}
+
+impl Finish {
+    fn new(
+        q: &Shared,
+        route: &'static str,
+        model: &str,
+        client: &str,
+        rid: &str,
+        up: &relay::Upstream,
+        slot: crate::queen::ClientSlot,
+    ) -> Self {
+        let accepted = up.accepted;
+        q.metrics.inflight.add(&[], 1.0);
+        Self {
+            _slot: slot,
+            trip: (
+                rid.to_owned(),
+                up.model_ref.clone(),
+                up.lease.hive_id.clone(),
+                up.lease.worker_id.clone(),
+                up.lease.spawned,
+            ),
+            q: q.clone(),
+            route,
+            model: model.to_owned(),
+            client: client.to_owned(),
+            accepted,
+            first_token: None,
+            last_token: None,
+            outcome: (200, String::new()),
+            usage: None,
+        }
+    }
+
+    fn see(&mut self, ev: &StreamEvent) {
+        match ev {
+            StreamEvent::Token { .. } => {
+                let now = Instant::now();
+                match self.last_token {
+                    None => {
+                        self.first_token = Some(now);
+                        self.q
+                            .metrics
+                            .ttft
+                            .observe(&[&self.model], self.accepted.elapsed().as_secs_f64());
+                    }
+                    Some(prev) => self
+                        .q
+                        .metrics
+                        .inter_token
+                        .observe(&[&self.model], (now - prev).as_secs_f64()),
+                }
+                self.last_token = Some(now);
+            }
+            StreamEvent::End {
+                prompt_tokens,
+                completion_tokens,
+                timings,
+                ..
+            } => {
+                self.usage = Some((*prompt_tokens, *completion_tokens));
+                let st = &self.q.metrics.stage;
+                st.observe(&["worker_queue"], timings.queue_ms / 1000.0);
+                st.observe(&["prefill"], timings.prefill_ms / 1000.0);
+                st.observe(&["decode"], timings.decode_ms / 1000.0);
+            }
+            StreamEvent::Error { code, .. } => self.outcome = (200, code.as_str().to_owned()),
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let m = &self.q.metrics;
+        m.inflight.add(&[], -1.0);
+        let secs = self.accepted.elapsed().as_secs_f64();
+        m.duration.observe(&[&self.model], secs);
+        self.q.record_duration(secs);
+        if let Some((p, c)) = self.usage {
+            m.tokens_in.inc_by(&[&self.model], f64::from(p));
+            m.tokens_out.inc_by(&[&self.model], f64::from(c));
+        } else if self.outcome.1.is_empty() {
+            self.outcome.1 = "CLIENT_GONE".into();
+        }
+        m.requests.inc(&[
+            self.route,
+            &self.model,
+            &self.client,
+            &self.outcome.0.to_string(),
+            &self.outcome.1,
+        ]);
+        let (rid, model_ref, hive, worker, spawned) = &self.trip;
+        let (prompt, completion) = self.usage.unwrap_or((0, 0));
+        let sha = self
+            .q
+            .registry
+            .get(hive)
+            .ok()
+            .flatten()
+            .and_then(|h| h.heartbeat)
+            .and_then(|hb| hb.model_sha256.get(model_ref).cloned());
+        self.q.usage(json!({
+            "ts_unix_ms": rbee_http::unix_ms(),
+            "request_id": rid,
+            "client": self.client,
+            "route": self.route,
+            "model": self.model,
+            "model_ref": model_ref,
+            "model_sha256": sha,
+            "hive": hive,
+            "worker": worker,
+            "spawned_worker": spawned,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "ttft_ms": self.first_token.map(|t| (t - self.accepted).as_secs_f64() * 1000.0),
+            "total_ms": secs * 1000.0,
+            "outcome": if self.outcome.1.is_empty() { "ok" } else { self.outcome.1.as_str() },
+        }));
+    }
+}
+
+pub(crate) async fn chat_completions(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    openai_route(q, rid, client, headers, body, EndpointKind::Chat).await
+}
+
+pub(crate) async fn completions(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    openai_route(q, rid, client, headers, body, EndpointKind::Completion).await
+}
+
+/// What both OpenAI request kinds come down to.
+pub(crate) struct OpenAiCall {
+    model: String,
+    inference: InferenceRequest,
+    stream: bool,
+    include_usage: bool,
+}
+
+pub(crate) fn parse_openai(kind: EndpointKind, body: &[u8]) -> Result<OpenAiCall, OpenAiError> {
+    match kind {
+        EndpointKind::Chat => {
+            let r = ChatCompletionRequest::from_json(body)?;
+            Ok(OpenAiCall {
+                inference: r.to_inference()?,
+                stream: r.is_stream(),
+                include_usage: r.include_usage(),
+                model: r.model,
+            })
+        }
+        EndpointKind::Completion => {
+            let r = CompletionRequest::from_json(body)?;
+            Ok(OpenAiCall {
+                inference: r.to_inference()?,
+                stream: r.is_stream(),
+                include_usage: r.include_usage(),
+                model: r.model,
+            })
+        }
+    }
+}
+
+/// `/v1/chat/completions` and `/v1/completions`: parse, schedule, then stream chunks or
+/// answer with the aggregated response.
+pub(crate) async fn openai_route(
+    q: Shared,
+    rid: RequestId,
+    client: ClientName,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: EndpointKind,
+) -> Response {
+    let accepted = Instant::now();
+    let route = match kind {
+        EndpointKind::Chat => "/v1/chat/completions",
+        EndpointKind::Completion => "/v1/completions",
+    };
+    let body = match body_or_error(body) {
+        Ok(b) => b,
+        Err(e) => {
+            let code = e.code;
+            return early(&q, route, &client.0, code, api_error(e, &rid.0));
+        }
+    };
+    let call = match parse_openai(kind, &body) {
+        Ok(c) => c,
+        Err(e) => return early(&q, route, &client.0, e.code(), openai_error(&e, &rid.0)),
+    };
+    let slot = match q.client_slot(&client.0, &rid.0) {
+        Ok(s) => s,
+        Err(e) => {
+            let code = e.code;
+            return early(&q, route, &client.0, code, api_error(e, &rid.0));
+        }
+    };
+    let upstream = match begin(&q, &rid.0, &headers, &call.model, &call.inference, accepted).await {
+        Ok(u) => u,
+        Err(resp) => {
+            count_refusal(&q, route, &call.model, &client.0, &resp);
+            return *resp;
+        }
+    };
+    let finish = Finish::new(&q, route, &call.model, &client.0, &rid.0, &upstream, slot);
+    let id = match kind {
+        EndpointKind::Chat => rbee_openai::chat_completion_id(&rid.0),
+        EndpointKind::Completion => rbee_openai::completion_id(&rid.0),
+    };
+    if call.stream {
+        let chunks = ChunkStream::new(id, unix_secs(), call.model, kind, call.include_usage)
+            .with_request_id(rid.0.clone());
+        return openai_stream(upstream, chunks, finish);
+    }
+    let model = call.model;
+    aggregate(upstream, finish, &rid.0, move |agg| {
+        let value = match kind {
+            EndpointKind::Chat => {
+                serde_json::to_value(agg.into_chat_completion(id, unix_secs(), model)?)
+            }
+            EndpointKind::Completion => {
+                serde_json::to_value(agg.into_completion(id, unix_secs(), model)?)
+            }
+        };
+        Ok(value.unwrap_or(Value::Null))
+    })
+    .await
+}
+
+/// Worker events as OpenAI chunks. The lease and the accounting live as long as the stream:
+/// a client that leaves drops both, and the worker's generation is cancelled down the chain.
+pub(crate) fn openai_stream(up: relay::Upstream, chunks: ChunkStream, finish: Finish) -> Response {
+    let relay::Upstream { events, lease, .. } = up;
+    let events = relay::cuttable(lease.queen(), events);
+    let state = (events, chunks, finish, lease);
+    let frames = futures_util::stream::unfold(
+        state,
+        |(mut events, mut chunks, mut finish, lease)| async move {
+            if chunks.is_finished() {
+                return None;
+            }
+            let payloads = match events.next().await {
+                Some(ev) => {
+                    finish.see(&ev);
+                    chunks.on_event(&ev)
+                }
+                None => chunks.on_upstream_eof(),
+            };
+            let text: String = payloads.iter().map(|p| sse_data(p)).collect();
+            Some((
+                Ok::<_, Infallible>(Bytes::from(text)),
+                (events, chunks, finish, lease),
+            ))
+        },
+    );
+    sse_response(Body::from_stream(frames))
+}
+
+pub(crate) async fn aggregate(
+    up: relay::Upstream,
+    mut finish: Finish,
+    rid: &str,
+    build: impl FnOnce(Aggregator) -> Result<Value, OpenAiError>,
+) -> Response {
+    let relay::Upstream { events, lease, .. } = up;
+    let mut events = relay::cuttable(lease.queen(), events);
+    let mut agg = Aggregator::new();
+    while let Some(ev) = events.next().await {
+        finish.see(&ev);
+        agg.push(&ev);
+        if agg.is_done() {
+            break;
+        }
+    }
+    drop(lease);
+    match build(agg) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            finish.outcome = (e.status(), e.code().as_str().to_owned());
+            openai_error(&e, rid)
+        }
+    }
+}
+
+/// The native route: `{"model": ..., <worker inference fields>}` in, the worker's own event
+/// stream out.
+pub(crate) async fn native_inference(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let accepted = Instant::now();
+    let body = match body_or_error(body) {
+        Ok(b) => b,
+        Err(e) => {
+            let code = e.code;
+            return early(&q, "/v1/inference", &client.0, code, api_error(e, &rid.0));
+        }
+    };
+    let mut value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            let resp = error(
+                ApiError::new(codes::INVALID_JSON, format!("invalid request body: {e}")),
+                None,
+                &rid.0,
+            );
+            return early(&q, "/v1/inference", &client.0, codes::INVALID_JSON, resp);
+        }
+    };
+    let model = match value.as_object_mut().and_then(|o| o.remove("model")) {
+        Some(Value::String(m)) if !m.is_empty() => m,
+        _ => {
+            let resp = error(
+                ApiError::new(codes::INVALID_PARAMETER, "`model` (a string) is required"),
+                Some("model"),
+                &rid.0,
+            );
+            return early(
+                &q,
+                "/v1/inference",
+                &client.0,
+                codes::INVALID_PARAMETER,
+                resp,
+            );
+        }
+    };
+    let req: InferenceRequest = match rbee_http::parse_json(value.to_string().as_bytes()) {
+        Ok(r) => r,
+        Err(e) => {
+            let code = e.code;
+            return early(&q, "/v1/inference", &client.0, code, api_error(e, &rid.0));
+        }
+    };
+    let route = "/v1/inference";
+    let slot = match q.client_slot(&client.0, &rid.0) {
+        Ok(s) => s,
+        Err(e) => {
+            let code = e.code;
+            return early(&q, "/v1/inference", &client.0, code, api_error(e, &rid.0));
+        }
+    };
+    let upstream = match begin(&q, &rid.0, &headers, &model, &req, accepted).await {
+        Ok(u) => u,
+        Err(resp) => {
+            count_refusal(&q, route, &model, &client.0, &resp);
+            return *resp;
+        }
+    };
+    let finish = Finish::new(&q, route, &model, &client.0, &rid.0, &upstream, slot);
+    let relay::Upstream { events, lease, .. } = upstream;
+    let events = relay::cuttable(&q, events);
+    let state = (events, finish, lease, false);
+    let frames =
+        futures_util::stream::unfold(state, |(mut events, mut finish, lease, done)| async move {
+            if done {
+                return None;
+            }
+            match events.next().await {
+                Some(ev) => {
+                    finish.see(&ev);
+                    let terminal =
+                        matches!(ev, StreamEvent::End { .. } | StreamEvent::Error { .. });
+                    let mut text = sse_data(&serde_json::to_string(&ev).unwrap_or_default());
+                    if terminal {
+                        text.push_str(&sse_data(rbee_api::SSE_DONE));
+                    }
+                    Some((
+                        Ok::<_, Infallible>(Bytes::from(text)),
+                        (events, finish, lease, terminal),
+                    ))
+                }
+                None => None,
+            }
+        });
+    sse_response(Body::from_stream(frames))
+}
+
+pub(crate) async fn cancel(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    Path(request_id): Path<String>,
+) -> Response {
+    if !rbee_http::valid_request_id(&request_id) || request_id.contains("..") {
+        return error(
+            ApiError::new(
+                codes::INVALID_PARAMETER,
+                "a request id is 1-128 letters, digits, `-`, `_`, `.` or `:`",
+            ),
+            None,
+            &rid.0,
+        );
+    }
+    // Only the client that sent it (or an admin) may cancel a request; to anyone else it
+    // does not exist.
+    let mine = q
+        .owner_of(&request_id)
+        .is_some_and(|owner| owner == client.0 || q.is_admin(&client.0));
+    if !mine {
+        return error(
+            ApiError::new(
+                codes::NOT_FOUND,
+                format!("no request `{request_id}` of yours is in flight"),
+            ),
+            None,
+            &rid.0,
+        );
+    }
+    if q.cancel_queued(&request_id) {
+        info!(%request_id, "cancelled while waiting for a worker");
+        return Json(json!({"request_id": request_id, "cancelled": true, "queued": true}))
+            .into_response();
+    }
+    // The hives know which worker carries the request; ask each that is up.
+    let hives = q.registry.up().unwrap_or_default();
+    for h in hives {
+        let url = format!("{}/v1/inference/{request_id}", h.url.trim_end_matches('/'));
+        if let Ok(r) = q
+            .hive_delete(&h.id, &url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            info!(%request_id, hive = %h.id, "cancelled");
+            return Json(json!({"request_id": request_id, "cancelled": true, "hive": h.id}))
+                .into_response();
+        }
+    }
+    error(
+        ApiError::new(
+            codes::NOT_FOUND,
+            format!("no request `{request_id}` is in flight"),
+        ),
+        None,
+        &rid.0,
+    )
+}

@@ -1,0 +1,31 @@
+//! Command-line helpers shared by the tasks: flag values and positional arguments.
+
+use anyhow::Context;
+
+/// The value after `name`, if present.
+pub fn flag(args: &[String], name: &str) -> anyhow::Result<Option<String>> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .cloned()
+            .map(Some)
+            .with_context(|| format!("{name} needs a value")),
+        None => Ok(None),
+    }
+}
+
+/// Arguments that are neither flags nor flag values.
+pub fn positional(args: &[String], flags_with_values: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+        } else if flags_with_values.contains(&a.as_str()) {
+            skip = true;
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
