@@ -13,13 +13,12 @@ use anyhow::Context;
 use clap::Parser;
 use rbee_auth::Token;
 use rbee_engine::{DeviceSpec, LoadOptions};
-use rbee_worker::{Shutdown, WorkerConfig};
-use tracing::{error, info, warn};
+use rbee_lifecycle::config_error;
+use rbee_worker::{SharedToken, Shutdown, TokenReload, WorkerConfig};
+use tracing::warn;
 
 /// Environment variable through which the hive hands over the per-worker token (never argv).
 const TOKEN_ENV: &str = "RBEE_WORKER_TOKEN";
-/// sysexits' EX_USAGE: the configuration is wrong; retrying will not help.
-const EXIT_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Serves one GGUF model and streams tokens over SSE")]
@@ -60,82 +59,36 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // Tokens pass through this process's environment: keep /proc/<pid>/environ (and core
-    // dumps, ptrace) away from other processes of the same user, workers included.
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with PR_SET_DUMPABLE has no memory-safety preconditions.
-    unsafe {
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-    }
-    init_logging(&args.log_format);
+    rbee_lifecycle::not_dumpable();
+    let level = std::env::var("RBEE_LOG").unwrap_or_else(|_| "info".into());
+    let _ = rbee_lifecycle::init_logging(&level, args.log_format == "json");
     let token = match resolve_token(&args) {
         Ok(t) => t,
-        Err(e) => {
-            error!("{e:#}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return config_error(e),
     };
     if let Err(e) = check_config(&args, token.as_ref()) {
-        error!("{e:#}");
-        return ExitCode::from(EXIT_CONFIG);
+        return config_error(e);
     }
     if let Some(n) = args.threads {
         // SAFETY: set before any other thread exists (no runtime, no engine yet); candle and
         // rayon size their pools from this variable.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            error!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(run(args, token));
-    // A model still loading on a blocking thread must not hold the exit up.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RBEE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.with_ansi(false).init();
-    }
+    rbee_lifecycle::exit_code(rbee_lifecycle::block_on(run(args, token)))
 }
 
 /// The token from --token-file, else from the hive's environment variable (then removed from
 /// our environment so it is not inherited or visible in /proc/<pid>/environ of children).
-fn resolve_token(args: &Args) -> anyhow::Result<Option<Token>> {
-    if let Some(path) = &args.token_file {
-        let t = rbee_auth::load_token_file(path)?;
-        info!(fingerprint = %t.fingerprint(), "token loaded from file");
-        return Ok(Some(t));
-    }
-    if let Ok(secret) = std::env::var(TOKEN_ENV) {
+fn resolve_token(args: &Args) -> Result<Option<Token>, rbee_auth::AuthError> {
+    let env = match args.token_file {
+        Some(_) => None,
+        None => std::env::var(TOKEN_ENV).ok(),
+    };
+    if env.is_some() {
         // SAFETY: single-threaded at this point (before the runtime starts).
         unsafe { std::env::remove_var(TOKEN_ENV) };
-        let t = Token::new(secret, TOKEN_ENV)?;
-        info!(fingerprint = %t.fingerprint(), "token taken from {TOKEN_ENV}");
-        return Ok(Some(t));
     }
-    Ok(None)
+    rbee_worker::reload::resolve_token(args.token_file.as_deref(), env.map(|s| (TOKEN_ENV, s)))
 }
 
 fn check_config(args: &Args, token: Option<&Token>) -> anyhow::Result<()> {
@@ -172,11 +125,16 @@ fn check_config(args: &Args, token: Option<&Token>) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args, token: Option<Token>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    let token = SharedToken::new(token);
+    let reload = TokenReload {
+        file: args.token_file,
+        token: token.clone(),
+    };
+    rbee_lifecycle::spawn_signal_handler(shutdown.clone(), reload);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let shutdown = Shutdown::new();
-    tokio::spawn(on_signals(shutdown.clone()));
     let cfg = WorkerConfig {
         worker_id: args.worker_id,
         model: args.model,
@@ -186,26 +144,9 @@ async fn run(args: Args, token: Option<Token>) -> anyhow::Result<()> {
             ..LoadOptions::default()
         },
         token,
-        token_file: args.token_file,
         ready_url: args.ready_url,
         grace: Duration::from_secs_f64(args.grace_seconds),
     };
     rbee_worker::serve(cfg, listener, shutdown).await?;
     Ok(())
-}
-
-async fn on_signals(shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    shutdown.trigger();
 }

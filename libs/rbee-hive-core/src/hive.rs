@@ -519,7 +519,7 @@ impl Hive {
 
     /// Graceful shutdown: refuse new work, let streams finish within the drain window, cut
     /// the rest, then stop every worker in parallel. Returns how long it took.
-    pub async fn shutdown(&self) -> Duration {
+    pub async fn shutdown(&self, exchanges: &rbee_lifecycle::Drain) -> Duration {
         let t0 = Instant::now();
         self.draining.store(true, Ordering::SeqCst);
         let cfg = self.config();
@@ -530,10 +530,9 @@ impl Hive {
             drain_s = drain.as_secs(),
             "shutting down: refusing new work"
         );
-        let deadline = Instant::now() + drain;
-        while !lock(&self.inflight).is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        exchanges
+            .drain_until(drain, || lock(&self.inflight).is_empty())
+            .await;
         let left = lock(&self.inflight).len();
         if left > 0 {
             warn!(streams = left, "drain window over; cutting streams");

@@ -8,8 +8,11 @@
 //! - [`worker`]: one worker's record and handle; [`lifecycle`]: its task (spawn, ready, crash,
 //!   restart, stop), over [`process`] (spawn, signals, reaping) and [`restart`] (the policy).
 //! - [`server`]: the HTTP API; [`proxy`]: inference streams passed through.
-//! - [`downloads`], [`resources`], [`heartbeat`], [`reload`]; systemd notifications via `rbee-systemd`.
+//! - [`downloads`], [`resources`], [`heartbeat`]; systemd notifications via `rbee-systemd`.
+//! - [`reload`]: tokens, the checks before binding, and SIGHUP; [`run`]: serve, then shut down.
+//! - [`cli`]: the one-shot commands (`check-config`, `audit verify`).
 
+pub mod cli;
 pub mod config;
 pub mod downloads;
 mod health;
@@ -27,10 +30,10 @@ pub mod restart;
 pub mod server;
 pub mod worker;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rbee_lifecycle::{Drain, Shutdown};
 use tracing::{info, warn};
 
 pub use hive::{Hive, Tokens};
@@ -59,18 +62,20 @@ pub enum HiveError {
     Config(String),
 }
 
-/// Serves the API until `stop` resolves, then shuts down in order (drain, cut, stop workers)
-/// and returns how long the shutdown took.
+/// Serves the API until `shutdown` is triggered, then shuts down in order (drain, cut, stop
+/// workers) and returns how long the shutdown took.
 pub async fn run(
     hive: Arc<Hive>,
     listener: tokio::net::TcpListener,
-    stop: impl Future<Output = ()>,
+    shutdown: Shutdown,
 ) -> Result<Duration, HiveError> {
     tokio::spawn(hive.clone().supervise_loop());
     tokio::spawn(heartbeat::run(hive.clone()));
     tokio::spawn(hive.clone().hash_loop());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = server::router(hive.clone());
+    // Every exchange holds a guard, so the drain wakes when one ends.
+    let exchanges = Drain::new();
+    let app = rbee_http::drain::hold_drain(server::router(hive.clone()), exchanges.clone());
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = done_rx.await;
     });
@@ -83,7 +88,7 @@ pub async fn run(
     info!(address = %hive.address, hive_id = %hive.hive_id(), "hive listening");
     rbee_systemd::notify("READY=1\nSTATUS=serving");
     tokio::select! {
-        _ = stop => {}
+        _ = shutdown.cancelled() => {}
         r = &mut server => {
             // The listener failed; still stop the workers before reporting it.
             let e = match r {
@@ -91,12 +96,12 @@ pub async fn run(
                 Ok(Err(e)) => e,
                 Err(e) => std::io::Error::other(e.to_string()),
             };
-            hive.shutdown().await;
+            hive.shutdown(&exchanges).await;
             return Err(HiveError::Io(e));
         }
     }
     rbee_systemd::notify("STOPPING=1\nSTATUS=stopping workers");
-    let took = hive.shutdown().await;
+    let took = hive.shutdown(&exchanges).await;
     let _ = done_tx.send(());
     // Event streams (worker events, download progress) never end by themselves.
     if tokio::time::timeout(Duration::from_secs(2), server)

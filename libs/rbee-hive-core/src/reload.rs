@@ -1,10 +1,13 @@
-//! Tokens and SIGHUP: where each token comes from, and applying a changed configuration
-//! without a restart (what cannot change live is logged as needing one).
+//! Tokens, start-up checks and SIGHUP: where each token comes from, what the hive refuses to
+//! start without, and applying a changed configuration without a restart (what cannot change
+//! live is logged as needing one).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use rbee_auth::TokenOrigin;
 use rbee_auth::{Token, resolve_token};
+use rbee_config::Loader;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -24,6 +27,134 @@ pub struct EnvTokens {
 pub const API_TOKEN_ENV: &str = "RBEE_HIVE_TOKEN";
 pub const JOIN_TOKEN_ENV: &str = "RBEE_HIVE_JOIN_TOKEN";
 pub const HUB_TOKEN_ENV: &str = "HF_TOKEN";
+
+impl EnvTokens {
+    /// The token variables as they are (`check-config` leaves them in place).
+    pub fn read() -> Self {
+        let var = |name: &str| std::env::var(name).ok();
+        Self {
+            api: var(API_TOKEN_ENV),
+            join: var(JOIN_TOKEN_ENV),
+            hub: var(HUB_TOKEN_ENV),
+        }
+    }
+
+    /// The token variables, removed from the environment so no child inherits them.
+    ///
+    /// # Safety
+    /// No other thread may read or write the environment meanwhile (call it before the
+    /// runtime starts).
+    pub unsafe fn take() -> Self {
+        let env = Self::read();
+        for name in [API_TOKEN_ENV, JOIN_TOKEN_ENV, HUB_TOKEN_ENV] {
+            // SAFETY: the caller guarantees no other thread touches the environment.
+            unsafe { std::env::remove_var(name) };
+        }
+        env
+    }
+}
+
+/// What the daemon checks before it binds: machine defaults, tokens, the security rules and
+/// the model directories. Every failure here exits 64.
+pub fn prepare(
+    cfg: &mut HiveConfig,
+    env: &EnvTokens,
+) -> Result<(Tokens, rbee_models::Catalog), HiveError> {
+    complete_defaults(cfg)?;
+    let (tokens, seen) = load_tokens(cfg, env)?;
+    for (what, origin, fp) in &seen {
+        info!(token = what, fingerprint = %fp, "token loaded from {origin}");
+        if matches!(origin, TokenOrigin::Env(_)) {
+            warn!(
+                token = what,
+                "token taken from the environment; prefer a file or a systemd credential"
+            );
+        }
+    }
+    check_security(cfg, &tokens)?;
+    let catalog = rbee_models::Catalog::new(cfg.model_dirs.clone())
+        .map_err(|e| HiveError::Config(format!("model_dirs: {e}")))?;
+    Ok((tokens, catalog))
+}
+
+/// Defaults that depend on the machine: host name, model directory.
+pub fn complete_defaults(cfg: &mut HiveConfig) -> Result<(), HiveError> {
+    if cfg.hive_id.is_empty() {
+        cfg.hive_id = hostname().unwrap_or_else(|| "hive".into());
+    }
+    if cfg.model_dirs.is_empty() {
+        let dir = if let Some(state) = std::env::var_os("STATE_DIRECTORY") {
+            // systemd StateDirectory=; the first entry when several are given.
+            let first = state
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            PathBuf::from(first).join("models")
+        } else if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+            PathBuf::from(cache).join("rbee/models")
+        } else if let Some(home) = std::env::var_os("HOME") {
+            PathBuf::from(home).join(".cache/rbee/models")
+        } else {
+            return Err(HiveError::Config(
+                "model_dirs: not set, and neither STATE_DIRECTORY nor HOME is".into(),
+            ));
+        };
+        cfg.model_dirs = vec![dir];
+    }
+    Ok(())
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name: String = String::from_utf8_lossy(&buf[..end])
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+/// What the hive refuses to start without: a token beyond loopback, a join token for a queen
+/// beyond loopback. Dev mode on loopback says so.
+pub fn check_security(cfg: &HiveConfig, tokens: &Tokens) -> Result<(), HiveError> {
+    if tokens.api.is_none() {
+        if !cfg.listen.ip().is_loopback() {
+            return Err(HiveError::Config(format!(
+                "refusing to listen on {} without a token: set token_file (--token-file), the systemd credential `hive-token`, or {API_TOKEN_ENV}",
+                cfg.listen
+            )));
+        }
+        warn!(
+            "DEV MODE: no hive token configured; every request is accepted. Only loopback ({}) is served",
+            cfg.listen
+        );
+    }
+    if !cfg.queen.url.is_empty() && tokens.join.is_none() {
+        let host = cfg
+            .queen
+            .url
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or(""))
+            .unwrap_or("");
+        let loopback = ["127.0.0.1", "localhost", "[::1]"]
+            .iter()
+            .any(|h| host == *h || host.starts_with(&format!("{h}:")));
+        if !loopback {
+            return Err(HiveError::Config(format!(
+                "queen.url is set but no join token is: set queen.join_token_file, the systemd credential `join-token`, or {JOIN_TOKEN_ENV}"
+            )));
+        }
+        warn!("no join token for the queen on loopback: heartbeats go unauthenticated (dev mode)");
+    }
+    Ok(())
+}
 
 fn opt_path(s: &str) -> Option<&Path> {
     (!s.is_empty()).then(|| Path::new(s))
@@ -47,7 +178,7 @@ fn resolve(
 pub type TokenNote = (&'static str, TokenOrigin, String);
 
 /// A callback that applies a new log filter.
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub use rbee_lifecycle::SetLogLevel;
 
 /// Resolves the hive's three tokens from the configuration, with notes for the log.
 pub fn load_tokens(
@@ -107,18 +238,26 @@ pub fn load_tokens(
 /// What a reload needs from the binary.
 pub struct Reloader {
     /// Reads the configuration again (same file, environment and flags as at start).
-    pub load: Box<dyn Fn() -> Result<HiveConfig, String> + Send + Sync>,
+    pub loader: Loader,
     /// Applies a new log filter.
     pub set_log_level: SetLogLevel,
     pub env_tokens: EnvTokens,
 }
 
+impl Reloader {
+    /// The hive's SIGHUP, for `rbee_lifecycle` (which tells systemd around it).
+    pub fn for_hive(self, hive: Arc<Hive>) -> impl rbee_lifecycle::Reload {
+        move || {
+            info!("SIGHUP: reloading");
+            reload(&hive, &self);
+        }
+    }
+}
+
 /// Re-reads configuration and tokens, applies what can change live, logs the rest.
 /// A bad new configuration changes nothing.
 pub fn reload(hive: &Hive, r: &Reloader) {
-    rbee_systemd::reloading();
     let outcome = apply(hive, r);
-    rbee_systemd::notify("READY=1\nSTATUS=serving");
     match outcome {
         Ok(()) => hive.metrics.config_reloads.inc(&["ok"]),
         Err(e) => {
@@ -130,7 +269,8 @@ pub fn reload(hive: &Hive, r: &Reloader) {
 }
 
 fn apply(hive: &Hive, r: &Reloader) -> Result<(), String> {
-    let new = (r.load)()?;
+    let mut new: HiveConfig = r.loader.load().map_err(|e| e.to_string())?;
+    complete_defaults(&mut new).map_err(|e| e.to_string())?;
     let (tokens, seen) = load_tokens(&new, &r.env_tokens).map_err(|e| e.to_string())?;
     if tokens.api.is_none() && hive.api_token().is_some() {
         // Dropping the token would silently turn authentication off.

@@ -9,6 +9,9 @@
 //! - [`not_found`] / [`method_not_allowed`]: fallbacks in the same JSON shape.
 //! - [`Route`] + [`build_router`]: a daemon lists its routes once, marks the public ones, and
 //!   tests walk the same list so no route skips authentication unnoticed.
+//! - [`drain::hold_drain`]: every exchange holds a drain guard until its body is dropped.
+
+pub mod drain;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -6,10 +6,13 @@
 //! - [`queen`]: state, scheduling and leases; [`relay`]: one request's trip down the chain.
 //! - [`api`]: routes and handlers; [`metrics`]; [`openapi`]: the API document built from the
 //!   route table.
+//! - [`reload`]: tokens, the checks before binding, and SIGHUP; [`run`]: serve, then drain;
+//!   [`cli`]: `check-config`.
 
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod hive_client;
 pub mod inference;
@@ -17,27 +20,36 @@ pub mod metrics;
 pub mod openapi;
 pub mod queen;
 pub mod relay;
+pub mod reload;
 pub mod respond;
 pub mod sched;
 mod spawning;
 pub mod usage;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rbee_lifecycle::{Drain, Shutdown};
 use tracing::{info, warn};
 
 pub use queen::{Queen, Tokens};
 
-/// Serves until `stop` resolves, then lets in-flight requests finish (up to `drain`).
+/// Serves until `shutdown` is triggered, then lets in-flight requests finish (up to `drain`).
 /// Hives and workers keep running.
 pub async fn run(
     queen: Arc<Queen>,
     listener: tokio::net::TcpListener,
-    stop: impl Future<Output = ()> + Send + 'static,
+    shutdown: Shutdown,
     drain: Duration,
 ) -> std::io::Result<()> {
+    // Hives dropped from `[[hives]]` while the queen was stopped leave the registry too.
+    let (_, removed) = queen.apply_static_hives(reload::now_ms());
+    if !removed.is_empty() {
+        info!(
+            ?removed,
+            "hives no longer configured were removed from the registry"
+        );
+    }
     tokio::spawn(queen.clone().sweep_loop());
     let address = listener.local_addr()?;
     queen.audit(
@@ -47,15 +59,17 @@ pub async fn run(
     );
     info!(%address, "queen listening");
     rbee_systemd::notify("READY=1\nSTATUS=serving");
+    // Every exchange holds a guard, so the drain below wakes when one ends.
+    let exchanges = Drain::new();
+    let app = rbee_http::drain::hold_drain(api::router(queen.clone()), exchanges.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        axum::serve(listener, api::router(queen.clone())).with_graceful_shutdown(async move {
-            let _ = shutdown_rx.await;
-        });
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = shutdown_rx.await;
+    });
     let mut server = tokio::spawn(async move { server.await });
     tokio::select! {
         r = &mut server => return r.map_err(|e| std::io::Error::other(e.to_string()))?,
-        _ = stop => {}
+        _ = shutdown.cancelled() => {}
     }
     // Still listening: new requests get 503 SHUTTING_DOWN (and /health 503) while the
     // running ones finish.
@@ -66,10 +80,9 @@ pub async fn run(
         active = queen.active_requests(),
         "shutting down: refusing new requests; finishing running ones"
     );
-    let deadline = tokio::time::Instant::now() + drain;
-    while queen.active_requests() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    exchanges
+        .drain_until(drain, || queen.active_requests() == 0)
+        .await;
     if queen.active_requests() > 0 {
         warn!(
             active = queen.active_requests(),

@@ -3,15 +3,18 @@
 //! [`serve`] takes a bound listener, loads the model off the async runtime (the port answers
 //! `/health` with `loading` meanwhile), reports readiness to the hive's ready URL, and serves
 //! one generation at a time as an SSE stream until shutdown. The binary only parses flags,
-//! sets up logging and signals, and calls [`serve`].
+//! sets up logging and signals ([`TokenReload`] on SIGHUP), and calls [`serve`].
 
 mod metrics;
+pub mod reload;
 mod server;
 pub mod validate;
 
 pub use metrics::WorkerMetrics;
 pub use rbee_http::ApiError;
-pub use server::{Shutdown, WorkerConfig, router_routes, serve};
+pub use rbee_lifecycle::Shutdown;
+pub use reload::{SharedToken, TokenReload};
+pub use server::{WorkerConfig, router_routes, serve};
 
 /// Errors that stop the worker (exit non-zero).
 #[derive(Debug, thiserror::Error)]

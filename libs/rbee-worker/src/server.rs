@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -27,62 +27,32 @@ use rbee_engine::{
     Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions, StopReason,
 };
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{error, info, warn};
 
 use crate::WorkerError;
 use crate::metrics::WorkerMetrics;
+use crate::reload::SharedToken;
 use crate::validate::{fit_to_context, validate};
 use rbee_http::{ApiError, RequestId, Route, build_router, parse_deadline, presented_bearer};
+use rbee_lifecycle::Shutdown;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub worker_id: String,
     pub model: PathBuf,
     pub load: LoadOptions,
-    /// None is dev mode (loopback only; the binary enforces that).
-    pub token: Option<Token>,
-    /// Re-read on SIGHUP so tokens rotate without a restart.
-    pub token_file: Option<PathBuf>,
+    /// None is dev mode (loopback only; the binary enforces that). A SIGHUP may replace it
+    /// ([`TokenReload`]).
+    pub token: SharedToken,
     pub ready_url: Option<String>,
     /// How long in-flight streams may run on after shutdown starts.
     pub grace: Duration,
 }
 
-/// A graceful-shutdown trigger shared by signal handlers and `POST /v1/shutdown`.
-#[derive(Clone, Debug)]
-pub struct Shutdown {
-    tx: Arc<watch::Sender<bool>>,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Shutdown {
-    pub fn new() -> Self {
-        Self {
-            tx: Arc::new(watch::channel(false).0),
-        }
-    }
-
-    pub fn trigger(&self) {
-        self.tx.send_replace(true);
-    }
-
-    pub async fn wait(&self) {
-        let mut rx = self.tx.subscribe();
-        // An Err means the sender is gone, which never happens while `self` lives.
-        let _ = rx.wait_for(|v| *v).await;
-    }
-}
-
 struct AppState {
     cfg: WorkerConfig,
     address: SocketAddr,
-    token: RwLock<Option<Token>>,
     engine: OnceLock<Engine>,
     slot: Arc<Semaphore>,
     draining: AtomicBool,
@@ -160,7 +130,6 @@ pub async fn serve(
     let address = listener.local_addr()?;
     let grace = cfg.grace;
     let state: Shared = Arc::new(AppState {
-        token: RwLock::new(cfg.token.clone()),
         cfg,
         address,
         engine: OnceLock::new(),
@@ -175,11 +144,10 @@ pub async fn serve(
     });
     info!(%address, worker_id = %state.cfg.worker_id, "listening");
     tokio::spawn(load_and_report(state.clone()));
-    tokio::spawn(reload_on_sighup(state.clone()));
 
     let drain_state = state.clone();
     let drain = async move {
-        drain_state.shutdown.wait().await;
+        drain_state.shutdown.cancelled().await;
         drain_state.draining.store(true, Ordering::SeqCst);
         let busy = !drain_state.inflight_is_empty();
         info!(
@@ -199,7 +167,7 @@ pub async fn serve(
     let hard_stop = {
         let shutdown = shutdown.clone();
         async move {
-            shutdown.wait().await;
+            shutdown.cancelled().await;
             tokio::time::sleep(grace + Duration::from_secs(5)).await;
         }
     };
@@ -240,7 +208,7 @@ impl AppState {
     }
 
     fn current_token(&self) -> Option<Token> {
-        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.cfg.token.get()
     }
 }
 
@@ -319,27 +287,6 @@ async fn report_ready(
         warn!(url, attempt, error = %last, "ready call failed");
     }
     Err(last)
-}
-
-async fn reload_on_sighup(state: Shared) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP; token reload disabled");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        let Some(path) = state.cfg.token_file.clone() else {
-            info!("SIGHUP: no token file configured, nothing to reload");
-            continue;
-        };
-        match rbee_auth::load_token_file(&path) {
-            Ok(t) => {
-                info!(fingerprint = %t.fingerprint(), "SIGHUP: token reloaded");
-                *state.token.write().unwrap_or_else(|e| e.into_inner()) = Some(t);
-            }
-            Err(e) => error!(error = %e, "SIGHUP: token reload failed, keeping the old token"),
-        }
-    }
 }
 
 async fn require_token(
