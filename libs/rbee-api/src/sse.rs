@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 use crate::{ErrorCode, SSE_DONE, StreamEvent};
 
+/// A comment frame a writer sends while it has nothing else to say; readers skip it.
+pub const KEEP_ALIVE: &str = ": keep-alive\n\n";
+
 /// One `data:` frame, encoded.
 pub fn encode_data(data: &str) -> String {
     format!("data: {data}\n\n")

@@ -11,16 +11,15 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use futures_util::Stream;
+use rbee_api::sse;
 use rbee_api::{
-    InferenceRequest, MAX_BODY_BYTES, SSE_DONE, StopReason as WireStopReason, StreamEvent, Timings,
-    codes,
+    InferenceRequest, MAX_BODY_BYTES, StopReason as WireStopReason, StreamEvent, Timings, codes,
 };
 use rbee_auth::Token;
 use rbee_engine::{
@@ -542,9 +541,14 @@ async fn start_inference(
         prompt_tokens: prompt_tokens as u32,
     };
     let stream = event_stream(started, rx, guard);
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(resp)
 }
 
 /// Releases the generation slot when the inference thread drops the finished job.
@@ -667,14 +671,12 @@ fn wire_reason(r: StopReason) -> WireStopReason {
     }
 }
 
-fn sse_json(ev: &StreamEvent) -> Event {
-    match serde_json::to_string(ev) {
-        Ok(s) => Event::default().data(s),
-        Err(e) => Event::default().data(format!(
-            r#"{{"type":"error","code":"INTERNAL","message":"cannot encode event: {e}"}}"#
-        )),
-    }
+fn sse_json(ev: &StreamEvent) -> Bytes {
+    Bytes::from(sse::encode_event(ev))
 }
+
+/// A comment line while the engine is silent (a long prefill), so proxies keep the stream open.
+const KEEP_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
 enum Phase {
     Start(StreamEvent),
@@ -689,14 +691,18 @@ fn event_stream(
     started: StreamEvent,
     rx: mpsc::UnboundedReceiver<GenEvent>,
     guard: InflightGuard,
-) -> impl Stream<Item = Result<Event, Infallible>> {
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
     futures_util::stream::unfold(
         (Phase::Start(started), rx, guard),
         |(phase, mut rx, mut guard)| async move {
             match phase {
                 Phase::Start(ev) => Some((Ok(sse_json(&ev)), (Phase::Running, rx, guard))),
                 Phase::Running => loop {
-                    let ev = match rx.recv().await {
+                    let Ok(next) = tokio::time::timeout(KEEP_ALIVE_EVERY, rx.recv()).await else {
+                        let ping = Bytes::from_static(sse::KEEP_ALIVE.as_bytes());
+                        break Some((Ok(ping), (Phase::Running, rx, guard)));
+                    };
+                    let ev = match next {
                         Some(GenEvent::FirstToken) => continue,
                         Some(GenEvent::Text { index, text }) => StreamEvent::Token {
                             index: index as u32,
@@ -729,7 +735,7 @@ fn event_stream(
                     break Some((Ok(sse_json(&ev)), (next, rx, guard)));
                 },
                 Phase::Done => Some((
-                    Ok(Event::default().data(SSE_DONE)),
+                    Ok(Bytes::from(sse::encode_done())),
                     (Phase::Closed, rx, guard),
                 )),
                 Phase::Closed => None,
