@@ -16,7 +16,7 @@ use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use futures_util::{Stream, StreamExt};
 use rbee_api::{MAX_BODY_BYTES, codes};
-use rbee_http::{ApiError, RequestId, Route, build_router, parse_json_request, presented_bearer};
+use rbee_http::{ApiError, RequestId, Route, build_router, presented_bearer};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_stream::wrappers::BroadcastStream;
@@ -226,7 +226,7 @@ async fn spawn_worker(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req: rbee_api::worker::SpawnRequest = match json_body(&headers, body) {
+    let req: rbee_api::worker::SpawnRequest = match rbee_http::json_body(&headers, body) {
         Ok(r) => r,
         Err(e) => return err(&rid, e),
     };
@@ -251,27 +251,6 @@ async fn spawn_worker(
         Ok(Ok(view)) => (StatusCode::ACCEPTED, Json(view)).into_response(),
         Ok(Err(e)) => err(&rid, e),
         Err(e) => err(&rid, ApiError::internal(format!("spawn task failed: {e}"))),
-    }
-}
-
-/// A JSON request body: 413 over the limit, 415 without the JSON content type, 400 naming
-/// the field that does not parse.
-fn json_body<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(body_error)?;
-    parse_json_request(headers, &body)
-}
-
-fn body_error(e: BytesRejection) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            codes::PAYLOAD_TOO_LARGE,
-            format!("request body over {MAX_BODY_BYTES} bytes"),
-        )
-    } else {
-        ApiError::new(codes::INVALID_JSON, e.body_text())
     }
 }
 
@@ -309,7 +288,7 @@ async fn worker_ready(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let report: ReadyReport = match json_body(&headers, body) {
+    let report: ReadyReport = match rbee_http::json_body(&headers, body) {
         Ok(r) => r,
         Err(e) => return err(&rid, e),
     };
@@ -373,9 +352,9 @@ async fn inference(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
+    let body = match rbee_http::read_body(body) {
         Ok(b) => b,
-        Err(e) => return err(&rid, body_error(e)),
+        Err(e) => return err(&rid, e),
     };
     let Some(worker) = hive.get(&id) else {
         return err(&rid, HiveError::WorkerNotFound(id));
@@ -484,7 +463,7 @@ async fn start_download(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req: DownloadBody = match json_body(&headers, body) {
+    let req: DownloadBody = match rbee_http::json_body(&headers, body) {
         Ok(r) => r,
         Err(e) => return err(&rid, e),
     };

@@ -21,7 +21,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
-use rbee_api::{ErrorBody, ErrorCode, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, codes};
+use rbee_api::{
+    ErrorBody, ErrorCode, HEADER_DEADLINE_MS, HEADER_REQUEST_ID, MAX_BODY_BYTES, codes,
+};
 use tracing::Instrument;
 
 /// An error response in the one JSON shape. The status comes from the code's one entry in
@@ -198,6 +200,35 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         };
         ApiError::new(codes::INVALID_JSON, msg)
     })
+}
+
+/// A request body as axum read it: 413 over [`MAX_BODY_BYTES`], 400 when it could not be read.
+pub fn read_body(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                codes::PAYLOAD_TOO_LARGE,
+                format!("request body over {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(
+                codes::INVALID_JSON,
+                format!("cannot read the body: {}", e.body_text()),
+            )
+        }
+    })
+}
+
+/// The one JSON-body reader of every daemon: 413 over the limit, 415 without the JSON content
+/// type, 400 naming the field that does not parse.
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = read_body(body)?;
+    parse_json_request(headers, &body)
 }
 
 /// Checks the content type, then parses.

@@ -18,7 +18,6 @@ use crate::queen::Queen;
 
 type Shared = Arc<Queen>;
 use crate::auth::ClientName;
-use crate::inference::body_or_error;
 use crate::respond::{api_error, error, sse_response};
 
 pub(crate) async fn list_hives(State(q): State<Shared>) -> Response {
@@ -138,7 +137,7 @@ pub(crate) async fn admin_spawn(
     Extension(client): Extension<ClientName>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body) {
+    let body = match rbee_http::read_body(body) {
         Ok(b) => b,
         Err(e) => return api_error(e, &rid.0),
     };
@@ -246,7 +245,7 @@ pub(crate) async fn admin_pull(
     Extension(client): Extension<ClientName>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body) {
+    let body = match rbee_http::read_body(body) {
         Ok(b) => b,
         Err(e) => return api_error(e, &rid.0),
     };

@@ -25,9 +25,7 @@ use crate::admin::{
 };
 pub use crate::auth::ClientName;
 use crate::auth::require_token;
-use crate::inference::{
-    body_or_error, cancel, chat_completions, completions, native_inference, unix_secs,
-};
+use crate::inference::{cancel, chat_completions, completions, native_inference, unix_secs};
 use crate::respond::api_error;
 
 fn routes() -> Vec<Route<Shared>> {
@@ -172,7 +170,7 @@ async fn heartbeat(
     Extension(rid): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body) {
+    let body = match rbee_http::read_body(body) {
         Ok(b) => b,
         Err(e) => return api_error(e, &rid.0),
     };

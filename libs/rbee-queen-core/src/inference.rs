@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::StreamExt;
-use rbee_api::{HEADER_REQUEST_TIMEOUT, InferenceRequest, MAX_BODY_BYTES, StreamEvent, codes};
+use rbee_api::{HEADER_REQUEST_TIMEOUT, InferenceRequest, StreamEvent, codes};
 use rbee_http::{ApiError, RequestId};
 use rbee_openai::{
     Aggregator, ChatCompletionRequest, ChunkStream, CompletionRequest, EndpointKind, OpenAiError,
@@ -78,19 +78,6 @@ pub(crate) async fn begin(
     relay::start(q, &model_ref, req, rid, at, at_ms, accepted)
         .await
         .map_err(|e| Box::new(api_error(e, rid)))
-}
-
-pub(crate) fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                codes::PAYLOAD_TOO_LARGE,
-                format!("request body over {MAX_BODY_BYTES} bytes"),
-            )
-        } else {
-            ApiError::new(codes::INVALID_JSON, e.body_text())
-        }
-    })
 }
 
 /// Accounting when a stream ends, however it ends.
@@ -296,7 +283,7 @@ pub(crate) async fn openai_route(
         EndpointKind::Chat => "/v1/chat/completions",
         EndpointKind::Completion => "/v1/completions",
     };
-    let body = match body_or_error(body) {
+    let body = match rbee_http::read_body(body) {
         Ok(b) => b,
         Err(e) => {
             let code = e.code;
@@ -411,7 +398,7 @@ pub(crate) async fn native_inference(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let accepted = Instant::now();
-    let body = match body_or_error(body) {
+    let body = match rbee_http::read_body(body) {
         Ok(b) => b,
         Err(e) => {
             let code = e.code;

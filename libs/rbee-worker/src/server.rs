@@ -422,17 +422,7 @@ async fn start_inference(
             ApiError::new(codes::SHUTTING_DOWN, "the worker is shutting down").retry_after(5),
         );
     }
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                codes::PAYLOAD_TOO_LARGE,
-                format!("request body must be at most {MAX_BODY_BYTES} bytes"),
-            )
-        } else {
-            ApiError::new(codes::INVALID_JSON, format!("cannot read the body: {e}"))
-        }
-    })?;
-    let req: InferenceRequest = rbee_http::parse_json_request(headers, &body)?;
+    let req: InferenceRequest = rbee_http::json_body(headers, body)?;
     let deadline =
         match parse_deadline(headers).map_err(|m| ApiError::new(codes::INVALID_PARAMETER, m))? {
             Some((_, left)) if left <= 0 => {
