@@ -23,7 +23,7 @@ pub const SSE_DONE: &str = "[DONE]";
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Stable error codes, each with the one HTTP status it is answered with (a handful of
-/// documented call sites override it with [`ErrorCode`]'s status kept for everything else).
+/// documented call sites answer otherwise with `rbee_http::ApiError::with_status`).
 /// `docs/TROUBLESHOOTING.md` explains each one (a test keeps the two in step).
 macro_rules! error_codes {
     ($($variant:ident = $name:ident => $status:literal),* $(,)?) => {

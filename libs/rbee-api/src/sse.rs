@@ -97,9 +97,18 @@ pub struct StreamObserver {
 #[derive(Deserialize)]
 struct Tag {
     #[serde(rename = "type")]
-    kind: String,
+    kind: Kind,
     #[serde(default)]
     code: Option<ErrorCode>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Started,
+    Token,
+    End,
+    Error,
 }
 
 impl StreamObserver {
@@ -113,13 +122,13 @@ impl StreamObserver {
             if data.starts_with(r#"{"type":"token""#) {
                 continue;
             }
-            match serde_json::from_str::<Tag>(&data) {
-                Ok(t) if t.kind == "started" => self.started = true,
-                Ok(t) if t.kind == "end" => self.terminal = Some(Terminal::End),
-                Ok(t) if t.kind == "error" => {
-                    self.terminal = Some(Terminal::Error(t.code.unwrap_or(ErrorCode::Internal)))
+            match serde_json::from_str::<Tag>(&data).map(|t| (t.kind, t.code)) {
+                Ok((Kind::Started, _)) => self.started = true,
+                Ok((Kind::End, _)) => self.terminal = Some(Terminal::End),
+                Ok((Kind::Error, code)) => {
+                    self.terminal = Some(Terminal::Error(code.unwrap_or(ErrorCode::Internal)))
                 }
-                _ => {}
+                Ok((Kind::Token, _)) | Err(_) => {}
             }
         }
     }

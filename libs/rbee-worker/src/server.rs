@@ -314,9 +314,11 @@ async fn require_token(
 
 async fn health(State(st): State<Shared>) -> Response {
     let engine = st.engine.get();
-    let status = if st.draining.load(Ordering::SeqCst) {
+    let draining = st.draining.load(Ordering::SeqCst);
+    let ready = engine.is_some() && !draining;
+    let status = if draining {
         "draining"
-    } else if engine.is_some() {
+    } else if ready {
         "ready"
     } else {
         "loading"
@@ -335,7 +337,7 @@ async fn health(State(st): State<Shared>) -> Response {
         "uptime_seconds": st.started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
     });
-    let code = if status == "ready" {
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
