@@ -159,8 +159,9 @@ async fn require_token(
     next.run(req).await
 }
 
-fn err(rid: &RequestId, e: impl Into<ApiError>) -> Response {
-    e.into().with_request_id(&rid.0).into_response()
+/// An error response; the request-id layer stamps the id.
+fn err(e: impl Into<ApiError>) -> Response {
+    e.into().into_response()
 }
 
 async fn health(State(hive): State<Shared>) -> Response {
@@ -182,14 +183,10 @@ async fn health(State(hive): State<Shared>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn metrics(
-    State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
-    headers: HeaderMap,
-) -> Response {
+async fn metrics(State(hive): State<Shared>, headers: HeaderMap) -> Response {
     if hive.config().metrics_require_token && !hive.accepts(presented_bearer(&headers)) {
         hive.metrics.auth_failures.inc(&[]);
-        return err(&rid, ApiError::unauthorized());
+        return err(ApiError::unauthorized());
     }
     (
         [(header::CONTENT_TYPE, rbee_metrics::CONTENT_TYPE)],
@@ -222,19 +219,17 @@ async fn list_workers(State(hive): State<Shared>) -> Response {
 
 async fn spawn_worker(
     State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let req: rbee_api::worker::SpawnRequest = match rbee_http::json_body(&headers, body) {
         Ok(r) => r,
-        Err(e) => return err(&rid, e),
+        Err(e) => return err(e),
     };
     if req.max_context == Some(0) {
-        return err(
-            &rid,
-            HiveError::BadRequest("`max_context` must be at least 1".into()),
-        );
+        return err(HiveError::BadRequest(
+            "`max_context` must be at least 1".into(),
+        ));
     }
     let spawn = SpawnRequest {
         model_ref: req.model,
@@ -249,19 +244,15 @@ async fn spawn_worker(
     let h = hive.clone();
     match tokio::task::spawn_blocking(move || h.spawn_worker(spawn)).await {
         Ok(Ok(view)) => (StatusCode::ACCEPTED, Json(view)).into_response(),
-        Ok(Err(e)) => err(&rid, e),
-        Err(e) => err(&rid, ApiError::internal(format!("spawn task failed: {e}"))),
+        Ok(Err(e)) => err(e),
+        Err(e) => err(ApiError::internal(format!("spawn task failed: {e}"))),
     }
 }
 
-async fn get_worker(
-    State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
-    Path(id): Path<String>,
-) -> Response {
+async fn get_worker(State(hive): State<Shared>, Path(id): Path<String>) -> Response {
     match hive.get(&id) {
         Some(w) => Json(w.view()).into_response(),
-        None => err(&rid, HiveError::WorkerNotFound(id)),
+        None => err(HiveError::WorkerNotFound(id)),
     }
 }
 
@@ -277,35 +268,31 @@ async fn stop_worker(
     );
     match hive.stop_worker(&id, StopCause::Api).await {
         Some(view) => Json(view).into_response(),
-        None => err(&rid, HiveError::WorkerNotFound(id)),
+        None => err(HiveError::WorkerNotFound(id)),
     }
 }
 
 async fn worker_ready(
     State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let report: ReadyReport = match rbee_http::json_body(&headers, body) {
         Ok(r) => r,
-        Err(e) => return err(&rid, e),
+        Err(e) => return err(e),
     };
     let Some(worker) = hive.get(&id) else {
-        return err(&rid, HiveError::WorkerNotFound(id));
+        return err(HiveError::WorkerNotFound(id));
     };
     if worker.deliver_ready(report) {
         StatusCode::NO_CONTENT.into_response()
     } else {
-        err(
-            &rid,
-            ApiError::new(
-                codes::INVALID_PARAMETER,
-                "no ready call is expected from this process",
-            )
-            .with_status(StatusCode::CONFLICT),
+        err(ApiError::new(
+            codes::INVALID_PARAMETER,
+            "no ready call is expected from this process",
         )
+        .with_status(StatusCode::CONFLICT))
     }
 }
 
@@ -354,32 +341,25 @@ async fn inference(
 ) -> Response {
     let body = match rbee_http::read_body(body) {
         Ok(b) => b,
-        Err(e) => return err(&rid, e),
+        Err(e) => return err(e),
     };
     let Some(worker) = hive.get(&id) else {
-        return err(&rid, HiveError::WorkerNotFound(id));
+        return err(HiveError::WorkerNotFound(id));
     };
     match crate::proxy::forward(hive, worker, rid.0.clone(), headers, body).await {
         Ok(resp) => resp,
-        Err(e) => err(&rid, e),
+        Err(e) => err(e),
     }
 }
 
-async fn cancel_inference(
-    State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
-    Path(request_id): Path<String>,
-) -> Response {
+async fn cancel_inference(State(hive): State<Shared>, Path(request_id): Path<String>) -> Response {
     let Some(worker_id) = hive.inflight_worker(&request_id) else {
-        return err(
-            &rid,
-            ApiError::not_found(format!(
-                "no request `{request_id}` is in flight on this hive"
-            )),
-        );
+        return err(ApiError::not_found(format!(
+            "no request `{request_id}` is in flight on this hive"
+        )));
     };
     let Some((port, token)) = hive.get(&worker_id).and_then(|w| w.endpoint()) else {
-        return err(&rid, HiveError::WorkerNotFound(worker_id));
+        return err(HiveError::WorkerNotFound(worker_id));
     };
     let sent = hive
         .http
@@ -395,13 +375,10 @@ async fn cancel_inference(
             let bytes = r.bytes().await.unwrap_or_default();
             (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
-        Err(e) => err(
-            &rid,
-            ApiError::new(
-                codes::WORKER_UNAVAILABLE,
-                format!("worker {worker_id} did not answer: {e}"),
-            ),
-        ),
+        Err(e) => err(ApiError::new(
+            codes::WORKER_UNAVAILABLE,
+            format!("worker {worker_id} did not answer: {e}"),
+        )),
     }
 }
 
@@ -421,16 +398,13 @@ async fn delete_model(
         .ok()
         .flatten();
     let Some(entry) = found else {
-        return err(&rid, HiveError::ModelNotFound(id));
+        return err(HiveError::ModelNotFound(id));
     };
     if let Some(worker) = hive.model_in_use(&entry.path) {
-        return err(
-            &rid,
-            ApiError::new(
-                codes::MODEL_IN_USE,
-                format!("model `{id}` is in use by worker {worker}; stop it first"),
-            ),
-        );
+        return err(ApiError::new(
+            codes::MODEL_IN_USE,
+            format!("model `{id}` is in use by worker {worker}; stop it first"),
+        ));
     }
     let h = hive.clone();
     let target = id.clone();
@@ -446,7 +420,7 @@ async fn delete_model(
             );
             Json(json!({"deleted": entry})).into_response()
         }
-        Err(e) => err(&rid, e),
+        Err(e) => err(e),
     }
 }
 
@@ -459,26 +433,22 @@ struct DownloadBody {
 
 async fn start_download(
     State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let req: DownloadBody = match rbee_http::json_body(&headers, body) {
         Ok(r) => r,
-        Err(e) => return err(&rid, e),
+        Err(e) => return err(e),
     };
     let model: rbee_models::ModelRef = match req.model.parse() {
         Ok(m) => m,
-        Err(e) => return err(&rid, HiveError::Model(e)),
+        Err(e) => return err(HiveError::Model(e)),
     };
     if !matches!(model, rbee_models::ModelRef::Hf(_)) {
-        return err(
-            &rid,
-            ApiError::new(
-                codes::INVALID_MODEL_REF,
-                "only `hf:org/repo[:file]` references can be downloaded",
-            ),
-        );
+        return err(ApiError::new(
+            codes::INVALID_MODEL_REF,
+            "only `hf:org/repo[:file]` references can be downloaded",
+        ));
     }
     let (dl, started) = hive.start_download(model);
     let status = if started {
@@ -505,27 +475,19 @@ async fn list_downloads(State(hive): State<Shared>) -> Response {
     Json(json!({ "downloads": list })).into_response()
 }
 
-async fn get_download(
-    State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
-    Path(id): Path<String>,
-) -> Response {
+async fn get_download(State(hive): State<Shared>, Path(id): Path<String>) -> Response {
     match hive.downloads.get(&id) {
         Some(d) => Json(json!({"id": d.id, "model": d.model, "progress": *d.progress.borrow()}))
             .into_response(),
-        None => err(&rid, ApiError::not_found(format!("no download `{id}`"))),
+        None => err(ApiError::not_found(format!("no download `{id}`"))),
     }
 }
 
 /// SSE of a download's progress: the current state first, then every change, ending after
 /// `done` or `failed`.
-async fn download_events(
-    State(hive): State<Shared>,
-    Extension(rid): Extension<RequestId>,
-    Path(id): Path<String>,
-) -> Response {
+async fn download_events(State(hive): State<Shared>, Path(id): Path<String>) -> Response {
     let Some(d) = hive.downloads.get(&id) else {
-        return err(&rid, ApiError::not_found(format!("no download `{id}`")));
+        return err(ApiError::not_found(format!("no download `{id}`")));
     };
     // The stream ends right after the first finished state (no further change would come).
     let events = futures_util::stream::unfold(

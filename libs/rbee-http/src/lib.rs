@@ -16,7 +16,7 @@ pub mod drain;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{Extension, Request};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -104,6 +104,7 @@ pub trait HttpError: std::fmt::Display {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let unstamped = self.request_id.is_empty().then(|| Unstamped(self.clone()));
         let body = ErrorBody::new(self.code, self.message, self.request_id);
         let mut resp = (self.status, axum::Json(body)).into_response();
         let headers = resp.headers_mut();
@@ -113,9 +114,17 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Some(u) = unstamped {
+            resp.extensions_mut().insert(u);
+        }
         resp
     }
 }
+
+/// An error rendered before its request id was known; [`request_id`] renders it again with
+/// the id, so handlers may return `Err(e)` without passing the id around.
+#[derive(Clone)]
+struct Unstamped(ApiError);
 
 /// The request's id, set by [`request_id`].
 #[derive(Debug, Clone)]
@@ -146,28 +155,29 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let mut resp = next.run(req).instrument(span).await;
+    if let Some(Unstamped(e)) = resp.extensions_mut().remove::<Unstamped>() {
+        resp = e.with_request_id(&id).into_response();
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(HEADER_REQUEST_ID, v);
     }
     resp
 }
 
-pub async fn not_found(Extension(rid): Extension<RequestId>, req: Request) -> Response {
+pub async fn not_found(req: Request) -> Response {
     ApiError::not_found(format!(
         "no route for {} {}",
         req.method(),
         req.uri().path()
     ))
-    .with_request_id(&rid.0)
     .into_response()
 }
 
-pub async fn method_not_allowed(Extension(rid): Extension<RequestId>, req: Request) -> Response {
+pub async fn method_not_allowed(req: Request) -> Response {
     ApiError::new(
         codes::METHOD_NOT_ALLOWED,
         format!("{} is not allowed on {}", req.method(), req.uri().path()),
     )
-    .with_request_id(&rid.0)
     .into_response()
 }
 
@@ -307,6 +317,40 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn errors_get_the_request_id_stamped_by_the_layer() {
+        use tower::ServiceExt;
+        let app: Router = build_router(
+            vec![Route {
+                method: "GET",
+                path: "/fail",
+                public: true,
+                handler: axum::routing::get(|| async {
+                    Err::<(), _>(ApiError::new(codes::QUEUE_FULL, "full").retry_after(3))
+                }),
+            }],
+            |r| r,
+        );
+        for path in ["/fail", "/nowhere"] {
+            let req = Request::builder()
+                .uri(path)
+                .header(HEADER_REQUEST_ID, "rid-1")
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            let retry = resp.headers().get(header::RETRY_AFTER).cloned();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body.error.request_id, "rid-1", "{path}");
+            if path == "/fail" {
+                assert_eq!(body.error.code, codes::QUEUE_FULL);
+                assert_eq!(retry.unwrap(), "3");
+            }
+        }
+    }
 
     #[test]
     fn request_ids_are_plain_and_short() {
