@@ -53,11 +53,6 @@ impl SseDecoder {
         }
         out
     }
-
-    /// Bytes received that do not complete an event yet.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
 }
 
 /// (end of the event's text, end including the blank line) of the first complete event.
@@ -163,7 +158,7 @@ mod tests {
             vec!["{\"a\":1}", "[DONE]"]
         );
         assert_eq!(p.push(b"data: x\r\ndata: y\r\n\r\n"), vec!["x\ny"]);
-        assert_eq!(p.pending(), 0);
+        assert!(p.push(b"").is_empty());
     }
 
     #[test]

@@ -30,17 +30,8 @@ impl HiveClient {
         Self { http, tokens }
     }
 
-    /// The token for `hive_id`: its own from the config, else the shared hive token.
     fn authed(&self, hive_id: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self
-            .tokens
-            .per_hive
-            .get(hive_id)
-            .or(self.tokens.hive.as_ref())
-        {
-            Some(t) => req.bearer_auth(t.expose()),
-            None => req,
-        }
+        self.tokens.authorize(hive_id, req)
     }
 
     /// `POST /v1/workers`: the worker being started (202), else the hive's refusal.

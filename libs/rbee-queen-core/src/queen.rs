@@ -45,6 +45,20 @@ pub struct Lease {
     pub spawned: bool,
 }
 
+impl Tokens {
+    /// `req` with the token for `hive_id`: its own from the config, else the shared hive token.
+    pub fn authorize(
+        &self,
+        hive_id: &str,
+        req: reqwest::RequestBuilder,
+    ) -> reqwest::RequestBuilder {
+        match self.per_hive.get(hive_id).or(self.hive.as_ref()) {
+            Some(t) => req.bearer_auth(t.expose()),
+            None => req,
+        }
+    }
+}
+
 impl Lease {
     pub fn queen(&self) -> &Arc<Queen> {
         &self.queen
@@ -118,7 +132,7 @@ impl Queen {
             .build()
             .map_err(|e| e.to_string())?;
         let limits = crate::sched::Limits::from_config(&cfg.scheduling);
-        Ok(Arc::new_cyclic(|this| Self {
+        let queen = Arc::new_cyclic(|this| Self {
             this: this.clone(),
             cfg: RwLock::new(cfg),
             tokens: RwLock::new(tokens),
@@ -136,7 +150,11 @@ impl Queen {
             cut: tokio::sync::watch::channel(false).0,
             draining: std::sync::atomic::AtomicBool::new(false),
             active: std::sync::atomic::AtomicUsize::new(0),
-        }))
+        });
+        // Hives the registry already holds (static ones, a restart's records) are routable as
+        // soon as they are up; every later change comes through `hives_changed`.
+        queen.hives_changed();
+        Ok(queen)
     }
 
     /// Queues an audit record (never a token: names and fingerprints only).
@@ -322,16 +340,8 @@ impl Queen {
     }
 
     /// The token for `hive_id`: its own from the config, else the shared hive token.
-    fn hive_token(&self, hive_id: &str) -> Option<Token> {
-        let t = self.tokens();
-        t.per_hive.get(hive_id).cloned().or(t.hive)
-    }
-
     fn hive_request(&self, hive_id: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.hive_token(hive_id) {
-            Some(t) => req.bearer_auth(t.expose()),
-            None => req,
-        }
+        self.tokens().authorize(hive_id, req)
     }
 
     pub fn hive_get(&self, hive_id: &str, url: &str) -> reqwest::RequestBuilder {
@@ -499,34 +509,28 @@ impl Queen {
     ) -> Result<Lease, ApiError> {
         let (tx, mut rx) = oneshot::channel();
         let rearm = Arc::new(tokio::sync::Notify::new());
-        let up = self.registry.up().unwrap_or_default();
+        // The scheduler's view of the hives follows every registry change (`hives_changed`).
         let arrived = {
             let mut s = lock(&self.sched);
-            let now = Instant::now();
-            let mut actions = s.set_hives(up, now);
-            match s.arrive(model_ref, avoid, deadline, now) {
-                Ok((ticket, more)) => {
-                    // Registered before any action runs: the grant may be for this request.
-                    lock(&self.waiters).insert(
-                        ticket,
-                        Waiting {
-                            answer: tx,
-                            rearm: rearm.clone(),
-                        },
-                    );
-                    actions.extend(more);
-                    Ok((ticket, actions))
-                }
-                Err(e) => Err((e, actions)),
+            let arrived = s.arrive(model_ref, avoid, deadline, Instant::now());
+            if let Ok((ticket, _)) = &arrived {
+                // Registered before any action runs: the grant may be for this request.
+                lock(&self.waiters).insert(
+                    *ticket,
+                    Waiting {
+                        answer: tx,
+                        rearm: rearm.clone(),
+                    },
+                );
             }
+            arrived
         };
         let ticket = match arrived {
             Ok((ticket, actions)) => {
                 self.apply(actions);
                 ticket
             }
-            Err((e, actions)) => {
-                self.apply(actions);
+            Err(e) => {
                 if e.code == codes::QUEUE_FULL {
                     self.metrics.queue_rejections.inc(&["full"]);
                 }
