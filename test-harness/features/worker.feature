@@ -33,8 +33,8 @@ Feature: llm-worker-rbee serves one model and streams tokens over SSE
     And the error code is "INVALID_PARAMETER"
     And the error message mentions "temperature"
 
-  Scenario: a second request while one is generating is told to retry
-    When a long generation is running
+  Scenario: a request while every slot is generating is told to retry
+    When every slot of the worker is generating
     And I send the body {"prompt": "Hi", "max_tokens": 1}
     Then the response status is 503
     And the error code is "ALL_SLOTS_BUSY"

@@ -22,8 +22,8 @@ struct RbeeWorld {
     status: u16,
     headers: Vec<(String, String)>,
     error: Value,
-    /// Keeps a long generation's stream open while a step runs.
-    open_stream: Option<SseReader>,
+    /// Keeps long generations' streams open while a step runs.
+    open_streams: Vec<SseReader>,
     hive: Option<Daemon>,
     /// The last worker view the hive returned.
     hive_worker: Value,
@@ -107,22 +107,35 @@ async fn send_body(w: &mut RbeeWorld, body: String) {
     w.send(req).await;
 }
 
-#[when("a long generation is running")]
-async fn long_generation(w: &mut RbeeWorld) {
-    let resp = w
-        .worker()
-        .post(
-            &reqwest::Client::new(),
-            "/v1/inference",
-            &json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "temperature": 0, "max_tokens": 1000}),
-        )
+#[when("every slot of the worker is generating")]
+async fn every_slot_generating(w: &mut RbeeWorld) {
+    let c = reqwest::Client::new();
+    let health: Value = c
+        .get(w.worker().url("/health"))
         .send()
         .await
+        .unwrap()
+        .json()
+        .await
         .unwrap();
-    let mut reader = SseReader::new(resp);
-    let first = reader.next().await.unwrap();
-    assert!(matches!(first, Some(SseData::Event(ref v)) if v["type"] == "started"));
-    w.open_stream = Some(reader);
+    let slots = health["slots"].as_u64().unwrap();
+    assert!(slots >= 1, "{health}");
+    for _ in 0..slots {
+        let resp = w
+            .worker()
+            .post(
+                &c,
+                "/v1/inference",
+                &json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "temperature": 0, "max_tokens": 1000}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let mut reader = SseReader::new(resp);
+        let first = reader.next().await.unwrap();
+        assert!(matches!(first, Some(SseData::Event(ref v)) if v["type"] == "started"));
+        w.open_streams.push(reader);
+    }
 }
 
 #[then("the stream is started, tokens, end, then [DONE]")]

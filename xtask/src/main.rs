@@ -14,6 +14,8 @@
 //! - `bench stack [--requests N] [--max-tokens M]`: the demo's queen + hive beside a standalone
 //!   worker; the same greedy request sent straight to the worker, through the hive and through
 //!   queen + hive, interleaved; TTFT and decode speed per path, with the ratios to direct.
+//! - `bench load [--rounds N] [--max-tokens M] [--levels ...]`: 1 to 16 concurrent streaming
+//!   OpenAI clients through queen + hive, beside llama-server at the same `--parallel`.
 //!
 //! One module per task; this file only dispatches.
 
@@ -22,6 +24,7 @@ mod cargo;
 mod cli;
 mod demo;
 mod dist;
+mod load;
 mod model;
 mod stack;
 mod test;
@@ -43,7 +46,10 @@ const USAGE: &str = "usage: cargo xtask <command>
                                     units, example configs, licences, SHA256SUMS
   bench worker [--threads N]        worker speed, beside llama-bench when available
   bench stack [--requests N] [--max-tokens M]
-                                    TTFT and decode: direct to a worker, via hive, via queen";
+                                    TTFT and decode: direct to a worker, via hive, via queen
+  bench load [--rounds N] [--max-tokens M] [--levels 1,2,4,8,16]
+                                    concurrent streaming clients through queen + hive,
+                                    beside llama-server when available";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -73,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         "bench" => match rest.first().map(String::as_str) {
             Some("worker") => bench::bench_worker(&rest[1..]),
             Some("stack") => bench::bench_stack(&rest[1..]),
+            Some("load") => load::bench_load(&rest[1..]),
             _ => bail!("{USAGE}"),
         },
         "-h" | "--help" | "help" => {

@@ -52,6 +52,13 @@ struct Args {
     /// Lower the context limit below what the model declares.
     #[arg(long, env = "RBEE_WORKER_MAX_CONTEXT")]
     max_context: Option<usize>,
+    /// Sequences generated together (default: 8 on CPU, 16 on a GPU).
+    #[arg(long, env = "RBEE_WORKER_PARALLEL")]
+    parallel: Option<usize>,
+    /// KV pool size in positions, shared by all slots (default: the context length, or 1024
+    /// per slot if that is more).
+    #[arg(long, env = "RBEE_WORKER_KV_TOKENS")]
+    kv_tokens: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "RBEE_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -107,6 +114,12 @@ fn check_config(args: &Args, token: Option<&Token>) -> anyhow::Result<()> {
     if !args.model.is_file() {
         anyhow::bail!("--model {}: no such file", args.model.display());
     }
+    if args.parallel == Some(0) || args.parallel.is_some_and(|n| n > 256) {
+        anyhow::bail!("--parallel must be between 1 and 256");
+    }
+    if args.kv_tokens == Some(0) {
+        anyhow::bail!("--kv-tokens must be at least 1");
+    }
     if args.threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
@@ -141,6 +154,8 @@ async fn run(args: Args, token: Option<Token>) -> anyhow::Result<()> {
         load: LoadOptions {
             device: args.device,
             max_context: args.max_context,
+            parallel: args.parallel,
+            kv_tokens: args.kv_tokens,
             ..LoadOptions::default()
         },
         token,

@@ -456,7 +456,12 @@ async fn overflow_is_refused_with_retry_after_and_nothing_is_lost() {
     )
     .await
     .unwrap();
-    let hive = hive_for(&queen.base_url, "hive-q", &[("WORKERS__MAX_WORKERS", "1")]).await;
+    let hive = hive_for(
+        &queen.base_url,
+        "hive-q",
+        &[("WORKERS__MAX_WORKERS", "1"), ("WORKERS__PARALLEL", "1")],
+    )
+    .await;
     let c = reqwest::Client::new();
     queen.wait_hives_up(&c, 1).await.unwrap();
     // Warm the one worker up.
@@ -904,7 +909,7 @@ async fn a_worker_lost_before_the_first_token_is_retried_elsewhere() {
         eventually(Duration::from_secs(10), "the worker to be busy", || async {
             let r = c.get(&hive_url).bearer_auth(HIVE).send();
             let v: Value = r.await.unwrap().json().await.unwrap();
-            (v["busy"] == true).then_some(()).ok_or(v)
+            (v["slots_busy"].as_u64() >= Some(1)).then_some(()).ok_or(v)
         })
         .await
         .unwrap();
@@ -937,7 +942,12 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
     let queen = Daemon::queen(queen_options(None, ""), "127.0.0.1:0")
         .await
         .unwrap();
-    let hive = hive_for(&queen.base_url, "hive-c", &[("WORKERS__MAX_WORKERS", "1")]).await;
+    let hive = hive_for(
+        &queen.base_url,
+        "hive-c",
+        &[("WORKERS__MAX_WORKERS", "1"), ("WORKERS__PARALLEL", "1")],
+    )
+    .await;
     let c = reqwest::Client::new();
     queen.wait_hives_up(&c, 1).await.unwrap();
     assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);
@@ -990,7 +1000,12 @@ async fn waiting_requests_are_served_in_arrival_order() {
         .await
         .unwrap();
     // One worker at most, so every request after the first waits for it.
-    let hive = hive_for(&queen.base_url, "hive-f", &[("WORKERS__MAX_WORKERS", "1")]).await;
+    let hive = hive_for(
+        &queen.base_url,
+        "hive-f",
+        &[("WORKERS__MAX_WORKERS", "1"), ("WORKERS__PARALLEL", "1")],
+    )
+    .await;
     let c = reqwest::Client::new();
     queen.wait_hives_up(&c, 1).await.unwrap();
     assert_eq!(chat(&c, &queen, CLIENT, 1).await.status(), 200);

@@ -803,9 +803,14 @@ async fn max_workers_and_bad_model_refs_are_refused() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_frees_the_worker_at_once() {
-    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
-        .await
-        .unwrap();
+    // One slot, so a second request is refused while the first streams.
+    let hive = Daemon::hive(
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("WORKERS__PARALLEL", 1),
+    )
+    .await
+    .unwrap();
     let c = client();
     let w = hive.ready_worker(&c).await.unwrap();
     let id = w["id"].as_str().unwrap();

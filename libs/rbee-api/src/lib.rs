@@ -231,6 +231,9 @@ pub enum StreamEvent {
         stop_reason: StopReason,
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// Prompt tokens whose attention state was reused from an earlier request.
+        #[serde(default)]
+        cached_tokens: u32,
         timings: Timings,
     },
     Error {

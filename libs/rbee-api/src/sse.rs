@@ -177,6 +177,7 @@ mod tests {
                 stop_reason: StopReason::Eos,
                 prompt_tokens: 2,
                 completion_tokens: 1,
+                cached_tokens: 0,
                 timings: Timings::default(),
             },
         ];

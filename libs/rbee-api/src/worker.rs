@@ -100,7 +100,14 @@ pub struct WorkerView {
     pub state: WorkerState,
     pub pid: Option<u32>,
     pub port: Option<u16>,
+    /// Every slot is taken.
     pub busy: bool,
+    /// Sequences the worker generates together (1 until it reports otherwise).
+    #[serde(default = "one_slot")]
+    pub slots: u32,
+    /// Requests the hive is streaming from it now.
+    #[serde(default)]
+    pub slots_busy: u32,
     pub context_length: Option<u64>,
     pub restart_count: u32,
     pub breaker_open: bool,
@@ -128,6 +135,16 @@ pub struct ReadyReport {
     pub context_length: u64,
     #[serde(default)]
     pub load_seconds: f64,
+    /// Sequences the worker generates together.
+    #[serde(default = "one_slot")]
+    pub slots: u32,
+    /// The worker's KV pool, in positions.
+    #[serde(default)]
+    pub kv_tokens: u64,
+}
+
+fn one_slot() -> u32 {
+    1
 }
 
 impl WorkerState {

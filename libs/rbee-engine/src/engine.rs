@@ -2,22 +2,18 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use candle_core::Device;
 
+use crate::EngineError;
+use crate::batch::{BatchConfig, Batcher, LoadCounters};
 use crate::model::LlamaModel;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::stop::{StopMatcher, StopScan};
+use crate::sampling::SamplingParams;
 use crate::template::{CHATML, ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
-use crate::{EngineError, Utf8Stream};
-
-/// Prompt tokens per forward pass during prefill: small enough that cancellation and deadlines
-/// are noticed well within a second, large enough to keep matmuls efficient.
-const PREFILL_CHUNK: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -74,6 +70,28 @@ pub struct LoadOptions {
     pub repack_on_cpu: bool,
     /// Lower the context limit below what the model declares (never above it).
     pub max_context: Option<usize>,
+    /// Sequences generated together (slots); None picks [`default_parallel`].
+    pub parallel: Option<usize>,
+    /// KV pool size in positions, shared by all slots; None picks [`default_kv_tokens`].
+    /// A request reserves `prompt + max_tokens` of it; the context limit never exceeds it.
+    pub kv_tokens: Option<usize>,
+    /// Keep finished sequences' attention state for prompts that start the same way.
+    pub prefix_cache: bool,
+}
+
+/// Slots when none are asked for: enough for batching to pay on any device. Slots cost nothing
+/// until used; memory is bounded by the KV pool.
+pub fn default_parallel(device: DeviceSpec) -> usize {
+    match device {
+        DeviceSpec::Cpu => 8,
+        DeviceSpec::Cuda(_) | DeviceSpec::Metal(_) => 16,
+    }
+}
+
+/// KV pool when none is asked for: one full context, or 1024 positions per slot if that is
+/// more (the pool is allocated as sequences use it, so this is a bound, not a cost).
+pub fn default_kv_tokens(context: usize, parallel: usize) -> usize {
+    context.max(parallel * context.min(1024))
 }
 
 impl Default for LoadOptions {
@@ -83,6 +101,9 @@ impl Default for LoadOptions {
             // Off: Q8_0 repacking changes greedy answers against llama.cpp's reference.
             repack_on_cpu: false,
             max_context: None,
+            parallel: None,
+            kv_tokens: None,
+            prefix_cache: true,
         }
     }
 }
@@ -98,6 +119,12 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// What the model file declares.
     pub trained_context_length: usize,
+    /// Sequences generated together.
+    pub slots: usize,
+    /// KV pool size in positions.
+    pub kv_tokens: usize,
+    /// Bytes of KV state per position.
+    pub kv_bytes_per_token: usize,
     pub vocab_size: usize,
     pub file_type: String,
     pub compute_type: String,
@@ -133,7 +160,9 @@ pub struct GenerationSummary {
     pub stop_reason: StopReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// Waiting for the engine thread.
+    /// Prompt tokens whose attention state came from the prefix cache.
+    pub cached_tokens: usize,
+    /// Waiting for a slot.
     pub queue_seconds: f64,
     /// Prompt processing up to and including the first sampled token.
     pub prefill_seconds: f64,
@@ -173,10 +202,40 @@ pub struct GenerationJob {
     pub on_done: Option<Box<dyn Send>>,
 }
 
+/// What the engine is doing now, for `/health`, heartbeats and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    pub slots: usize,
+    pub running: usize,
+    /// Accepted sequences waiting for a slot or for room in the KV pool.
+    pub waiting: usize,
+    pub kv_total_tokens: usize,
+    /// Positions reserved by running sequences.
+    pub kv_reserved_tokens: usize,
+    /// Positions held by the prefix cache (given up when a new sequence needs room).
+    pub kv_cached_tokens: usize,
+}
+
+/// One forward pass of the batch loop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Sequences in the pass.
+    pub sequences: usize,
+    /// Tokens in the pass (one per generating sequence, plus prompt pieces).
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// Told about every step, on the inference thread: keep it cheap.
+pub trait StepObserver: Send + Sync {
+    fn on_step(&self, report: &StepReport);
+}
+
 struct Shared {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     info: ModelInfo,
+    load: Arc<LoadCounters>,
 }
 
 /// Handle to a loaded model and its inference thread. Cheap to clone.
@@ -189,6 +248,15 @@ pub struct Engine {
 impl Engine {
     /// Loads the model and starts the inference thread. Blocking: call off the async runtime.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        Self::load_observed(path, opts, None)
+    }
+
+    /// [`Engine::load`], with `observer` told about every batch step.
+    pub fn load_observed(
+        path: &Path,
+        opts: &LoadOptions,
+        observer: Option<Arc<dyn StepObserver>>,
+    ) -> Result<Self, EngineError> {
         let t0 = Instant::now();
         let device = opts.device.open()?;
         let file_bytes = std::fs::metadata(path)
@@ -209,9 +277,19 @@ impl Engine {
             }
         };
         let cfg = model.config().clone();
-        let context_length = opts
+        let context = opts
             .max_context
             .map_or(cfg.context_length, |m| m.min(cfg.context_length));
+        let parallel = opts
+            .parallel
+            .unwrap_or_else(|| default_parallel(opts.device))
+            .max(1);
+        let kv_tokens = opts
+            .kv_tokens
+            .unwrap_or_else(|| default_kv_tokens(context, parallel))
+            .max(1);
+        // One request must always fit the pool on its own.
+        let context_length = context.min(kv_tokens);
         let info = ModelInfo {
             name: cfg.name.clone(),
             path: path.to_path_buf(),
@@ -219,22 +297,34 @@ impl Engine {
             device: opts.device.to_string(),
             context_length,
             trained_context_length: cfg.context_length,
+            slots: parallel,
+            kv_tokens,
+            kv_bytes_per_token: model.kv_bytes_per_position(),
             vocab_size: cfg.vocab,
             file_type: cfg.file_type.clone(),
             compute_type: cfg.compute_type.clone(),
             file_bytes,
             load_seconds: t0.elapsed().as_secs_f64(),
         };
+        let load = Arc::new(LoadCounters::default());
         let shared = Arc::new(Shared {
             tokenizer,
             template,
             info,
+            load: load.clone(),
         });
         let (tx, rx) = mpsc::channel::<GenerationJob>();
         let thread_shared = shared.clone();
+        let cfg = BatchConfig {
+            parallel,
+            kv_tokens,
+            prefix_cache: opts.prefix_cache,
+        };
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || inference_thread(model, thread_shared, rx))
+            .spawn(move || {
+                Batcher::new(&model, &thread_shared.tokenizer, cfg, load, observer).run(rx)
+            })
             .map_err(|e| EngineError::Model(format!("cannot start the inference thread: {e}")))?;
         Ok(Self { shared, jobs: tx })
     }
@@ -262,156 +352,15 @@ impl Engine {
         self.shared.tokenizer.encode(&text)
     }
 
-    /// Queues a job for the inference thread (which runs one at a time).
+    /// Slots, running and waiting sequences, KV pool use.
+    pub fn load_state(&self) -> EngineLoad {
+        self.shared.load.snapshot()
+    }
+
+    /// Queues a job for the inference thread; it joins the batch at the next step.
     pub fn submit(&self, job: GenerationJob) -> Result<(), EngineError> {
         self.jobs.send(job).map_err(|_| EngineError::Stopped)
     }
-}
-
-fn inference_thread(model: LlamaModel, shared: Arc<Shared>, rx: mpsc::Receiver<GenerationJob>) {
-    while let Ok(mut job) = rx.recv() {
-        // A panic inside candle must fail this job, not kill the thread for every later one.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            generate(&model, &shared.tokenizer, &mut job)
-        }))
-        .unwrap_or_else(|_| Err(EngineError::Model("inference panicked".into())));
-        let event = match result {
-            Ok(summary) => GenEvent::Finished(summary),
-            Err(e) => {
-                tracing::error!(error = %e, "generation failed");
-                GenEvent::Failed(e)
-            }
-        };
-        // Release first: a client that has read the final event may send its next request at
-        // once, and must find the worker free.
-        drop(job.on_done.take());
-        (job.sink)(event);
-    }
-}
-
-fn generate(
-    model: &LlamaModel,
-    tokenizer: &Tokenizer,
-    job: &mut GenerationJob,
-) -> Result<GenerationSummary, EngineError> {
-    let started = Instant::now();
-    let accepted = job.accepted_at;
-    let prompt = &job.prompt_tokens;
-    let params = &job.params;
-    let mut summary = GenerationSummary {
-        stop_reason: StopReason::MaxTokens,
-        prompt_tokens: prompt.len(),
-        completion_tokens: 0,
-        queue_seconds: started.duration_since(accepted).as_secs_f64(),
-        prefill_seconds: 0.0,
-        decode_seconds: 0.0,
-        time_to_first_token: None,
-        total_seconds: 0.0,
-    };
-    let interrupted = |job: &GenerationJob| -> Option<StopReason> {
-        if job.cancel.load(Ordering::Relaxed) {
-            Some(StopReason::Cancelled)
-        } else if job.deadline.is_some_and(|d| Instant::now() >= d) {
-            Some(StopReason::Deadline)
-        } else {
-            None
-        }
-    };
-    let finish = |mut s: GenerationSummary, reason: StopReason| {
-        s.stop_reason = reason;
-        s.total_seconds = accepted.elapsed().as_secs_f64();
-        s
-    };
-    if let Some(reason) = interrupted(job) {
-        return Ok(finish(summary, reason));
-    }
-
-    let mut state = model.new_state(prompt.len() + params.max_tokens);
-    let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).collect();
-    let mut logits = Vec::new();
-    for (i, chunk) in chunks.iter().enumerate() {
-        if let Some(reason) = interrupted(job) {
-            return Ok(finish(summary, reason));
-        }
-        if let Some(l) = model.forward(chunk, &mut state, i + 1 == chunks.len())? {
-            logits = l;
-        }
-    }
-
-    let mut sampler = Sampler::new(params.sampling.clone());
-    let mut history = prompt.clone();
-    let mut utf8 = Utf8Stream::new();
-    let mut stops = StopMatcher::new(params.stop.clone());
-    let mut first_token_at = None;
-    let mut reason = StopReason::MaxTokens;
-    let mut listening = true;
-    for index in 0..params.max_tokens {
-        let next = sampler.sample(&mut logits, &history);
-        if first_token_at.is_none() {
-            let now = Instant::now();
-            first_token_at = Some(now);
-            summary.prefill_seconds = now.duration_since(started).as_secs_f64();
-            summary.time_to_first_token = Some(now.duration_since(accepted).as_secs_f64());
-            listening &= (job.sink)(GenEvent::FirstToken);
-        }
-        summary.completion_tokens += 1;
-        if tokenizer.is_end_of_generation(next) {
-            reason = StopReason::Eos;
-            break;
-        }
-        history.push(next);
-        let piece = utf8.push(tokenizer.token_bytes(next));
-        match stops.push(&piece) {
-            StopScan::Emit(text) => {
-                if !text.is_empty() {
-                    listening &= (job.sink)(GenEvent::Text { index, text });
-                }
-            }
-            StopScan::Stopped(text) => {
-                if !text.is_empty() {
-                    (job.sink)(GenEvent::Text { index, text });
-                }
-                reason = StopReason::StopSequence;
-                break;
-            }
-        }
-        if !listening {
-            reason = StopReason::Cancelled;
-            break;
-        }
-        if index + 1 == params.max_tokens {
-            break;
-        }
-        if let Some(r) = interrupted(job) {
-            reason = r;
-            break;
-        }
-        logits = model
-            .forward(&[next], &mut state, true)?
-            .ok_or_else(|| EngineError::Model("no logits".into()))?;
-    }
-    if reason != StopReason::StopSequence {
-        // Bytes held by the UTF-8 decoder still go through stop matching.
-        let index = summary.completion_tokens.saturating_sub(1);
-        let mut tail = String::new();
-        match stops.push(&utf8.flush()) {
-            StopScan::Emit(t) => {
-                tail.push_str(&t);
-                tail.push_str(&stops.flush());
-            }
-            StopScan::Stopped(t) => {
-                tail.push_str(&t);
-                reason = StopReason::StopSequence;
-            }
-        }
-        if !tail.is_empty() && listening {
-            (job.sink)(GenEvent::Text { index, text: tail });
-        }
-    }
-    if let Some(first) = first_token_at {
-        summary.decode_seconds = first.elapsed().as_secs_f64();
-    }
-    Ok(finish(summary, reason))
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 //! [`Engine::load`] reads a GGUF file (weights, tokenizer, chat template) onto a device and
 //! starts one dedicated inference thread that owns the model. Callers render and tokenize a
 //! prompt with [`Engine::prepare`] (any thread), then [`Engine::submit`] a [`GenerationJob`];
-//! the thread runs one job at a time with a fresh KV state and reports through the job's sink.
+//! the thread batches every running job into one forward pass per step (see `batch`) and
+//! reports through each job's sink.
 //! Nothing here runs on an async runtime.
 
+mod batch;
 mod detok;
 mod engine;
 mod model;
@@ -17,10 +19,11 @@ mod tokenizer;
 
 pub use detok::Utf8Stream;
 pub use engine::{
-    DeviceSpec, Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions,
-    ModelInfo, Prompt, StopReason,
+    DeviceSpec, Engine, EngineLoad, GenEvent, GenerationJob, GenerationParams, GenerationSummary,
+    LoadOptions, ModelInfo, Prompt, StepObserver, StepReport, StopReason, default_kv_tokens,
+    default_parallel,
 };
-pub use model::{KvState, LlamaModel, ModelConfig};
+pub use model::{BatchItem, LlamaModel, ModelConfig, SeqKv};
 pub use qmatmul::Q41Matrix;
 pub use sampling::{Sampler, SamplingParams, apply_repetition_penalty, argmax};
 pub use stop::{StopMatcher, StopScan};

@@ -10,7 +10,6 @@ use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::kv_cache::KvCache;
 
 use crate::EngineError;
 use crate::qmatmul::Q41Matrix;
@@ -135,8 +134,62 @@ struct Layer {
     down: Projections,
 }
 
+/// The token embedding kept in its file encoding; rows are dequantized when looked up (a
+/// dequantized table of a 49k vocabulary would be the largest thing in memory).
+struct Embedding {
+    dtype: GgmlDType,
+    raw: Vec<u8>,
+    row_bytes: usize,
+    cols: usize,
+}
+
+impl Embedding {
+    fn new(t: &QTensor) -> Result<Self, EngineError> {
+        let (rows, cols) = t.shape().dims2()?;
+        let raw = t.data()?.into_owned();
+        let row_bytes = raw.len() / rows.max(1);
+        Ok(Self {
+            dtype: t.dtype(),
+            raw,
+            row_bytes,
+            cols,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.raw.len() / self.row_bytes.max(1)
+    }
+
+    /// `[ids.len(), cols]` on `device`.
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor, EngineError> {
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let at = id as usize * self.row_bytes;
+            let bytes = self.raw.get(at..at + self.row_bytes).ok_or_else(|| {
+                EngineError::Model(format!("token id {id} is outside the vocabulary"))
+            })?;
+            let row = gguf_row(self.dtype, bytes, self.cols)?;
+            out.extend_from_slice(&row);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), self.cols), device)?)
+    }
+}
+
+fn gguf_row(dtype: GgmlDType, bytes: &[u8], cols: usize) -> Result<Vec<f32>, EngineError> {
+    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        bytes,
+        vec![cols],
+        &Device::Cpu,
+    )?;
+    Ok(q.dequantize(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
+}
+
 pub struct LlamaModel {
-    embed: Tensor,
+    embed: Embedding,
+    kv_dtype: DType,
     layers: Vec<Layer>,
     norm: Tensor,
     output: Projections,
@@ -146,16 +199,107 @@ pub struct LlamaModel {
     device: Device,
 }
 
-/// Per-request attention state; a fresh one for every generation.
-pub struct KvState {
-    caches: Vec<KvCache>,
-    pos: usize,
+/// One sequence's keys and values for every layer, grown on demand up to a reserved limit.
+///
+/// Positions `0..len` hold computed attention state; buffers are allocated in steps of
+/// [`KV_GROWTH`] positions, so memory follows what a sequence has actually used.
+pub struct SeqKv {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    allocated: usize,
+    limit: usize,
 }
 
-impl KvState {
-    pub fn position(&self) -> usize {
-        self.pos
+/// Positions added to a sequence's buffers when they fill.
+const KV_GROWTH: usize = 256;
+
+impl SeqKv {
+    /// Positions whose attention state is computed.
+    pub fn len(&self) -> usize {
+        self.len
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions this sequence may hold at most (its reservation in the pool).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Positions currently backed by memory.
+    pub fn allocated(&self) -> usize {
+        self.allocated
+    }
+
+    /// Forgets everything after the first `len` positions (prefix reuse keeps the rest).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Raises or lowers the reservation; never below what is computed.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.max(self.len);
+    }
+
+    /// Makes room for `extra` more positions, reallocating (and copying) if needed.
+    fn reserve(&mut self, extra: usize, model: &LlamaModel) -> Result<(), EngineError> {
+        let need = self.len + extra;
+        if need > self.limit {
+            return Err(EngineError::ContextOverflow {
+                needed: need,
+                limit: self.limit,
+            });
+        }
+        if need <= self.allocated {
+            return Ok(());
+        }
+        let size = need.next_multiple_of(KV_GROWTH).min(self.limit);
+        let (nkv, hd) = (model.cfg.n_kv_head, model.cfg.head_dim);
+        let dtype = model.kv_dtype;
+        let mut layers = Vec::with_capacity(self.layers.len().max(model.cfg.n_layer));
+        for i in 0..model.cfg.n_layer {
+            let k = Tensor::zeros((1, nkv, size, hd), dtype, &model.device)?;
+            let v = Tensor::zeros((1, nkv, size, hd), dtype, &model.device)?;
+            if let Some((ok, ov)) = self.layers.get(i)
+                && self.len > 0
+            {
+                k.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                v.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            layers.push((k, v));
+        }
+        self.layers = layers;
+        self.allocated = size;
+        Ok(())
+    }
+
+    /// Copies the first `len` positions of `other` into this (empty) sequence.
+    pub fn copy_prefix(
+        &mut self,
+        other: &SeqKv,
+        len: usize,
+        model: &LlamaModel,
+    ) -> Result<(), EngineError> {
+        let len = len.min(other.len);
+        self.len = 0;
+        self.reserve(len, model)?;
+        for ((k, v), (ok, ov)) in self.layers.iter().zip(&other.layers) {
+            k.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            v.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// One sequence's share of a batched forward pass.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub kv: &'a mut SeqKv,
+    /// Return the logits after the item's last token.
+    pub want_logits: bool,
 }
 
 fn md<'a>(c: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, EngineError> {
@@ -244,8 +388,8 @@ impl LlamaModel {
         // Q4_1 on CPU takes our kernel, unless asked to repack to Q8_0.
         let cpu_q41 = cpu && !repack_on_cpu;
         let tok_embd = qt("token_embd.weight")?;
-        let embed = tok_embd.dequantize(device)?;
-        let vocab = embed.dim(0)?;
+        let embed = Embedding::new(&tok_embd)?;
+        let vocab = embed.rows();
         let output = match qt("output.weight") {
             Ok(t) => Projections::new(vec![t], cpu_q41, &mut linear)?,
             // Tied embeddings (SmolLM2): the output head is the embedding matrix.
@@ -286,6 +430,7 @@ impl LlamaModel {
         Ok((
             Self {
                 embed,
+                kv_dtype: DType::F32,
                 layers,
                 norm,
                 output,
@@ -302,48 +447,65 @@ impl LlamaModel {
         &self.cfg
     }
 
-    /// A fresh KV state with room for `capacity` positions (it grows if exceeded).
-    pub fn new_state(&self, capacity: usize) -> KvState {
-        KvState {
-            caches: (0..self.cfg.n_layer)
-                .map(|_| KvCache::new(2, capacity.max(1)))
-                .collect(),
-            pos: 0,
+    /// An empty sequence that may grow to `limit` positions.
+    pub fn new_seq(&self, limit: usize) -> SeqKv {
+        SeqKv {
+            layers: Vec::new(),
+            len: 0,
+            allocated: 0,
+            limit,
         }
     }
 
-    /// Runs `tokens` at the state's position. Returns the last position's logits when asked.
-    pub fn forward(
+    /// Bytes of attention state per position (keys and values, every layer).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.cfg.n_layer
+            * 2
+            * self.cfg.n_kv_head
+            * self.cfg.head_dim
+            * self.kv_dtype.size_in_bytes()
+    }
+
+    /// Runs one step for several sequences at once: every linear layer sees all their tokens
+    /// as one matrix (the weights are read once per step), attention runs per sequence over
+    /// its own positions. Returns, per item, the logits after its last token when asked.
+    ///
+    /// Each row's arithmetic does not depend on the other rows, so a sequence's results are the
+    /// same alone or in company.
+    pub fn forward_batch(
         &self,
-        tokens: &[u32],
-        state: &mut KvState,
-        want_logits: bool,
-    ) -> Result<Option<Vec<f32>>, EngineError> {
-        let seq = tokens.len();
-        let pos = state.pos;
-        if seq == 0 {
-            return Err(EngineError::Model("forward with no tokens".into()));
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for item in items.iter_mut() {
+            let (n, pos) = (item.tokens.len(), item.kv.len);
+            if n == 0 {
+                return Err(EngineError::Model("forward with no tokens".into()));
+            }
+            if pos + n > self.cfg.context_length {
+                return Err(EngineError::ContextOverflow {
+                    needed: pos + n,
+                    limit: self.cfg.context_length,
+                });
+            }
+            item.kv.reserve(n, self)?;
+            ids.extend_from_slice(item.tokens);
+            positions.extend((pos..pos + n).map(|p| p as u32));
         }
-        if pos + seq > self.cfg.context_length {
-            return Err(EngineError::ContextOverflow {
-                needed: pos + seq,
-                limit: self.cfg.context_length,
-            });
+        let total = ids.len();
+        if total == 0 {
+            return Ok(Vec::new());
         }
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
         let rep = nh / nkv;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        let mask = if seq > 1 {
-            Some(causal_mask(seq, pos, &self.device)?)
-        } else {
-            None
-        };
+        let mut x = self.embed.lookup(&ids, &self.device)?.unsqueeze(0)?;
+        let pos_t = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&pos_t, 0)?;
+        let sin = self.sin.index_select(&pos_t, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let eps = self.cfg.rms_eps as f32;
-        for (layer, cache) in self.layers.iter().zip(state.caches.iter_mut()) {
+        for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let mut qkv = layer.qkv.forward(&h)?.into_iter();
             let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
@@ -351,36 +513,44 @@ impl LlamaModel {
                     "attention projections incomplete".into(),
                 ));
             };
-            let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k
-                .reshape((1, seq, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v
-                .reshape((1, seq, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            let (k, v) = cache.append(&k, &v)?;
-            let total = k.dim(2)?;
-            // Grouped-query attention without copying K/V: the query heads that share a KV
-            // head are stacked along the sequence axis.
-            let q = q.reshape((1, nkv, rep * seq, hd))?;
-            let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = match &mask {
-                Some(m) => att
-                    .reshape((1, nkv, rep, seq, total))?
-                    .broadcast_add(m)?
-                    .reshape((1, nkv, rep * seq, total))?,
-                None => att,
+            let heads = |t: Tensor, n: usize| -> Result<Tensor, EngineError> {
+                Ok(t.reshape((1, total, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
             };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?;
-            let y = y
-                .reshape((1, nh, seq, hd))?
-                .transpose(1, 2)?
-                .reshape((1, seq, nh * hd))?;
+            let q = candle_nn::rotary_emb::rope_i(&heads(q, nh)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&heads(k, nkv)?, &cos, &sin)?;
+            let v = heads(v, nkv)?;
+            let mut ys = Vec::with_capacity(items.len());
+            let mut at = 0;
+            for item in items.iter_mut() {
+                let n = item.tokens.len();
+                let pos = item.kv.len;
+                let (kc, vc) = item
+                    .kv
+                    .layers
+                    .get(li)
+                    .ok_or_else(|| EngineError::Model("KV buffers missing".into()))?;
+                kc.slice_set(&k.narrow(2, at, n)?.contiguous()?, 2, pos)?;
+                vc.slice_set(&v.narrow(2, at, n)?.contiguous()?, 2, pos)?;
+                // One query row at a time, each over exactly the positions it may see: no
+                // mask, and the same matmul shapes however the prompt was cut or how much of it
+                // came from the prefix cache, so neither can change an answer.
+                for r in 0..n {
+                    let seen = pos + r + 1;
+                    let kk = kc.narrow(2, 0, seen)?;
+                    let vv = vc.narrow(2, 0, seen)?;
+                    let qr = q
+                        .narrow(2, at + r, 1)?
+                        .contiguous()?
+                        .reshape((1, nkv, rep, hd))?;
+                    let att = (qr.matmul(&kk.t()?)? * scale)?;
+                    let att = candle_nn::ops::softmax_last_dim(&att)?;
+                    ys.push(att.matmul(&vv)?.reshape((1, 1, nh * hd))?);
+                }
+                at += n;
+            }
+            let y = Tensor::cat(&ys, 1)?;
             x = (x + layer.wo.forward_one(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let mut gu = layer.gate_up.forward(&h)?.into_iter();
@@ -391,18 +561,54 @@ impl LlamaModel {
             };
             x = (x + layer.down.forward_one(&(g.silu()? * u)?)?)?;
         }
-        state.pos += seq;
-        if !want_logits {
-            return Ok(None);
+        let mut last_rows = Vec::new();
+        let mut at = 0;
+        for item in items.iter_mut() {
+            let n = item.tokens.len();
+            item.kv.len += n;
+            at += n;
+            if item.want_logits {
+                last_rows.push((at - 1) as u32);
+            }
         }
-        let last = x.narrow(1, seq - 1, 1)?;
+        let mut out = Vec::with_capacity(items.len());
+        if last_rows.is_empty() {
+            out.resize_with(items.len(), || None);
+            return Ok(out);
+        }
+        let rows = Tensor::new(last_rows.as_slice(), &self.device)?;
+        let last = x.index_select(&rows, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        let logits = self.output.forward_one(&last)?;
-        let logits = logits
+        let logits = self
+            .output
+            .forward_one(&last)?
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
-        Ok(Some(logits))
+        let mut chunks = logits.chunks_exact(self.cfg.vocab);
+        for item in items.iter() {
+            out.push(if item.want_logits {
+                chunks.next().map(<[f32]>::to_vec)
+            } else {
+                None
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs `tokens` for one sequence (a batch of one).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut SeqKv,
+        want_logits: bool,
+    ) -> Result<Option<Vec<f32>>, EngineError> {
+        let mut items = [BatchItem {
+            tokens,
+            kv,
+            want_logits,
+        }];
+        Ok(self.forward_batch(&mut items)?.pop().flatten())
     }
 }
 
@@ -423,13 +629,4 @@ fn rope_tables(
         .reshape((positions, 1))?;
     let freqs = t.matmul(&inv_freq)?;
     Ok((freqs.cos()?, freqs.sin()?))
-}
-
-/// Additive mask for `seq` new positions after `pos` cached ones: row i sees columns ≤ pos + i.
-fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor, EngineError> {
-    let total = pos + seq;
-    let data: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(data, (seq, total), device)?)
 }

@@ -76,6 +76,9 @@ pub struct WorkersConfig {
     pub health_probe_idle_seconds: u64,
     /// Inference threads per worker (0: all cores).
     pub threads: u32,
+    /// Sequences each worker generates together, passed as its `--parallel` (0: the worker's
+    /// default, 8 on CPU and 16 on a GPU). Reloadable (applies to workers started after).
+    pub parallel: u32,
     /// Seconds a worker lets in-flight streams finish after it is asked to stop through the
     /// API (passed as its `--grace-seconds`); at most `shutdown.ask_seconds + term_seconds`.
     pub grace_seconds: u64,
@@ -179,6 +182,7 @@ impl Default for WorkersConfig {
             health_interval_seconds: 30,
             health_probe_idle_seconds: 60,
             threads: 0,
+            parallel: 0,
             grace_seconds: 10,
         }
     }
@@ -250,6 +254,7 @@ pub const RELOADABLE: &[&str] = &[
     "workers.health_probe_idle_seconds",
     "workers.load_timeout_seconds",
     "workers.threads",
+    "workers.parallel",
     "workers.grace_seconds",
     "restart",
     "resources",

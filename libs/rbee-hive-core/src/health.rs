@@ -69,8 +69,10 @@ impl Hive {
             .inc(&["health", if ok { "ok" } else { "failed" }]);
         let idle = Duration::from_secs(self.config().workers.health_probe_idle_seconds);
         if ok && w.needs_generation_probe(idle) {
-            // Only when no client holds the slot; a busy worker is evidently alive.
-            if let Ok(permit) = w.slot.clone().try_acquire_owned() {
+            // Only when no client is streaming; a busy worker is evidently alive.
+            if w.inflight.load(Ordering::SeqCst) == 0
+                && let Ok(permit) = w.slots.clone().try_acquire_owned()
+            {
                 w.probe_holds.store(true, Ordering::SeqCst);
                 let res = self
                     .http

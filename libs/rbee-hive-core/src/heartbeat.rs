@@ -34,7 +34,7 @@ pub async fn build(hive: &Hive) -> HiveHeartbeat {
                 device: w.device,
                 state: w.state,
                 busy: w.busy,
-                slots: 1,
+                slots: w.slots,
             })
             .collect(),
         model_sha256: hive.model_hashes(&models),

@@ -187,7 +187,7 @@ impl Lifecycle {
             let outcome = match phase {
                 Phase::Ready(report) => {
                     let secs = spawned.elapsed().as_secs_f64();
-                    worker.became_ready(report.context_length, secs);
+                    worker.became_ready(report.context_length, report.slots, secs);
                     self.report(Report::Ready {
                         pid,
                         spawn_to_ready_seconds: secs,
@@ -390,6 +390,10 @@ impl Lifecycle {
         if cfg.workers.threads > 0 {
             args.push("--threads".into());
             args.push(cfg.workers.threads.to_string().into());
+        }
+        if cfg.workers.parallel > 0 {
+            args.push("--parallel".into());
+            args.push(cfg.workers.parallel.to_string().into());
         }
         if let Some(c) = spec.max_context {
             args.push("--max-context".into());

@@ -46,11 +46,11 @@ pub async fn forward(
                 .retry_after(1),
         );
     };
-    let permit = match worker.slot.clone().try_acquire_owned() {
+    let permit = match worker.slots.clone().try_acquire_owned() {
         Ok(p) => p,
         // A health probe is quick (one token); wait for it rather than refuse.
         Err(_) if worker.probe_holds.load(Ordering::SeqCst) => {
-            match tokio::time::timeout(PROBE_WAIT, worker.slot.clone().acquire_owned()).await {
+            match tokio::time::timeout(PROBE_WAIT, worker.slots.clone().acquire_owned()).await {
                 Ok(Ok(p)) => p,
                 _ => return Err(busy(&hive)),
             }
@@ -81,7 +81,7 @@ pub async fn forward(
         }
         tokio::time::timeout(header_wait, req.send())
     };
-    // We hold the worker's only slot, so ALL_SLOTS_BUSY from the worker means it is still
+    // We hold one of the worker's slots, so ALL_SLOTS_BUSY from the worker means it is still
     // winding down a generation whose client just left (milliseconds): retry briefly.
     let settle = tokio::time::Instant::now() + Duration::from_secs(2);
     let upstream = loop {

@@ -68,9 +68,11 @@ pub struct Worker {
     commands: watch::Sender<Commands>,
     ready_tx: Mutex<Option<oneshot::Sender<ReadyReport>>>,
     done_tx: watch::Sender<bool>,
-    /// The worker serves one generation at a time; the hive holds this while it streams one.
-    pub slot: Arc<Semaphore>,
-    /// Set while a health probe (not a client) holds the slot.
+    /// One permit per slot the worker reported; the hive holds one while it streams a request,
+    /// so a full worker is refused here without a round trip.
+    pub slots: Arc<Semaphore>,
+    slot_count: AtomicU32,
+    /// Set while a health probe (not a client) holds a slot.
     pub probe_holds: AtomicBool,
     pub inflight: AtomicU32,
     pub health_failures: AtomicU32,
@@ -109,7 +111,8 @@ impl Worker {
             commands: watch::channel(Commands::default()).0,
             ready_tx: Mutex::new(None),
             done_tx: watch::channel(false).0,
-            slot: Arc::new(Semaphore::new(1)),
+            slots: Arc::new(Semaphore::new(1)),
+            slot_count: AtomicU32::new(1),
             probe_holds: AtomicBool::new(false),
             inflight: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
@@ -131,7 +134,9 @@ impl Worker {
             state: s.state,
             pid: s.pid,
             port: s.port,
-            busy: self.inflight.load(Ordering::SeqCst) > 0,
+            busy: self.slots.available_permits() == 0,
+            slots: self.slot_count.load(Ordering::SeqCst),
+            slots_busy: self.inflight.load(Ordering::SeqCst),
             context_length: s.context_length,
             restart_count: s.restart_count,
             breaker_open: s.breaker_open,
@@ -318,7 +323,20 @@ impl Worker {
         s.failure = None;
     }
 
-    pub(crate) fn became_ready(&self, context_length: u64, spawn_to_ready_seconds: f64) {
+    pub(crate) fn became_ready(
+        &self,
+        context_length: u64,
+        slots: u32,
+        spawn_to_ready_seconds: f64,
+    ) {
+        // A restarted process may report another count: move the permits by the difference.
+        let slots = slots.max(1);
+        let old = self.slot_count.swap(slots, Ordering::SeqCst);
+        if slots > old {
+            self.slots.add_permits((slots - old) as usize);
+        } else {
+            self.slots.forget_permits((old - slots) as usize);
+        }
         {
             let mut s = lock(&self.status);
             s.context_length = Some(context_length);

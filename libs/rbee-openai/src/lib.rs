@@ -34,6 +34,6 @@ pub use request::{
 pub use response::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Chunk,
     Completion, CompletionChoice, CompletionChunk, Delta, EndpointKind, ModelCard, ModelList,
-    Usage, chat_completion_id, completion_id, finish_reason,
+    PromptTokensDetails, Usage, chat_completion_id, completion_id, finish_reason,
 };
 pub use stream::{Aggregator, ChunkStream, TRUNCATED_STREAM_MESSAGE, sse_data};

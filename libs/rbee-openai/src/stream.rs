@@ -168,8 +168,8 @@ impl ChunkStream {
     }
 
     /// The `include_usage` chunk: `choices: []` and `usage`.
-    pub fn usage_chunk(&self, prompt_tokens: u32, completion_tokens: u32) -> String {
-        let usage = Some(Usage::new(prompt_tokens, completion_tokens));
+    pub fn usage_chunk(&self, prompt_tokens: u32, completion_tokens: u32, cached: u32) -> String {
+        let usage = Some(Usage::new(prompt_tokens, completion_tokens, cached));
         let object = match self.kind {
             EndpointKind::Chat => OBJECT_CHAT_COMPLETION_CHUNK,
             EndpointKind::Completion => OBJECT_TEXT_COMPLETION,
@@ -213,12 +213,13 @@ impl ChunkStream {
                 stop_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 self.open(&mut out);
                 out.push(self.finish_chunk(*stop_reason));
                 if self.include_usage {
-                    out.push(self.usage_chunk(*prompt_tokens, *completion_tokens));
+                    out.push(self.usage_chunk(*prompt_tokens, *completion_tokens, *cached_tokens));
                 }
                 out.push(SSE_DONE.to_owned());
                 self.finished = true;
@@ -255,6 +256,7 @@ struct Ended {
     stop: StopReason,
     prompt_tokens: u32,
     completion_tokens: u32,
+    cached_tokens: u32,
 }
 
 /// Collects a worker's events into one non-streaming response. The first `end` or `error`
@@ -282,12 +284,14 @@ impl Aggregator {
                 stop_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 self.outcome = Some(Ok(Ended {
                     stop: *stop_reason,
                     prompt_tokens: *prompt_tokens,
                     completion_tokens: *completion_tokens,
+                    cached_tokens: *cached_tokens,
                 }));
             }
             StreamEvent::Error { code, message } => {
@@ -347,7 +351,7 @@ impl Aggregator {
                 finish_reason: finish_reason(end.stop).to_owned(),
                 rbee_stop_reason: end.stop.as_str().to_owned(),
             }],
-            usage: Usage::new(end.prompt_tokens, end.completion_tokens),
+            usage: Usage::new(end.prompt_tokens, end.completion_tokens, end.cached_tokens),
         })
     }
 
@@ -371,7 +375,7 @@ impl Aggregator {
                 finish_reason: Some(finish_reason(end.stop).to_owned()),
                 rbee_stop_reason: Some(end.stop.as_str().to_owned()),
             }],
-            usage: Usage::new(end.prompt_tokens, end.completion_tokens),
+            usage: Usage::new(end.prompt_tokens, end.completion_tokens, end.cached_tokens),
         })
     }
 }

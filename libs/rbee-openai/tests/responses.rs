@@ -29,6 +29,7 @@ fn end(stop_reason: StopReason) -> StreamEvent {
         stop_reason,
         prompt_tokens: 5,
         completion_tokens: 2,
+        cached_tokens: 0,
         timings: Timings::default(),
     }
 }
@@ -162,7 +163,7 @@ fn chat_stream_with_usage() {
             last,
             json!({"id":"chatcmpl-r1","object":"chat.completion.chunk","created":1700000000,
                    "model":"smollm2","choices":[],
-                   "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}),
+                   "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}}}),
             json!("[DONE]"),
         ]
     );
@@ -222,7 +223,7 @@ fn completion_stream() {
             chunk("lo", Value::Null),
             last,
             json!({"id":"cmpl-r1","object":"text_completion","created":1700000000,"model":"smollm2",
-                   "choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}),
+                   "choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}}}),
             json!("[DONE]"),
         ]
     );
@@ -312,7 +313,7 @@ fn non_stream_chat_aggregation() {
         json!({"id":"chatcmpl-r1","object":"chat.completion","created":1700000000,"model":"smollm2",
                "choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},
                            "logprobs":null,"finish_reason":"stop","rbee_stop_reason":"eos"}],
-               "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}})
+               "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}}})
     );
 }
 
@@ -335,7 +336,7 @@ fn non_stream_completion_aggregation() {
         json!({"id":"cmpl-r1","object":"text_completion","created":1700000000,"model":"smollm2",
                "choices":[{"text":"Hello","index":0,"logprobs":null,"finish_reason":"length",
                            "rbee_stop_reason":"deadline"}],
-               "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}})
+               "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}}})
     );
 }
 

@@ -1,6 +1,10 @@
 //! The worker's Prometheus metrics.
 
+use rbee_engine::{EngineLoad, StepObserver, StepReport};
 use rbee_metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
+
+/// Sequences per batch step.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 /// Per-token latency is much finer than request latency.
 const TOKEN_BUCKETS: &[f64] = &[
@@ -21,6 +25,14 @@ pub struct WorkerMetrics {
     pub cancellations: Counter,
     pub model_load_seconds: Gauge,
     pub busy: Gauge,
+    pub slots: Gauge,
+    /// Sequences by state: `running` (in a slot) or `waiting` (for room in the KV pool).
+    pub sequences: Gauge,
+    pub batch_size: Histogram,
+    pub step_seconds: Histogram,
+    /// KV pool positions: `total`, `reserved` (running sequences), `cached` (prefix cache).
+    pub kv_pool: Gauge,
+    pub cached_prompt_tokens: Counter,
     pub context_length: Gauge,
     pub auth_failures: Counter,
 }
@@ -73,7 +85,43 @@ impl WorkerMetrics {
                 "Seconds it took to load the model",
                 &[],
             ),
-            busy: r.gauge("rbee_worker_busy", "1 while a generation runs, else 0", &[]),
+            busy: r.gauge(
+                "rbee_worker_busy",
+                "1 while every generation slot is taken, else 0",
+                &[],
+            ),
+            slots: r.gauge(
+                "rbee_worker_slots",
+                "Sequences the worker generates together",
+                &[],
+            ),
+            sequences: r.gauge(
+                "rbee_worker_sequences",
+                "Sequences by state: running (in a slot) or waiting (for KV pool room)",
+                &["state"],
+            ),
+            batch_size: r.histogram(
+                "rbee_worker_batch_size",
+                "Sequences in each batched forward pass",
+                &[],
+                BATCH_BUCKETS,
+            ),
+            step_seconds: r.histogram(
+                "rbee_worker_step_seconds",
+                "Duration of each batched forward pass",
+                &[],
+                TOKEN_BUCKETS,
+            ),
+            kv_pool: r.gauge(
+                "rbee_worker_kv_pool_tokens",
+                "KV pool positions: total, reserved by running sequences, cached for prefix reuse",
+                &["state"],
+            ),
+            cached_prompt_tokens: r.counter(
+                "rbee_worker_prompt_tokens_cached_total",
+                "Prompt tokens whose attention state was reused from the prefix cache",
+                &[],
+            ),
             context_length: r.gauge(
                 "rbee_worker_context_length",
                 "Context limit enforced per request (prompt + max_tokens)",
@@ -86,6 +134,24 @@ impl WorkerMetrics {
             ),
             registry: r,
         }
+    }
+}
+
+impl WorkerMetrics {
+    /// Sets the gauges that follow the engine's load (at scrape time).
+    pub fn record_load(&self, l: &EngineLoad) {
+        self.sequences.set(&["running"], l.running as f64);
+        self.sequences.set(&["waiting"], l.waiting as f64);
+        self.kv_pool.set(&["total"], l.kv_total_tokens as f64);
+        self.kv_pool.set(&["reserved"], l.kv_reserved_tokens as f64);
+        self.kv_pool.set(&["cached"], l.kv_cached_tokens as f64);
+    }
+}
+
+impl StepObserver for WorkerMetrics {
+    fn on_step(&self, r: &StepReport) {
+        self.batch_size.observe(&[], r.sequences as f64);
+        self.step_seconds.observe(&[], r.seconds);
     }
 }
 

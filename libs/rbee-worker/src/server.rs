@@ -53,7 +53,9 @@ struct AppState {
     cfg: WorkerConfig,
     address: SocketAddr,
     engine: OnceLock<Engine>,
-    slot: Arc<Semaphore>,
+    /// One permit per engine slot: a request holds one from acceptance to its last event.
+    slots: Arc<Semaphore>,
+    slot_count: usize,
     draining: AtomicBool,
     /// Set when the shutdown grace window has run out: new generations are cancelled at once.
     grace_over: AtomicBool,
@@ -128,11 +130,19 @@ pub async fn serve(
 ) -> Result<(), WorkerError> {
     let address = listener.local_addr()?;
     let grace = cfg.grace;
+    let mut cfg = cfg;
+    let slot_count = cfg
+        .load
+        .parallel
+        .unwrap_or_else(|| rbee_engine::default_parallel(cfg.load.device))
+        .max(1);
+    cfg.load.parallel = Some(slot_count);
     let state: Shared = Arc::new(AppState {
         cfg,
         address,
         engine: OnceLock::new(),
-        slot: Arc::new(Semaphore::new(1)),
+        slots: Arc::new(Semaphore::new(slot_count)),
+        slot_count,
         draining: AtomicBool::new(false),
         grace_over: AtomicBool::new(false),
         started: Instant::now(),
@@ -215,7 +225,10 @@ async fn load_and_report(state: Shared) {
     let path = state.cfg.model.clone();
     let opts = state.cfg.load.clone();
     info!(model = %path.display(), device = %opts.device, "loading model");
-    let loaded = tokio::task::spawn_blocking(move || Engine::load(&path, &opts)).await;
+    let observer: Arc<dyn rbee_engine::StepObserver> = Arc::new(state.metrics.clone());
+    let loaded =
+        tokio::task::spawn_blocking(move || Engine::load_observed(&path, &opts, Some(observer)))
+            .await;
     let engine = match loaded {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => return state.fail(WorkerError::Load(e)),
@@ -231,9 +244,14 @@ async fn load_and_report(state: Shared) {
         .metrics
         .context_length
         .set(&[], info.context_length as f64);
+    state.metrics.slots.set(&[], info.slots as f64);
+    state.metrics.kv_pool.set(&["total"], info.kv_tokens as f64);
     info!(
         model = %info.name,
         context_length = info.context_length,
+        slots = info.slots,
+        kv_tokens = info.kv_tokens,
+        kv_mib = (info.kv_tokens * info.kv_bytes_per_token) as f64 / (1 << 20) as f64,
         weights = %info.file_type,
         compute = %info.compute_type,
         load_seconds = info.load_seconds,
@@ -261,6 +279,8 @@ async fn report_ready(
         "device": info.device,
         "context_length": info.context_length,
         "load_seconds": info.load_seconds,
+        "slots": info.slots,
+        "kv_tokens": info.kv_tokens,
     });
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -324,6 +344,7 @@ async fn health(State(st): State<Shared>) -> Response {
         "loading"
     };
     let info = engine.map(|e| e.info());
+    let load = engine.map(|e| e.load_state());
     let body = json!({
         "status": status,
         "worker_id": st.cfg.worker_id,
@@ -333,7 +354,16 @@ async fn health(State(st): State<Shared>) -> Response {
         "context_length": info.map(|i| i.context_length),
         "trained_context_length": info.map(|i| i.trained_context_length),
         "weights": info.map(|i| i.file_type.clone()),
-        "busy": st.slot.available_permits() == 0,
+        "busy": st.slots.available_permits() == 0,
+        "slots": st.slot_count,
+        "slots_busy": st.slot_count - st.slots.available_permits(),
+        "queued": load.map(|l| l.waiting),
+        "kv_pool": load.map(|l| json!({
+            "total_tokens": l.kv_total_tokens,
+            "reserved_tokens": l.kv_reserved_tokens,
+            "cached_tokens": l.kv_cached_tokens,
+            "bytes_per_token": info.map(|i| i.kv_bytes_per_token),
+        })),
         "uptime_seconds": st.started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -346,6 +376,9 @@ async fn health(State(st): State<Shared>) -> Response {
 }
 
 async fn metrics(State(st): State<Shared>) -> Response {
+    if let Some(e) = st.engine.get() {
+        st.metrics.record_load(&e.load_state());
+    }
     (
         [(header::CONTENT_TYPE, rbee_metrics::CONTENT_TYPE)],
         st.metrics.registry.render(),
@@ -448,14 +481,19 @@ async fn start_inference(
     let valid = validate(req, ctx, rand::random::<u64>())
         .map_err(|e| ApiError::new(codes::INVALID_PARAMETER, e.message))?;
 
-    let permit = st.slot.clone().try_acquire_owned().map_err(|_| {
+    let permit = st.slots.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             codes::ALL_SLOTS_BUSY,
-            "the worker's one generation slot is busy; retry shortly",
+            format!(
+                "all {} of the worker's generation slots are busy; retry shortly",
+                st.slot_count
+            ),
         )
         .retry_after(1)
     })?;
-    st.metrics.busy.set(&[], 1.0);
+    if st.slots.available_permits() == 0 {
+        st.metrics.busy.set(&[], 1.0);
+    }
     // Owns the permit from here on, so every way out (errors, a client that leaves while the
     // prompt is tokenized) resets the busy gauge with it.
     let release = SlotRelease {
@@ -479,17 +517,11 @@ async fn start_inference(
         });
     let tokens = match tokens {
         Ok(t) => t,
-        Err(e) => {
-            st.metrics.busy.set(&[], 0.0);
-            return Err(e);
-        }
+        Err(e) => return Err(e),
     };
     let max_tokens = match fit_to_context(tokens.len(), valid.max_tokens, ctx) {
         Ok(n) => n,
-        Err(e) => {
-            st.metrics.busy.set(&[], 0.0);
-            return Err(ApiError::new(codes::CONTEXT_LENGTH_EXCEEDED, e.message));
-        }
+        Err(e) => return Err(ApiError::new(codes::CONTEXT_LENGTH_EXCEEDED, e.message)),
     };
 
     let prompt_tokens = tokens.len();
@@ -621,6 +653,7 @@ fn metered_sink(
                 let reason = wire_reason(s.stop_reason);
                 m.requests.inc(&[reason.as_str()]);
                 m.prompt_tokens.inc_by(&[], s.prompt_tokens as f64);
+                m.cached_prompt_tokens.inc_by(&[], s.cached_tokens as f64);
                 m.generated_tokens.inc_by(&[], s.completion_tokens as f64);
                 m.request_duration.observe(&[], s.total_seconds);
                 if s.stop_reason == StopReason::Cancelled {
@@ -630,6 +663,7 @@ fn metered_sink(
                     request_id = %request_id,
                     stop_reason = reason.as_str(),
                     prompt_tokens = s.prompt_tokens,
+                    cached_tokens = s.cached_tokens,
                     completion_tokens = s.completion_tokens,
                     ttft_ms = s.time_to_first_token.unwrap_or(0.0) * 1e3,
                     decode_tps = tokens_per_second(s),
@@ -742,6 +776,7 @@ fn end_event(s: &GenerationSummary) -> StreamEvent {
         stop_reason: wire_reason(s.stop_reason),
         prompt_tokens: s.prompt_tokens as u32,
         completion_tokens: s.completion_tokens as u32,
+        cached_tokens: s.cached_tokens as u32,
         timings: Timings {
             queue_ms: ms(s.queue_seconds),
             prefill_ms: ms(s.prefill_seconds),
