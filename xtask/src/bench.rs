@@ -29,7 +29,7 @@ fn tokens_per_second(end: &Value) -> f64 {
     }
 }
 
-fn peak_rss_mib(pid: i32) -> Option<f64> {
+pub(crate) fn peak_rss_mib(pid: i32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -377,7 +377,7 @@ async fn timed_stream(req: reqwest::RequestBuilder, max_tokens: u64) -> anyhow::
 }
 
 /// The nearest-rank percentile `p` (0 to 100) of `values`; 0 when empty.
-fn percentile(values: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     if v.is_empty() {

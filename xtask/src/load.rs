@@ -10,12 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rbee_test_harness::{MODEL_FILE, SseData, SseReader, model_dir};
 use serde_json::{Value, json};
 
+use crate::bench::{peak_rss_mib, percentile};
 use crate::cargo::build_release;
 use crate::cli::flag;
 use crate::model::fetch_model;
@@ -129,11 +131,11 @@ async fn run_rbee(
     rounds: usize,
     max_tokens: usize,
 ) -> anyhow::Result<Vec<Level>> {
-    let target = Target {
+    let target = Arc::new(Target {
         url: stack.url("/v1/chat/completions"),
         token: Some(stack.client_token.clone()),
         model: DEMO_MODEL.into(),
-    };
+    });
     eprintln!("warm-up: the first request through the queen spawns the worker ...");
     one_request(&reqwest::Client::new(), &target, 0, max_tokens).await?;
     let mut out = Vec::new();
@@ -166,13 +168,6 @@ async fn worker_rss_mib(stack: &Stack) -> anyhow::Result<f64> {
         .filter_map(|w| w["pid"].as_i64())
         .filter_map(|pid| peak_rss_mib(pid as i32))
         .sum())
-}
-
-fn peak_rss_mib(pid: i32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 async fn run_llama(
@@ -212,11 +207,11 @@ async fn run_llama(
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let target = Target {
+        let target = Arc::new(Target {
             url: format!("{base}/v1/chat/completions"),
             token: None,
             model: MODEL_FILE.into(),
-        };
+        });
         one_request(&client, &target, 0, max_tokens).await?;
         let pid = child.id().context("llama-server pid")? as i32;
         let mut level = drive(&target, c, rounds, max_tokens).await?;
@@ -240,21 +235,16 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// `concurrency` clients, each sending `rounds` requests back to back.
 async fn drive(
-    target: &Target,
+    target: &Arc<Target>,
     concurrency: usize,
     rounds: usize,
     max_tokens: usize,
 ) -> anyhow::Result<Level> {
     let client = reqwest::Client::new();
-    let target = std::sync::Arc::new(Target {
-        url: target.url.clone(),
-        token: target.token.clone(),
-        model: target.model.clone(),
-    });
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..concurrency {
-        let (client, target) = (client.clone(), target.clone());
+        let (client, target) = (client.clone(), Arc::clone(target));
         tasks.spawn(async move {
             let mut samples = Vec::new();
             for r in 0..rounds {
@@ -348,17 +338,6 @@ async fn one_request(
         ttft_ms: first.duration_since(t0).as_secs_f64() * 1e3,
         itl_ms: itl,
     })
-}
-
-/// The nearest-rank percentile `p` (0 to 100) of `values`; 0 when empty.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return 0.0;
-    }
-    let rank = (p / 100.0 * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
 }
 
 fn print_report(

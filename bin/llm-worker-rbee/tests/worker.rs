@@ -426,38 +426,36 @@ async fn concurrent_requests_share_steps_and_get_their_own_answers() {
             "{p:?}: the same answer alone and in company"
         );
     }
-    let metrics = c
-        .get(w.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let batched = w
+        .metric(&c, "rbee_worker_batch_size_bucket{le=\"4\"}")
         .await
         .unwrap();
-    let batched: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("rbee_worker_batch_size_bucket{le=\"4\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let steps: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("rbee_worker_batch_size_count"))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let steps = w.metric(&c, "rbee_worker_batch_size_count").await.unwrap();
     assert!(
         steps > batched,
-        "some steps ran more than 4 sequences at once:\n{metrics}"
+        "some steps ran more than 4 sequences at once: {batched} of {steps} ran at most 4"
     );
-    assert!(metrics.contains("rbee_worker_slots 8"), "{metrics}");
+    assert_eq!(w.metric(&c, "rbee_worker_slots").await.unwrap(), 8.0);
 }
 
-/// Polls until the worker takes a new request (its one slot is free again).
+/// Polls `/health` until no slot is taken; returns how long it took.
 async fn wait_until_free(w: &Daemon, limit: Duration) -> Duration {
-    wait_accepted(w, limit, "the worker's slot to be free").await
+    let c = client();
+    let t0 = Instant::now();
+    eventually(limit, "every slot to be free", || async {
+        let h: Value = c
+            .get(w.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (h["slots_busy"] == 0).then_some(()).ok_or(h)
+    })
+    .await
+    .unwrap();
+    t0.elapsed()
 }
 
 /// Polls until a 1-token request with the worker's token answers 200; returns how long it took.

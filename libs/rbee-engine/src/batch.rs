@@ -66,7 +66,6 @@ impl LoadCounters {
 pub(crate) struct BatchConfig {
     pub parallel: usize,
     pub kv_tokens: usize,
-    pub prefix_cache: bool,
 }
 
 /// A finished sequence's attention state, kept for prompts that start the same way.
@@ -315,7 +314,7 @@ impl<'m> Batcher<'m> {
     }
 
     fn keep(&mut self, entry: CachedPrefix) {
-        if entry.kv.is_empty() || !self.cfg.prefix_cache {
+        if entry.kv.is_empty() {
             return;
         }
         // An entry that is a prefix of a newer one is worth nothing more.
@@ -348,8 +347,9 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    fn start(&mut self, job: GenerationJob, need: usize) {
-        let prompt = job.prompt_tokens.clone();
+    fn start(&mut self, mut job: GenerationJob, need: usize) {
+        // The sequence's history owns the prompt from here on.
+        let prompt = std::mem::take(&mut job.prompt_tokens);
         // The last prompt token is always run: its logits give the first generated token.
         let reusable = prompt.len().saturating_sub(1);
         let best = self

@@ -75,8 +75,6 @@ pub struct LoadOptions {
     /// KV pool size in positions, shared by all slots; None picks [`default_kv_tokens`].
     /// A request reserves `prompt + max_tokens` of it; the context limit never exceeds it.
     pub kv_tokens: Option<usize>,
-    /// Keep finished sequences' attention state for prompts that start the same way.
-    pub prefix_cache: bool,
 }
 
 /// Slots when none are asked for: enough for batching to pay on any device. Slots cost nothing
@@ -103,7 +101,6 @@ impl Default for LoadOptions {
             max_context: None,
             parallel: None,
             kv_tokens: None,
-            prefix_cache: true,
         }
     }
 }
@@ -318,7 +315,6 @@ impl Engine {
         let cfg = BatchConfig {
             parallel,
             kv_tokens,
-            prefix_cache: opts.prefix_cache,
         };
         std::thread::Builder::new()
             .name("inference".into())

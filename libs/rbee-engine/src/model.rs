@@ -189,7 +189,6 @@ fn gguf_row(dtype: GgmlDType, bytes: &[u8], cols: usize) -> Result<Vec<f32>, Eng
 
 pub struct LlamaModel {
     embed: Embedding,
-    kv_dtype: DType,
     layers: Vec<Layer>,
     norm: Tensor,
     output: Projections,
@@ -213,6 +212,9 @@ pub struct SeqKv {
 /// Positions added to a sequence's buffers when they fill.
 const KV_GROWTH: usize = 256;
 
+/// Keys and values are kept in f32: candle's CPU matmuls are fastest on it.
+const KV_DTYPE: DType = DType::F32;
+
 impl SeqKv {
     /// Positions whose attention state is computed.
     pub fn len(&self) -> usize {
@@ -233,16 +235,6 @@ impl SeqKv {
         self.allocated
     }
 
-    /// Forgets everything after the first `len` positions (prefix reuse keeps the rest).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    /// Raises or lowers the reservation; never below what is computed.
-    pub fn set_limit(&mut self, limit: usize) {
-        self.limit = limit.max(self.len);
-    }
-
     /// Makes room for `extra` more positions, reallocating (and copying) if needed.
     fn reserve(&mut self, extra: usize, model: &LlamaModel) -> Result<(), EngineError> {
         let need = self.len + extra;
@@ -257,7 +249,7 @@ impl SeqKv {
         }
         let size = need.next_multiple_of(KV_GROWTH).min(self.limit);
         let (nkv, hd) = (model.cfg.n_kv_head, model.cfg.head_dim);
-        let dtype = model.kv_dtype;
+        let dtype = KV_DTYPE;
         let mut layers = Vec::with_capacity(self.layers.len().max(model.cfg.n_layer));
         for i in 0..model.cfg.n_layer {
             let k = Tensor::zeros((1, nkv, size, hd), dtype, &model.device)?;
@@ -430,7 +422,6 @@ impl LlamaModel {
         Ok((
             Self {
                 embed,
-                kv_dtype: DType::F32,
                 layers,
                 norm,
                 output,
@@ -459,11 +450,7 @@ impl LlamaModel {
 
     /// Bytes of attention state per position (keys and values, every layer).
     pub fn kv_bytes_per_position(&self) -> usize {
-        self.cfg.n_layer
-            * 2
-            * self.cfg.n_kv_head
-            * self.cfg.head_dim
-            * self.kv_dtype.size_in_bytes()
+        self.cfg.n_layer * 2 * self.cfg.n_kv_head * self.cfg.head_dim * KV_DTYPE.size_in_bytes()
     }
 
     /// Runs one step for several sequences at once: every linear layer sees all their tokens

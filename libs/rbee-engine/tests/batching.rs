@@ -3,45 +3,22 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use rbee_engine::{
-    Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions, Prompt,
-    SamplingParams, StepObserver, StepReport,
+    Engine, GenEvent, GenerationParams, GenerationSummary, LoadOptions, Prompt, SamplingParams,
+    StepObserver, StepReport,
 };
 use rbee_test_harness::{reference, test_model};
+
+mod common;
 
 type Outcome = mpsc::Receiver<GenEvent>;
 
 fn submit(engine: &Engine, prompt: &Prompt, params: GenerationParams) -> Outcome {
-    let tokens = engine.prepare(prompt).unwrap();
-    let (tx, rx) = mpsc::channel();
-    engine
-        .submit(GenerationJob {
-            prompt_tokens: tokens,
-            params,
-            cancel: Arc::new(AtomicBool::new(false)),
-            deadline: None,
-            accepted_at: Instant::now(),
-            sink: Box::new(move |e| tx.send(e).is_ok()),
-            on_done: None,
-        })
-        .unwrap();
-    rx
-}
-
-fn collect(rx: Outcome) -> (String, GenerationSummary) {
-    let mut text = String::new();
-    loop {
-        match rx.recv().unwrap() {
-            GenEvent::Text { text: t, .. } => text.push_str(&t),
-            GenEvent::FirstToken => {}
-            GenEvent::Finished(s) => return (text, s),
-            GenEvent::Failed(e) => panic!("generation failed: {e}"),
-        }
-    }
+    common::submit(engine, prompt, params, false, None)
 }
 
 fn params(max_tokens: usize, temperature: f32, seed: u64) -> GenerationParams {
@@ -79,11 +56,10 @@ impl StepObserver for Steps {
     }
 }
 
-fn load(parallel: usize, prefix_cache: bool) -> (Engine, Arc<Steps>) {
+fn load(parallel: usize) -> (Engine, Arc<Steps>) {
     let steps = Arc::new(Steps::default());
     let opts = LoadOptions {
         parallel: Some(parallel),
-        prefix_cache,
         ..LoadOptions::default()
     };
     let e = Engine::load_observed(&test_model(), &opts, Some(steps.clone())).expect("model loads");
@@ -92,7 +68,7 @@ fn load(parallel: usize, prefix_cache: bool) -> (Engine, Arc<Steps>) {
 
 #[test]
 fn answers_do_not_depend_on_company() {
-    let (engine, steps) = load(8, true);
+    let (engine, steps) = load(8);
     let reference = reference();
     // The llama.cpp reference cases, then plain prompts to make eight, then one seeded draw.
     let mut jobs: Vec<(Prompt, GenerationParams)> = reference
@@ -129,7 +105,7 @@ fn answers_do_not_depend_on_company() {
 
     let alone: Vec<(String, GenerationSummary)> = jobs
         .iter()
-        .map(|(p, gp)| collect(submit(&engine, p, gp.clone())))
+        .map(|(p, gp)| common::collect(submit(&engine, p, gp.clone())))
         .collect();
     // (How these compare with llama.cpp's answers is `reference.rs`'s business.)
     assert_eq!(
@@ -143,7 +119,8 @@ fn answers_do_not_depend_on_company() {
         .iter()
         .map(|(p, gp)| submit(&engine, p, gp.clone()))
         .collect();
-    let together: Vec<(String, GenerationSummary)> = pending.into_iter().map(collect).collect();
+    let together: Vec<(String, GenerationSummary)> =
+        pending.into_iter().map(common::collect).collect();
     let widest = steps.widest.load(Ordering::SeqCst);
     assert!(widest >= 4, "requests were batched: widest step {widest}");
     for (i, ((a, sa), (b, sb))) in alone.iter().zip(&together).enumerate() {
@@ -169,8 +146,8 @@ fn a_follow_up_turn_reuses_the_conversation_so_far() {
                   words, and never invent facts about the club, its members or its hives. \
                   If a question is not about bees or beekeeping, say so politely.";
     let first = [("system", system), ("user", "What do bees make?")];
-    let (engine, steps) = load(4, true);
-    let (answer, s1) = collect(submit(&engine, &chat(&first), params(24, 0.0, 0)));
+    let (engine, steps) = load(4);
+    let (answer, s1) = common::collect(submit(&engine, &chat(&first), params(24, 0.0, 0)));
     assert_eq!(s1.cached_tokens, 0, "nothing cached on a fresh engine");
     let second = [
         ("system", system),
@@ -182,7 +159,7 @@ fn a_follow_up_turn_reuses_the_conversation_so_far() {
     let prompt_len = engine.prepare(&second).unwrap().len();
 
     let before = steps.tokens.load(Ordering::SeqCst);
-    let (reused, s2) = collect(submit(&engine, &second, params(24, 0.0, 0)));
+    let (reused, s2) = common::collect(submit(&engine, &second, params(24, 0.0, 0)));
     let ran = steps.tokens.load(Ordering::SeqCst) - before;
     println!(
         "turn 2: {prompt_len} prompt tokens, {} cached, TTFT {:.1} ms (turn 1 {:.1} ms)",
@@ -202,8 +179,8 @@ fn a_follow_up_turn_reuses_the_conversation_so_far() {
     );
 
     // The same answer as an engine that has never seen the conversation.
-    let (fresh, _) = load(1, false);
-    let (recomputed, s3) = collect(submit(&fresh, &second, params(24, 0.0, 0)));
+    let (fresh, _) = load(1);
+    let (recomputed, s3) = common::collect(submit(&fresh, &second, params(24, 0.0, 0)));
     assert_eq!(s3.cached_tokens, 0);
     assert_eq!(
         reused, recomputed,

@@ -3,16 +3,14 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
 use std::time::Instant;
 
 use rbee_engine::{
-    Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions, Prompt,
-    SamplingParams, StopReason,
+    Engine, GenerationParams, GenerationSummary, LoadOptions, Prompt, SamplingParams, StopReason,
 };
 use rbee_test_harness::{reference, test_model};
+
+mod common;
 
 fn engine() -> Engine {
     Engine::load(&test_model(), &LoadOptions::default()).expect("model loads")
@@ -33,28 +31,7 @@ fn chat(case_messages: &[serde_json::Value]) -> Prompt {
 }
 
 fn run(engine: &Engine, prompt: &Prompt, params: GenerationParams) -> (String, GenerationSummary) {
-    let tokens = engine.prepare(prompt).unwrap();
-    let (tx, rx) = mpsc::channel();
-    engine
-        .submit(GenerationJob {
-            prompt_tokens: tokens,
-            params,
-            cancel: Arc::new(AtomicBool::new(false)),
-            deadline: None,
-            accepted_at: Instant::now(),
-            sink: Box::new(move |e| tx.send(e).is_ok()),
-            on_done: None,
-        })
-        .unwrap();
-    let mut text = String::new();
-    loop {
-        match rx.recv().unwrap() {
-            GenEvent::Text { text: t, .. } => text.push_str(&t),
-            GenEvent::FirstToken => {}
-            GenEvent::Finished(s) => return (text, s),
-            GenEvent::Failed(e) => panic!("generation failed: {e}"),
-        }
-    }
+    common::collect(common::submit(engine, prompt, params, false, None))
 }
 
 fn greedy(max_tokens: usize) -> GenerationParams {
@@ -176,25 +153,15 @@ fn a_tokenizer_json_beside_the_model_is_used_and_agrees() {
 fn cancellation_and_deadline_stop_the_loop() {
     let engine = engine();
     let prompt = Prompt::Text("1, 2, 3, 4, 5, 6,".into());
-    let tokens = engine.prepare(&prompt).unwrap();
     let submit = |cancel: bool, deadline: Option<Instant>| {
-        let (tx, rx) = mpsc::channel();
-        engine
-            .submit(GenerationJob {
-                prompt_tokens: tokens.clone(),
-                params: greedy(500),
-                cancel: Arc::new(AtomicBool::new(cancel)),
-                deadline,
-                accepted_at: Instant::now(),
-                sink: Box::new(move |e| tx.send(e).is_ok()),
-                on_done: None,
-            })
-            .unwrap();
-        loop {
-            if let GenEvent::Finished(s) = rx.recv().unwrap() {
-                return s;
-            }
-        }
+        common::collect(common::submit(
+            &engine,
+            &prompt,
+            greedy(500),
+            cancel,
+            deadline,
+        ))
+        .1
     };
     let s = submit(true, None);
     assert_eq!(

@@ -124,13 +124,12 @@ fn router(state: Shared) -> Router {
 /// Serves until shutdown. Returns an error when the model cannot load or readiness cannot be
 /// reported, so the binary exits non-zero and the hive sees why.
 pub async fn serve(
-    cfg: WorkerConfig,
+    mut cfg: WorkerConfig,
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), WorkerError> {
     let address = listener.local_addr()?;
     let grace = cfg.grace;
-    let mut cfg = cfg;
     let slot_count = cfg
         .load
         .parallel
