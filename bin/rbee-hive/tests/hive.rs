@@ -601,7 +601,9 @@ async fn sigterm_stops_three_workers_one_of_them_frozen_within_30s() {
             extra_args: vec!["--metrics-textfile".into(), textfile.display().to_string()],
             ..HiveOptions::default()
         }
-        .token(TOKEN),
+        .token(TOKEN)
+        // One worker per request, so the same model runs in three processes.
+        .env("WORKERS__PARALLEL", 1),
     )
     .await
     .unwrap();
@@ -641,7 +643,9 @@ async fn sigterm_stops_three_workers_one_of_them_frozen_within_30s() {
 
 #[tokio::test]
 async fn sigterm_with_cooperative_workers_is_quick() {
-    let mut hive = Daemon::hive(HiveOptions::default()).await.unwrap();
+    let mut hive = Daemon::hive(HiveOptions::default().env("WORKERS__PARALLEL", 1))
+        .await
+        .unwrap();
     let c = client();
     let mut pids = Vec::new();
     for _ in 0..2 {
@@ -799,6 +803,30 @@ async fn max_workers_and_bad_model_refs_are_refused() {
             .unwrap()
             .contains("max_workers (1)")
     );
+}
+
+#[tokio::test]
+async fn a_second_copy_of_a_model_on_the_same_device_is_refused() {
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    let first = hive.spawn_worker(&c, MODEL_REF).await.unwrap();
+    let second = hive
+        .post(&c, "/v1/workers", &json!({"model": MODEL_REF}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 507);
+    let err: Value = second.json().await.unwrap();
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("already runs on cpu"), "{err}");
+    assert!(message.contains(&first), "names the worker that batches: {err}");
+    let refusals = hive
+        .metric(&c, "rbee_hive_admission_refusals_total{reason=\"same_model\"}")
+        .await
+        .unwrap();
+    assert_eq!(refusals, 1.0);
 }
 
 #[tokio::test]

@@ -77,7 +77,8 @@ pub struct WorkersConfig {
     /// Inference threads per worker (0: all cores).
     pub threads: u32,
     /// Sequences each worker generates together, passed as its `--parallel` (0: the worker's
-    /// default, 8 on CPU and 16 on a GPU). Reloadable (applies to workers started after).
+    /// default, 8 on CPU and 16 on a GPU). Unless 1, a second worker for a model already on
+    /// the same device is refused. Reloadable (applies to workers started after).
     pub parallel: u32,
     /// Seconds a worker lets in-flight streams finish after it is asked to stop through the
     /// API (passed as its `--grace-seconds`); at most `shutdown.ask_seconds + term_seconds`.

@@ -369,7 +369,7 @@ impl Hive {
             if self.draining.load(Ordering::SeqCst) {
                 return Err(HiveError::ShuttingDown);
             }
-            self.admit(&map, &device, &estimate)?;
+            self.admit(&map, &spec, &estimate)?;
             let worker = Worker::new(spec);
             map.insert(id.clone(), worker.clone());
             worker
@@ -399,9 +399,10 @@ impl Hive {
     fn admit(
         &self,
         workers: &BTreeMap<String, Arc<Worker>>,
-        device: &str,
+        spec: &WorkerSpec,
         estimate: &rbee_models::MemoryEstimate,
     ) -> Result<(), HiveError> {
+        let (model_ref, device) = (spec.model_ref.as_str(), spec.device.as_str());
         let cfg = self.config();
         let active: Vec<&Arc<Worker>> = workers.values().filter(|w| w.holds_resources()).collect();
         let mib = |b: u64| b >> 20;
@@ -411,6 +412,22 @@ impl Hive {
                 "workers.max_workers ({}) reached: {} workers are running",
                 cfg.workers.max_workers,
                 active.len()
+            )));
+        }
+        // One copy of a model's weights per device: a worker that batches serves more requests
+        // from the copy it has, and a second one would only split the same compute. A crashed
+        // one (backoff) does not count: requests need a worker now.
+        if cfg.workers.parallel != 1
+            && let Some(w) = active.iter().find(|w| {
+                w.spec.device == device
+                    && w.spec.model_ref == model_ref
+                    && matches!(w.state(), WorkerState::Starting | WorkerState::Ready)
+            })
+        {
+            self.metrics.admission_refusals.inc(&["same_model"]);
+            return Err(HiveError::Insufficient(format!(
+                "{model_ref} already runs on {device} in worker {}, which batches concurrent                  requests; a second copy of the weights on the same device is not started                  (workers.parallel = 1 allows one worker per request)",
+                w.id()
             )));
         }
         let need = estimate.total_bytes;
@@ -685,3 +702,4 @@ mod tests {
         }
     }
 }
+
