@@ -118,19 +118,22 @@ async fn bench_ours(
             Ok::<_, anyhow::Error>((ttft.unwrap_or(0.0), end.context("no end event")?))
         }
     };
-    // Warm-up, then measure. " the" repeated gives a prompt of exactly 128 tokens.
-    let pp_body = json!({"prompt": " the".repeat(128), "max_tokens": 1, "temperature": 0});
+    // Every prompt differs from its first token on, so the prefix cache cannot shorten a
+    // measured prefill: a word repeated 128 times is a 128-token prompt.
+    const WORDS: [&str; 6] = [" the", " a", " of", " to", " and", " in"];
+    let pp_body = |i: usize| json!({"prompt": WORDS[i % WORDS.len()].repeat(128), "max_tokens": 1, "temperature": 0});
     let tg_body = json!({"prompt": "Once upon a time", "max_tokens": 128, "temperature": 0.8, "seed": 1, "stop": []});
-    let chat_body = json!({"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 1, "temperature": 0});
-    run(pp_body.clone()).await?;
+    let chat_body = |i: usize| json!({"messages": [{"role": "user", "content": format!("What is {i}+{i}?")}], "max_tokens": 1, "temperature": 0});
+    run(pp_body(0)).await?;
     let (mut pp, mut tg, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let (_, end) = run(pp_body.clone()).await?;
-        let n = end["prompt_tokens"].as_f64().unwrap_or(0.0);
-        pp.push(n * 1000.0 / end["timings"]["prefill_ms"].as_f64().unwrap_or(f64::MAX));
+    for i in 1..=runs {
+        let (_, end) = run(pp_body(i)).await?;
+        let fresh = end["prompt_tokens"].as_f64().unwrap_or(0.0)
+            - end["cached_tokens"].as_f64().unwrap_or(0.0);
+        pp.push(fresh * 1000.0 / end["timings"]["prefill_ms"].as_f64().unwrap_or(f64::MAX));
         let (_, end) = run(tg_body.clone()).await?;
         tg.push(tokens_per_second(&end));
-        let (t, _) = run(chat_body.clone()).await?;
+        let (t, _) = run(chat_body(i)).await?;
         ttft.push(t);
     }
     Ok(Figures {

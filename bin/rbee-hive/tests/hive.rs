@@ -821,9 +821,15 @@ async fn a_second_copy_of_a_model_on_the_same_device_is_refused() {
     let err: Value = second.json().await.unwrap();
     let message = err["error"]["message"].as_str().unwrap();
     assert!(message.contains("already runs on cpu"), "{err}");
-    assert!(message.contains(&first), "names the worker that batches: {err}");
+    assert!(
+        message.contains(&first),
+        "names the worker that batches: {err}"
+    );
     let refusals = hive
-        .metric(&c, "rbee_hive_admission_refusals_total{reason=\"same_model\"}")
+        .metric(
+            &c,
+            "rbee_hive_admission_refusals_total{reason=\"same_model\"}",
+        )
         .await
         .unwrap();
     assert_eq!(refusals, 1.0);

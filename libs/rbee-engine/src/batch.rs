@@ -26,7 +26,8 @@ use std::time::Instant;
 use crate::engine::{
     EngineLoad, GenEvent, GenerationJob, GenerationSummary, StepObserver, StepReport, StopReason,
 };
-use crate::model::{BatchItem, LlamaModel, SeqKv};
+use crate::kv::SeqKv;
+use crate::model::{BatchItem, LlamaModel};
 use crate::sampling::Sampler;
 use crate::stop::{StopMatcher, StopScan};
 use crate::tokenizer::Tokenizer;
@@ -313,8 +314,13 @@ impl<'m> Batcher<'m> {
         }
     }
 
-    fn keep(&mut self, entry: CachedPrefix) {
+    fn keep(&mut self, mut entry: CachedPrefix) {
         if entry.kv.is_empty() {
+            return;
+        }
+        // Kept entries hold only their computed positions.
+        if let Err(e) = entry.kv.shrink(self.model.dims(), self.model.device()) {
+            tracing::warn!(error = %e, "cannot shrink a finished sequence's KV; not kept");
             return;
         }
         // An entry that is a prefix of a newer one is worth nothing more.
@@ -364,7 +370,7 @@ impl<'m> Batcher<'m> {
             && n > 0
         {
             let entry = self.cache.remove(i);
-            if let Err(e) = kv.copy_prefix(&entry.kv, n, self.model) {
+            if let Err(e) = kv.copy_prefix(&entry.kv, n, self.model.dims(), self.model.device()) {
                 tracing::warn!(error = %e, "prefix reuse failed; recomputing the prompt");
                 kv = self.model.new_seq(need);
             } else {

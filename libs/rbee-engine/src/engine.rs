@@ -357,6 +357,33 @@ impl Engine {
     pub fn submit(&self, job: GenerationJob) -> Result<(), EngineError> {
         self.jobs.send(job).map_err(|_| EngineError::Stopped)
     }
+
+    /// Renders, submits and waits for one generation: its whole text and summary. Blocking.
+    pub fn generate(
+        &self,
+        prompt: &Prompt,
+        params: GenerationParams,
+    ) -> Result<(String, GenerationSummary), EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(GenerationJob {
+            prompt_tokens: self.prepare(prompt)?,
+            params,
+            cancel: Arc::new(AtomicBool::new(false)),
+            deadline: None,
+            accepted_at: Instant::now(),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+            on_done: None,
+        })?;
+        let mut text = String::new();
+        loop {
+            match rx.recv().map_err(|_| EngineError::Stopped)? {
+                GenEvent::Text { text: t, .. } => text.push_str(&t),
+                GenEvent::FirstToken => {}
+                GenEvent::Finished(s) => return Ok((text, s)),
+                GenEvent::Failed(e) => return Err(e),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

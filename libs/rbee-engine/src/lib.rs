@@ -10,6 +10,7 @@
 mod batch;
 mod detok;
 mod engine;
+mod kv;
 mod model;
 mod qmatmul;
 mod sampling;
@@ -23,7 +24,8 @@ pub use engine::{
     LoadOptions, ModelInfo, Prompt, StepObserver, StepReport, StopReason, default_kv_tokens,
     default_parallel,
 };
-pub use model::{BatchItem, LlamaModel, ModelConfig, SeqKv};
+pub use kv::SeqKv;
+pub use model::{BatchItem, LlamaModel, ModelConfig};
 pub use qmatmul::Q41Matrix;
 pub use sampling::{Sampler, SamplingParams, apply_repetition_penalty, argmax};
 pub use stop::{StopMatcher, StopScan};

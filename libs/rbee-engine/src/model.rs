@@ -12,6 +12,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::EngineError;
+use crate::kv::{self, Dims, HostRope, KV_DTYPE, SeqKv};
 use crate::qmatmul::Q41Matrix;
 
 /// Quantized types that candle has no fast CPU dot-product kernel for; on CPU they are
@@ -194,96 +195,10 @@ pub struct LlamaModel {
     output: Projections,
     cos: Tensor,
     sin: Tensor,
+    /// Set on the CPU, where attention runs over raw slices (`kv.rs`).
+    host_rope: Option<HostRope>,
     cfg: ModelConfig,
     device: Device,
-}
-
-/// One sequence's keys and values for every layer, grown on demand up to a reserved limit.
-///
-/// Positions `0..len` hold computed attention state; buffers are allocated in steps of
-/// [`KV_GROWTH`] positions, so memory follows what a sequence has actually used.
-pub struct SeqKv {
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-    allocated: usize,
-    limit: usize,
-}
-
-/// Positions added to a sequence's buffers when they fill.
-const KV_GROWTH: usize = 256;
-
-/// Keys and values are kept in f32: candle's CPU matmuls are fastest on it.
-const KV_DTYPE: DType = DType::F32;
-
-impl SeqKv {
-    /// Positions whose attention state is computed.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Positions this sequence may hold at most (its reservation in the pool).
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
-    /// Positions currently backed by memory.
-    pub fn allocated(&self) -> usize {
-        self.allocated
-    }
-
-    /// Makes room for `extra` more positions, reallocating (and copying) if needed.
-    fn reserve(&mut self, extra: usize, model: &LlamaModel) -> Result<(), EngineError> {
-        let need = self.len + extra;
-        if need > self.limit {
-            return Err(EngineError::ContextOverflow {
-                needed: need,
-                limit: self.limit,
-            });
-        }
-        if need <= self.allocated {
-            return Ok(());
-        }
-        let size = need.next_multiple_of(KV_GROWTH).min(self.limit);
-        let (nkv, hd) = (model.cfg.n_kv_head, model.cfg.head_dim);
-        let dtype = KV_DTYPE;
-        let mut layers = Vec::with_capacity(self.layers.len().max(model.cfg.n_layer));
-        for i in 0..model.cfg.n_layer {
-            let k = Tensor::zeros((1, nkv, size, hd), dtype, &model.device)?;
-            let v = Tensor::zeros((1, nkv, size, hd), dtype, &model.device)?;
-            if let Some((ok, ov)) = self.layers.get(i)
-                && self.len > 0
-            {
-                k.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                v.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-            }
-            layers.push((k, v));
-        }
-        self.layers = layers;
-        self.allocated = size;
-        Ok(())
-    }
-
-    /// Copies the first `len` positions of `other` into this (empty) sequence.
-    pub fn copy_prefix(
-        &mut self,
-        other: &SeqKv,
-        len: usize,
-        model: &LlamaModel,
-    ) -> Result<(), EngineError> {
-        let len = len.min(other.len);
-        self.len = 0;
-        self.reserve(len, model)?;
-        for ((k, v), (ok, ov)) in self.layers.iter().zip(&other.layers) {
-            k.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-            v.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-        }
-        self.len = len;
-        Ok(())
-    }
 }
 
 /// One sequence's share of a batched forward pass.
@@ -425,6 +340,11 @@ impl LlamaModel {
                 layers,
                 norm,
                 output,
+                host_rope: if cpu {
+                    Some(HostRope::new(&cos, &sin)?)
+                } else {
+                    None
+                },
                 cos,
                 sin,
                 cfg,
@@ -440,12 +360,20 @@ impl LlamaModel {
 
     /// An empty sequence that may grow to `limit` positions.
     pub fn new_seq(&self, limit: usize) -> SeqKv {
-        SeqKv {
-            layers: Vec::new(),
-            len: 0,
-            allocated: 0,
-            limit,
+        SeqKv::new(limit, self.host_rope.is_some())
+    }
+
+    pub(crate) fn dims(&self) -> Dims {
+        Dims {
+            n_layer: self.cfg.n_layer,
+            n_head: self.cfg.n_head,
+            n_kv_head: self.cfg.n_kv_head,
+            head_dim: self.cfg.head_dim,
         }
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Bytes of attention state per position (keys and values, every layer).
@@ -466,7 +394,7 @@ impl LlamaModel {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         for item in items.iter_mut() {
-            let (n, pos) = (item.tokens.len(), item.kv.len);
+            let (n, pos) = (item.tokens.len(), item.kv.len());
             if n == 0 {
                 return Err(EngineError::Model("forward with no tokens".into()));
             }
@@ -476,7 +404,7 @@ impl LlamaModel {
                     limit: self.cfg.context_length,
                 });
             }
-            item.kv.reserve(n, self)?;
+            item.kv.reserve(n, self.dims(), &self.device)?;
             ids.extend_from_slice(item.tokens);
             positions.extend((pos..pos + n).map(|p| p as u32));
         }
@@ -484,13 +412,17 @@ impl LlamaModel {
         if total == 0 {
             return Ok(Vec::new());
         }
-        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
-        let rep = nh / nkv;
+        let (nh, hd) = (self.cfg.n_head, self.cfg.head_dim);
         let mut x = self.embed.lookup(&ids, &self.device)?.unsqueeze(0)?;
-        let pos_t = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&pos_t, 0)?;
-        let sin = self.sin.index_select(&pos_t, 0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let (cos, sin) = if self.host_rope.is_some() {
+            (self.cos.clone(), self.sin.clone())
+        } else {
+            let pos_t = Tensor::new(positions.as_slice(), &self.device)?;
+            (
+                self.cos.index_select(&pos_t, 0)?,
+                self.sin.index_select(&pos_t, 0)?,
+            )
+        };
         let eps = self.cfg.rms_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -500,44 +432,20 @@ impl LlamaModel {
                     "attention projections incomplete".into(),
                 ));
             };
-            let heads = |t: Tensor, n: usize| -> Result<Tensor, EngineError> {
-                Ok(t.reshape((1, total, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let q = candle_nn::rotary_emb::rope_i(&heads(q, nh)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&heads(k, nkv)?, &cos, &sin)?;
-            let v = heads(v, nkv)?;
-            let mut ys = Vec::with_capacity(items.len());
-            let mut at = 0;
-            for item in items.iter_mut() {
-                let n = item.tokens.len();
-                let pos = item.kv.len;
-                let (kc, vc) = item
-                    .kv
-                    .layers
-                    .get(li)
-                    .ok_or_else(|| EngineError::Model("KV buffers missing".into()))?;
-                kc.slice_set(&k.narrow(2, at, n)?.contiguous()?, 2, pos)?;
-                vc.slice_set(&v.narrow(2, at, n)?.contiguous()?, 2, pos)?;
-                // One query row at a time, each over exactly the positions it may see: no
-                // mask, and the same matmul shapes however the prompt was cut or how much of it
-                // came from the prefix cache, so neither can change an answer.
-                for r in 0..n {
-                    let seen = pos + r + 1;
-                    let kk = kc.narrow(2, 0, seen)?;
-                    let vv = vc.narrow(2, 0, seen)?;
-                    let qr = q
-                        .narrow(2, at + r, 1)?
-                        .contiguous()?
-                        .reshape((1, nkv, rep, hd))?;
-                    let att = (qr.matmul(&kk.t()?)? * scale)?;
-                    let att = candle_nn::ops::softmax_last_dim(&att)?;
-                    ys.push(att.matmul(&vv)?.reshape((1, 1, nh * hd))?);
+            let y = match &self.host_rope {
+                Some(rope) => {
+                    let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+                    let (mut q, mut k, v) = (host(q)?, host(k)?, host(v)?);
+                    let mut seqs: Vec<(&mut SeqKv, usize)> = items
+                        .iter_mut()
+                        .map(|it| (&mut *it.kv, it.tokens.len()))
+                        .collect();
+                    let y =
+                        kv::host_attention(li, &mut seqs, &mut q, &mut k, &v, rope, self.dims())?;
+                    Tensor::from_vec(y, (1, total, nh * hd), &self.device)?
                 }
-                at += n;
-            }
-            let y = Tensor::cat(&ys, 1)?;
+                None => self.device_attention(li, items, (q, k, v), (&cos, &sin))?,
+            };
             x = (x + layer.wo.forward_one(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let mut gu = layer.gate_up.forward(&h)?.into_iter();
@@ -552,7 +460,7 @@ impl LlamaModel {
         let mut at = 0;
         for item in items.iter_mut() {
             let n = item.tokens.len();
-            item.kv.len += n;
+            item.kv.advance(n);
             at += n;
             if item.want_logits {
                 last_rows.push((at - 1) as u32);
@@ -581,6 +489,56 @@ impl LlamaModel {
             });
         }
         Ok(out)
+    }
+
+    /// One layer's attention with candle ops (GPU devices): rotary embedding, the KV append,
+    /// then per sequence, one query row at a time over exactly the positions it may see (no
+    /// mask; the same matmul shapes however the prompt was cut or reused).
+    fn device_attention(
+        &self,
+        li: usize,
+        items: &mut [BatchItem<'_>],
+        (q, k, v): (Tensor, Tensor, Tensor),
+        (cos, sin): (&Tensor, &Tensor),
+    ) -> Result<Tensor, EngineError> {
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
+        let rep = nh / nkv;
+        let total: usize = items.iter().map(|it| it.tokens.len()).sum();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let heads = |t: Tensor, n: usize| -> Result<Tensor, EngineError> {
+            Ok(t.reshape((1, total, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = candle_nn::rotary_emb::rope_i(&heads(q, nh)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&heads(k, nkv)?, cos, sin)?;
+        let v = heads(v, nkv)?;
+        let mut ys = Vec::with_capacity(total);
+        let mut at = 0;
+        for item in items.iter_mut() {
+            let n = item.tokens.len();
+            let pos = item.kv.len();
+            let (kc, vc) = item
+                .kv
+                .device_layer(li)
+                .ok_or_else(|| EngineError::Model("KV buffers missing".into()))?;
+            kc.slice_set(&k.narrow(2, at, n)?.contiguous()?, 2, pos)?;
+            vc.slice_set(&v.narrow(2, at, n)?.contiguous()?, 2, pos)?;
+            for r in 0..n {
+                let seen = pos + r + 1;
+                let kk = kc.narrow(2, 0, seen)?;
+                let vv = vc.narrow(2, 0, seen)?;
+                let qr = q
+                    .narrow(2, at + r, 1)?
+                    .contiguous()?
+                    .reshape((1, nkv, rep, hd))?;
+                let att = (qr.matmul(&kk.t()?)? * scale)?;
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                ys.push(att.matmul(&vv)?.reshape((1, 1, nh * hd))?);
+            }
+            at += n;
+        }
+        Ok(Tensor::cat(&ys, 1)?)
     }
 
     /// Runs `tokens` for one sequence (a batch of one).

@@ -31,7 +31,7 @@ fn chat(case_messages: &[serde_json::Value]) -> Prompt {
 }
 
 fn run(engine: &Engine, prompt: &Prompt, params: GenerationParams) -> (String, GenerationSummary) {
-    common::collect(common::submit(engine, prompt, params, false, None))
+    engine.generate(prompt, params).unwrap()
 }
 
 fn greedy(max_tokens: usize) -> GenerationParams {
