@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
@@ -138,35 +139,50 @@ struct Layer {
 /// The token embedding kept in its file encoding; rows are dequantized when looked up (a
 /// dequantized table of a 49k vocabulary would be the largest thing in memory).
 struct Embedding {
+    rows: EmbedRows,
     dtype: GgmlDType,
-    raw: Vec<u8>,
     row_bytes: usize,
     cols: usize,
+    vocab: usize,
+}
+
+enum EmbedRows {
+    /// On the CPU: the tensor itself, shared with a tied output head.
+    Shared(Arc<QTensor>),
+    /// On other devices: a host copy of its bytes (reading device memory per lookup would copy
+    /// the whole table).
+    Host(Vec<u8>),
 }
 
 impl Embedding {
-    fn new(t: &QTensor) -> Result<Self, EngineError> {
-        let (rows, cols) = t.shape().dims2()?;
-        let raw = t.data()?.into_owned();
-        let row_bytes = raw.len() / rows.max(1);
+    fn new(t: Arc<QTensor>, cpu: bool) -> Result<Self, EngineError> {
+        let (vocab, cols) = t.shape().dims2()?;
+        let dtype = t.dtype();
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let rows = if cpu {
+            EmbedRows::Shared(t)
+        } else {
+            EmbedRows::Host(t.data()?.into_owned())
+        };
         Ok(Self {
-            dtype: t.dtype(),
-            raw,
+            rows,
+            dtype,
             row_bytes,
             cols,
+            vocab,
         })
-    }
-
-    fn rows(&self) -> usize {
-        self.raw.len() / self.row_bytes.max(1)
     }
 
     /// `[ids.len(), cols]` on `device`.
     fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor, EngineError> {
+        let table = match &self.rows {
+            EmbedRows::Shared(t) => t.data()?,
+            EmbedRows::Host(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+        };
         let mut out = Vec::with_capacity(ids.len() * self.cols);
         for &id in ids {
             let at = id as usize * self.row_bytes;
-            let bytes = self.raw.get(at..at + self.row_bytes).ok_or_else(|| {
+            let bytes = table.get(at..at + self.row_bytes).ok_or_else(|| {
                 EngineError::Model(format!("token id {id} is outside the vocabulary"))
             })?;
             let row = gguf_row(self.dtype, bytes, self.cols)?;
@@ -294,13 +310,22 @@ impl LlamaModel {
         };
         // Q4_1 on CPU takes our kernel, unless asked to repack to Q8_0.
         let cpu_q41 = cpu && !repack_on_cpu;
-        let tok_embd = qt("token_embd.weight")?;
-        let embed = Embedding::new(&tok_embd)?;
-        let vocab = embed.rows();
-        let output = match qt("output.weight") {
-            Ok(t) => Projections::new(vec![t], cpu_q41, &mut linear)?,
-            // Tied embeddings (SmolLM2): the output head is the embedding matrix.
-            Err(_) => Projections::new(vec![tok_embd], cpu_q41, &mut linear)?,
+        let tok_embd = Arc::new(qt("token_embd.weight")?);
+        let embed = Embedding::new(tok_embd.clone(), cpu)?;
+        let vocab = embed.vocab;
+        let dtype = tok_embd.dtype();
+        // Checked, not tried: a failed tensor lookup formats candle's backtrace, and the
+        // symbolizer's tables then stay in memory for good (tens of MiB).
+        let head_repacked = cpu_q41 && dtype == GgmlDType::Q4_1
+            || cpu && repack_on_cpu && SLOW_ON_CPU.contains(&dtype);
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            Projections::new(vec![qt("output.weight")?], cpu_q41, &mut linear)?
+        } else if !head_repacked {
+            // Tied embeddings (SmolLM2): the output head is the embedding matrix, shared.
+            Projections::Separate(vec![QMatMul::from_arc(tok_embd)?])
+        } else {
+            // Tied, but the head is repacked for a faster kernel: its own copy.
+            Projections::new(vec![qt("token_embd.weight")?], cpu_q41, &mut linear)?
         };
         let norm = qt("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(n_layer);
