@@ -128,7 +128,10 @@ async fn stack() -> Stack {
             model_dirs: vec![temp_dir("docs-models"), model_dir],
             ..HiveOptions::joined(&queen.base_url, "hive-1", HIVE, JOIN)
         }
-        .env("HUB__ENDPOINT", hub.endpoint()),
+        .env("HUB__ENDPOINT", hub.endpoint())
+        // One process per request, so the spawn examples may start more copies of the model
+        // than the chat examples already did (with batching workers, the hive refuses that).
+        .env("WORKERS__PARALLEL", 1),
     )
     .await
     .unwrap();

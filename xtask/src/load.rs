@@ -137,7 +137,7 @@ async fn run_rbee(
         model: DEMO_MODEL.into(),
     });
     eprintln!("warm-up: the first request through the queen spawns the worker ...");
-    one_request(&reqwest::Client::new(), &target, 0, max_tokens).await?;
+    one_request(&load_client()?, &target, 0, max_tokens).await?;
     let mut out = Vec::new();
     for &c in levels {
         let mut level = drive(&target, c, rounds, max_tokens).await?;
@@ -194,7 +194,7 @@ async fn run_llama(
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
+        let client = load_client()?;
         let t0 = Instant::now();
         loop {
             if let Ok(r) = client.get(format!("{base}/health")).send().await
@@ -227,6 +227,14 @@ async fn run_llama(
     Ok(out)
 }
 
+/// A fresh connection per request for both servers alike: llama-server closes idle
+/// keep-alive connections, which a pooled client then finds dead mid-send.
+fn load_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?)
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -240,7 +248,7 @@ async fn drive(
     rounds: usize,
     max_tokens: usize,
 ) -> anyhow::Result<Level> {
-    let client = reqwest::Client::new();
+    let client = load_client()?;
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..concurrency {
