@@ -806,6 +806,37 @@ async fn max_workers_and_bad_model_refs_are_refused() {
 }
 
 #[tokio::test]
+async fn a_worker_gets_and_is_admitted_for_the_kv_pool_the_hive_sets() {
+    let c = client();
+    let default = Daemon::hive(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let w = default.ready_worker(&c).await.unwrap();
+    let (full_estimate, full_context) = (
+        w["memory_estimate_bytes"].as_u64().unwrap(),
+        w["context_length"].as_u64().unwrap(),
+    );
+    let small = Daemon::hive(
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("WORKERS__KV_TOKENS", 2048),
+    )
+    .await
+    .unwrap();
+    let w = small.ready_worker(&c).await.unwrap();
+    // The worker's context never exceeds its pool; the estimate counts the pool, not the
+    // model's whole context.
+    assert_eq!(full_context, 8192);
+    assert_eq!(w["context_length"], 2048, "{w}");
+    let kv_per_position = 30 * 2 * 3 * 64 * 4;
+    assert_eq!(
+        full_estimate - w["memory_estimate_bytes"].as_u64().unwrap(),
+        (8192 - 2048) * kv_per_position,
+        "{w}"
+    );
+}
+
+#[tokio::test]
 async fn a_second_copy_of_a_model_on_the_same_device_is_refused() {
     let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
         .await

@@ -80,6 +80,10 @@ pub struct WorkersConfig {
     /// default, 8 on CPU and 16 on a GPU). Unless 1, a second worker for a model already on
     /// the same device is refused. Reloadable (applies to workers started after).
     pub parallel: u32,
+    /// Each worker's KV pool in positions, shared by its slots, passed as its `--kv-tokens`
+    /// and counted in admission (0: one full context of the model). Reloadable (applies to
+    /// workers started after).
+    pub kv_tokens: u64,
     /// Seconds a worker lets in-flight streams finish after it is asked to stop through the
     /// API (passed as its `--grace-seconds`); at most `shutdown.ask_seconds + term_seconds`.
     pub grace_seconds: u64,
@@ -184,6 +188,7 @@ impl Default for WorkersConfig {
             health_probe_idle_seconds: 60,
             threads: 0,
             parallel: 0,
+            kv_tokens: 0,
             grace_seconds: 10,
         }
     }
@@ -256,6 +261,7 @@ pub const RELOADABLE: &[&str] = &[
     "workers.load_timeout_seconds",
     "workers.threads",
     "workers.parallel",
+    "workers.kv_tokens",
     "workers.grace_seconds",
     "restart",
     "resources",

@@ -339,11 +339,15 @@ impl Hive {
         let path = self.catalog.resolve(&model_ref)?;
         let summary = rbee_models::GgufSummary::read(&path)?;
         let declared = summary.context_length as usize;
-        let context = Some(
-            req.max_context
-                .map_or(declared, |c| (c as usize).min(declared)),
-        );
-        let estimate = rbee_models::estimate_memory(&summary, context);
+        let context = req
+            .max_context
+            .map_or(declared, |c| (c as usize).min(declared));
+        // The worker's KV pool: what admission counts and what the worker is told to keep to.
+        let kv_tokens = match self.config().workers.kv_tokens {
+            0 => context as u64,
+            n => n,
+        };
+        let estimate = rbee_models::estimate_memory(&summary, Some(kv_tokens as usize));
         let binary = self.worker_binary(&device)?;
         if !binary.is_file() {
             return Err(HiveError::BadRequest(format!(
@@ -359,6 +363,7 @@ impl Hive {
             device: device.clone(),
             binary,
             max_context: req.max_context,
+            kv_tokens,
             memory_estimate_bytes: estimate.total_bytes,
         };
         // Admission and registration under one lock, so two spawns cannot both take the

@@ -395,6 +395,8 @@ impl Lifecycle {
             args.push("--parallel".into());
             args.push(cfg.workers.parallel.to_string().into());
         }
+        args.push("--kv-tokens".into());
+        args.push(spec.kv_tokens.to_string().into());
         if let Some(c) = spec.max_context {
             args.push("--max-context".into());
             args.push(c.to_string().into());

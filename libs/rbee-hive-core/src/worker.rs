@@ -27,6 +27,8 @@ pub struct WorkerSpec {
     pub device: String,
     pub binary: PathBuf,
     pub max_context: Option<u64>,
+    /// The KV pool the worker is given (its `--kv-tokens`) and admitted for.
+    pub kv_tokens: u64,
     pub memory_estimate_bytes: u64,
 }
 

@@ -119,8 +119,8 @@ impl GgufSummary {
     }
 }
 
-/// Memory to run the model with `context` tokens of KV cache (the model's declared context
-/// when `None`), on CPU with an f32 cache.
+/// Memory to run the model with a KV cache of `context` positions (the model's declared context
+/// when `None`; for a batching worker, its whole pool), on CPU with an f32 cache.
 pub fn estimate_memory(summary: &GgufSummary, context: Option<usize>) -> MemoryEstimate {
     let context = context.map_or(summary.context_length, |c| c as u64);
     let weights_bytes = summary.file_bytes;
