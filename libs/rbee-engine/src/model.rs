@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::EngineError;
 use crate::kv::{self, Dims, HostRope, KV_DTYPE, SeqKv};
-use crate::qmatmul::Q41Matrix;
+use crate::qmatmul::{Q41Matrix, Q80Matrix};
 
 /// Quantized types that candle has no fast CPU dot-product kernel for; on CPU they are
 /// repacked to Q8_0 at load (more bytes, much faster, numerically at least as precise).
@@ -48,6 +48,8 @@ enum Projections {
         w: Q41Matrix,
         splits: Vec<usize>,
     },
+    /// Q8_0 on the CPU: candle's dot product on our threads (see [`Q80Matrix`]).
+    Q80(Vec<Q80Matrix>),
     Separate(Vec<QMatMul>),
 }
 
@@ -78,6 +80,14 @@ impl Projections {
                 splits,
             });
         }
+        if cpu && tensors.iter().all(|t| t.dtype() == GgmlDType::Q8_0) {
+            return Ok(Self::Q80(
+                tensors
+                    .into_iter()
+                    .map(|t| Q80Matrix::new(Arc::new(t)))
+                    .collect::<Result<_, _>>()?,
+            ));
+        }
         Ok(Self::Separate(
             tensors.into_iter().map(repack).collect::<Result<_, _>>()?,
         ))
@@ -87,6 +97,21 @@ impl Projections {
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, EngineError> {
         match self {
             Self::Separate(ms) => Ok(ms.iter().map(|m| m.forward(x)).collect::<Result<_, _>>()?),
+            Self::Q80(ms) => {
+                let mut dims = x.dims().to_vec();
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                ms.iter()
+                    .map(|w| {
+                        let m = xv.len() / w.cols().max(1);
+                        let mut out = vec![0f32; m * w.rows()];
+                        w.matmul(&xv, m, &mut out)?;
+                        if let Some(last) = dims.last_mut() {
+                            *last = w.rows();
+                        }
+                        Ok(Tensor::from_vec(out, dims.clone(), x.device())?)
+                    })
+                    .collect()
+            }
             Self::FusedQ41 { w, splits } => {
                 let dims = x.dims().to_vec();
                 let cols = w.cols();
@@ -320,8 +345,10 @@ impl LlamaModel {
             || cpu && repack_on_cpu && SLOW_ON_CPU.contains(&dtype);
         let output = if content.tensor_infos.contains_key("output.weight") {
             Projections::new(vec![qt("output.weight")?], cpu_q41, &mut linear)?
-        } else if !head_repacked {
+        } else if cpu && dtype == GgmlDType::Q8_0 && !head_repacked {
             // Tied embeddings (SmolLM2): the output head is the embedding matrix, shared.
+            Projections::Q80(vec![Q80Matrix::new(tok_embd)?])
+        } else if !head_repacked {
             Projections::Separate(vec![QMatMul::from_arc(tok_embd)?])
         } else {
             // Tied, but the head is repacked for a faster kernel: its own copy.

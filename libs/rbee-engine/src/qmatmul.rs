@@ -32,6 +32,8 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
@@ -228,53 +230,14 @@ impl Q41Matrix {
     }
 
     /// Computes every output from the quantized activations, splitting the rows across rayon.
-    ///
-    /// The groups are cut into chunks of at most 64 rows, and the chunks into one contiguous
-    /// share per participant: the calling thread works on the first share itself while
-    /// `threads - 1` rayon tasks take the others, each walking its share front to back (long
-    /// sequential streams suit the prefetchers) and then helping with the rest. Working on the
-    /// caller avoids waiting on a pool wake-up round trip, which costs more than a small matmul.
     fn run(&self, kernel: Kernel, act: &[ActBlock], m: usize, out: &mut [f32]) {
         let groups = self.rows.div_ceil(TILE_ROWS);
         let macs = self.rows.saturating_mul(self.cols).saturating_mul(m);
-        let threads = rayon::current_num_threads();
         let out = OutPtr(out.as_mut_ptr());
-        if threads <= 1 || groups <= 1 || macs < PARALLEL_MIN_MACS {
-            // SAFETY: `out` holds `m * rows` floats (checked by the caller) and nothing else
-            // touches it during this call.
-            unsafe { self.run_groups(kernel, act, m, 0..groups, out) };
-            return;
-        }
-        // About four chunks per thread so uneven progress still balances, at most 64 rows each.
-        let chunk = (groups / (threads * 4)).clamp(1, MAX_CHUNK_GROUPS);
-        let n_chunks = groups.div_ceil(chunk);
-        let parts = threads.min(n_chunks).min(MAX_PARTS);
-        let end = |p: usize| (p + 1) * n_chunks / parts;
-        // `next[p]` is the next unclaimed chunk of share `p`, which ends at `end(p)`.
-        let next: [Counter; MAX_PARTS] =
-            std::array::from_fn(|p| Counter(AtomicUsize::new(p * n_chunks / parts)));
-        let work = |me: usize| {
-            for p in (me..parts).chain(0..me) {
-                loop {
-                    let c = next[p].0.fetch_add(1, Ordering::Relaxed);
-                    if c >= end(p) {
-                        break;
-                    }
-                    let range = c * chunk..groups.min((c + 1) * chunk);
-                    // SAFETY: `out` holds `m * rows` floats and outlives the scope, which this
-                    // call waits for. Each chunk index is claimed exactly once (atomic
-                    // fetch_add), chunks cover disjoint groups and a group only writes its own
-                    // rows, so no two tasks write the same element and nothing reads `out`.
-                    unsafe { self.run_groups(kernel, act, m, range, out) };
-                }
-            }
-        };
-        let work = &work;
-        rayon::in_place_scope(|scope| {
-            for p in 1..parts {
-                scope.spawn(move |_| work(p));
-            }
-            work(0);
+        // SAFETY: `out` holds `m * rows` floats (checked by the caller) and outlives the call;
+        // `share_groups` hands out disjoint group ranges and a group only writes its own rows.
+        share_groups(groups, macs, &|range| unsafe {
+            self.run_groups(kernel, act, m, range, out)
         });
     }
 
@@ -343,6 +306,49 @@ impl Q41Matrix {
     }
 }
 
+/// Runs `work` over `0..groups` split across the calling thread and rayon.
+///
+/// The groups are cut into chunks (about four per thread so uneven progress still balances, at
+/// most [`MAX_CHUNK_GROUPS`] each), and the chunks into one contiguous share per participant:
+/// the calling thread works on the first share itself while `threads - 1` rayon tasks take the
+/// others, each walking its share front to back (long sequential streams suit the prefetchers)
+/// and then helping with the rest. Working on the caller avoids waiting on a pool wake-up round
+/// trip, which costs more than a small matmul; calls under [`PARALLEL_MIN_MACS`] stay on it.
+/// Every group is passed to `work` exactly once.
+fn share_groups(groups: usize, macs: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || groups <= 1 || macs < PARALLEL_MIN_MACS {
+        work(0..groups);
+        return;
+    }
+    let chunk = (groups / (threads * 4)).clamp(1, MAX_CHUNK_GROUPS);
+    let n_chunks = groups.div_ceil(chunk);
+    let parts = threads.min(n_chunks).min(MAX_PARTS);
+    let end = |p: usize| (p + 1) * n_chunks / parts;
+    // `next[p]` is the next unclaimed chunk of share `p`, which ends at `end(p)`.
+    let next: [Counter; MAX_PARTS] =
+        std::array::from_fn(|p| Counter(AtomicUsize::new(p * n_chunks / parts)));
+    let participate = |me: usize| {
+        for p in (me..parts).chain(0..me) {
+            loop {
+                // Each chunk index is claimed exactly once (atomic fetch_add).
+                let c = next[p].0.fetch_add(1, Ordering::Relaxed);
+                if c >= end(p) {
+                    break;
+                }
+                work(c * chunk..groups.min((c + 1) * chunk));
+            }
+        }
+    };
+    let participate = &participate;
+    rayon::in_place_scope(|scope| {
+        for p in 1..parts {
+            scope.spawn(move |_| participate(p));
+        }
+        participate(0);
+    });
+}
+
 /// A claim counter on its own cache line, so the participants' counters don't false-share.
 #[repr(align(64))]
 struct Counter(AtomicUsize);
@@ -360,6 +366,125 @@ impl OutPtr {
     /// A method rather than a field access, so closures capture the whole `Send` wrapper.
     fn get(self) -> *mut f32 {
         self.0
+    }
+}
+
+/// A GGUF Q8_0 weight matrix (`rows` outputs × `cols` inputs), multiplied with candle's own
+/// Q8_0 × Q8_0 dot product, so the numbers are exactly candle's, but split across rayon like
+/// the Q4_1 kernel. Why: candle runs its quantized matmuls on a second thread pool whose
+/// workers spin for about a millisecond after each call; on a small machine they then compete
+/// with the rayon threads running the next layers (a tied Q8_0 output head made every decode
+/// step hand off to that pool and back).
+#[derive(Clone)]
+pub struct Q80Matrix {
+    /// The tensor itself (shared with the embedding when the head is tied); CPU storage.
+    tensor: std::sync::Arc<QTensor>,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for Q80Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Q80Matrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Q80Matrix {
+    /// `tensor` must be a 2-D Q8_0 tensor in CPU memory (`rows × cols`, cols % 32 == 0).
+    pub fn new(tensor: std::sync::Arc<QTensor>) -> Result<Self, EngineError> {
+        let (rows, cols) = tensor.shape().dims2()?;
+        if tensor.dtype() != GgmlDType::Q8_0 || !tensor.device().is_cpu() {
+            return Err(EngineError::Model(format!(
+                "Q8_0 matrix: got a {:?} tensor on {:?}",
+                tensor.dtype(),
+                tensor.device().location()
+            )));
+        }
+        if cols == 0 || !cols.is_multiple_of(QK) {
+            return Err(EngineError::Model(format!(
+                "Q8_0 matrix: {cols} columns is not a positive multiple of {QK}"
+            )));
+        }
+        let m = Self { tensor, rows, cols };
+        m.with_blocks(|b| {
+            if b.len() == rows * (cols / QK) {
+                Ok(())
+            } else {
+                Err(EngineError::Model(format!(
+                    "Q8_0 matrix: {rows}x{cols} holds {} blocks",
+                    b.len()
+                )))
+            }
+        })??;
+        Ok(m)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Runs `f` on the tensor's bytes viewed as Q8_0 blocks.
+    fn with_blocks<R>(&self, f: impl FnOnce(&[BlockQ8_0]) -> R) -> Result<R, EngineError> {
+        let bytes = self.tensor.data()?;
+        // SAFETY: `BlockQ8_0` is `repr(C)` plain data (an f16 and 32 i8, 34 bytes, align 2) for
+        // which every bit pattern is valid; `align_to` only yields correctly aligned blocks, and
+        // a non-empty prefix or suffix (misaligned or truncated storage) is refused below.
+        let (pre, blocks, post) = unsafe { bytes.align_to::<BlockQ8_0>() };
+        if !pre.is_empty() || !post.is_empty() {
+            return Err(EngineError::Model(
+                "Q8_0 matrix: storage is not a whole number of aligned blocks".into(),
+            ));
+        }
+        Ok(f(blocks))
+    }
+
+    /// `out[i*rows + r] = sum_c x[i*cols + c] * W[r][c]` for `i in 0..m`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), EngineError> {
+        let (rows, cols) = (self.rows, self.cols);
+        if m.checked_mul(cols) != Some(x.len()) || m.checked_mul(rows) != Some(out.len()) {
+            return Err(EngineError::Model(format!(
+                "Q8_0 matmul: {m} rows against a {rows}x{cols} matrix need {} inputs and {} \
+                 outputs, got {} and {}",
+                m.saturating_mul(cols),
+                m.saturating_mul(rows),
+                x.len(),
+                out.len()
+            )));
+        }
+        if m == 0 || rows == 0 {
+            return Ok(());
+        }
+        let kb = cols / QK;
+        let mut act = vec![BlockQ8_0::zeros(); m * kb];
+        for (xs, ys) in x.chunks_exact(cols).zip(act.chunks_exact_mut(kb)) {
+            BlockQ8_0::from_float(xs, ys);
+        }
+        let out = OutPtr(out.as_mut_ptr());
+        self.with_blocks(|w| {
+            let groups = rows.div_ceil(TILE_ROWS);
+            let work = |range: std::ops::Range<usize>| {
+                let first = range.start * TILE_ROWS;
+                let last = rows.min(range.end * TILE_ROWS);
+                for r in first..last {
+                    let wr = &w[r * kb..(r + 1) * kb];
+                    for (i, a) in act.chunks_exact(kb).enumerate() {
+                        let v = BlockQ8_0::vec_dot(cols, wr, a);
+                        // SAFETY: `i < m` and `r < rows`, so the index is below `m * rows`, the
+                        // length checked above; `share_groups` gives each group to one caller,
+                        // so no two write the same element, and nothing reads `out` meanwhile.
+                        unsafe { *out.get().add(i * rows + r) = v };
+                    }
+                }
+            };
+            share_groups(groups, rows.saturating_mul(cols).saturating_mul(m), &work);
+        })
     }
 }
 
@@ -796,5 +921,50 @@ mod tests {
                 assert_eq!(scalar, want, "{rows}x{cols} m={m}: scalar path");
             }
         }
+    }
+
+    #[test]
+    fn q8_0_matmul_equals_candle_bit_for_bit() {
+        use candle_core::quantized::QMatMul;
+        use candle_core::{Device, Module, Tensor};
+        use std::sync::Arc;
+
+        let mut rng = Rng(5);
+        for (rows, cols) in [(576, 576), (1000, 64), (37, 96)] {
+            let w = random_x(&mut rng, rows * cols);
+            let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).expect("w");
+            let qt = Arc::new(QTensor::quantize(&wt, GgmlDType::Q8_0).expect("quantize"));
+            let ours = Q80Matrix::new(qt.clone()).expect("matrix");
+            let mm = QMatMul::from_arc(qt).expect("qmatmul");
+            for m in [1, 3, 17] {
+                let x = random_x(&mut rng, m * cols);
+                let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).expect("x");
+                let want: Vec<f32> = mm
+                    .forward(&xt)
+                    .expect("candle forward")
+                    .flatten_all()
+                    .expect("flatten")
+                    .to_vec1()
+                    .expect("to_vec1");
+                let mut got = vec![0f32; m * rows];
+                ours.matmul(&x, m, &mut got).expect("matmul");
+                assert_eq!(got, want, "{rows}x{cols} m={m}");
+            }
+        }
+        let q41 = QTensor::quantize(
+            &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).expect("zeros"),
+            GgmlDType::Q4_1,
+        )
+        .expect("quantize");
+        assert!(Q80Matrix::new(Arc::new(q41)).is_err());
+        let m = Q80Matrix::new(Arc::new(
+            QTensor::quantize(
+                &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).expect("zeros"),
+                GgmlDType::Q8_0,
+            )
+            .expect("quantize"),
+        ))
+        .expect("matrix");
+        assert!(m.matmul(&[0.0; 31], 1, &mut [0.0; 4]).is_err());
     }
 }

@@ -79,16 +79,16 @@ impl Sampler {
         if self.candidates.is_empty() {
             return argmax(logits);
         }
-        let by_logit_desc =
-            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < self.candidates.len() {
             self.candidates
-                .select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+                .select_nth_unstable_by(p.top_k - 1, by_value_desc);
             self.candidates.truncate(p.top_k);
         }
-        self.candidates.sort_unstable_by(by_logit_desc);
         // Softmax over what is left (max first, so exp never overflows).
-        let max = self.candidates[0].1;
+        let max = self
+            .candidates
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
         let mut sum = 0.0f32;
         for c in self.candidates.iter_mut() {
             c.1 = (c.1 - max).exp();
@@ -97,37 +97,77 @@ impl Sampler {
         for c in self.candidates.iter_mut() {
             c.1 /= sum;
         }
+        // The steps below walk the candidates from the most likely down and rarely go far, so
+        // they are put in order a prefix at a time instead of sorting the whole vocabulary.
+        let mut order = SortedPrefix::default();
         if p.top_p < 1.0 {
             let mut cumulative = 0.0f32;
             let mut keep = self.candidates.len();
-            for (i, c) in self.candidates.iter().enumerate() {
-                cumulative += c.1;
+            let mut i = 0;
+            while i < self.candidates.len() {
+                order.extend_to(&mut self.candidates, i + 1);
+                cumulative += self.candidates[i].1;
                 if cumulative >= p.top_p {
                     keep = i + 1;
                     break;
                 }
+                i += 1;
             }
             self.candidates.truncate(keep);
         }
         if p.min_p > 0.0 {
+            order.extend_to(&mut self.candidates, 1);
             let floor = self.candidates[0].1 * p.min_p;
-            let keep = self
-                .candidates
-                .iter()
-                .take_while(|c| c.1 >= floor)
-                .count()
-                .max(1);
+            let mut keep = 1;
+            while keep < self.candidates.len() {
+                order.extend_to(&mut self.candidates, keep + 1);
+                if self.candidates[keep].1 < floor {
+                    break;
+                }
+                keep += 1;
+            }
             self.candidates.truncate(keep);
         }
-        let total: f32 = self.candidates.iter().map(|c| c.1).sum();
+        // Summed in f64 so the total does not depend on how far the candidates were ordered.
+        let total = self.candidates.iter().map(|c| f64::from(c.1)).sum::<f64>() as f32;
         let mut r = self.rng.random::<f32>() * total;
-        for c in &self.candidates {
-            r -= c.1;
+        for i in 0..self.candidates.len() {
+            order.extend_to(&mut self.candidates, i + 1);
+            r -= self.candidates[i].1;
             if r <= 0.0 {
-                return c.0;
+                return self.candidates[i].0;
             }
         }
         self.candidates[self.candidates.len() - 1].0
+    }
+}
+
+/// Most likely first; equal values by token id, so the order never depends on the input order.
+fn by_value_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// How much of a candidate list is in [`by_value_desc`] order; `extend_to` orders more of it,
+/// in growing chunks, so walking the top of a 50k vocabulary sorts a few hundred entries.
+#[derive(Default)]
+struct SortedPrefix {
+    len: usize,
+}
+
+impl SortedPrefix {
+    /// The first `n` entries (at least) are the `n` largest, in order.
+    fn extend_to(&mut self, c: &mut [(u32, f32)], n: usize) {
+        let n = n.min(c.len());
+        if n <= self.len {
+            return;
+        }
+        let rest = &mut c[self.len..];
+        let want = (n - self.len).max(self.len).max(64).min(rest.len());
+        if want < rest.len() {
+            rest.select_nth_unstable_by(want - 1, by_value_desc);
+        }
+        rest[..want].sort_unstable_by(by_value_desc);
+        self.len += want;
     }
 }
 
@@ -224,6 +264,92 @@ mod tests {
         });
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [10.0, 4.0, 3.0, 2.0], &[]), 0);
+        }
+    }
+
+    /// The same draw as ordering every candidate first (what the lazy prefix sort replaces).
+    fn sample_fully_sorted(p: &SamplingParams, rng: &mut StdRng, logits: &[f32]) -> u32 {
+        let inv_t = 1.0 / p.temperature;
+        let mut c: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .collect();
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, by_value_desc);
+            c.truncate(p.top_k);
+        }
+        let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1));
+        let mut sum = 0.0f32;
+        for x in c.iter_mut() {
+            x.1 = (x.1 - max).exp();
+            sum += x.1;
+        }
+        for x in c.iter_mut() {
+            x.1 /= sum;
+        }
+        c.sort_unstable_by(by_value_desc);
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0f32;
+            let keep = c
+                .iter()
+                .position(|x| {
+                    cumulative += x.1;
+                    cumulative >= p.top_p
+                })
+                .map_or(c.len(), |i| i + 1);
+            c.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = c[0].1 * p.min_p;
+            let keep = c.iter().take_while(|x| x.1 >= floor).count().max(1);
+            c.truncate(keep);
+        }
+        let total = c.iter().map(|x| f64::from(x.1)).sum::<f64>() as f32;
+        let mut r = rng.random::<f32>() * total;
+        for x in &c {
+            r -= x.1;
+            if r <= 0.0 {
+                return x.0;
+            }
+        }
+        c[c.len() - 1].0
+    }
+
+    #[test]
+    fn partial_ordering_draws_what_a_full_sort_draws() {
+        let mut gen_rng = StdRng::seed_from_u64(7);
+        let settings = [
+            (1.0, 1.0, 0, 0.0),
+            (0.8, 0.95, 0, 0.0),
+            (1.5, 0.999, 0, 0.0),
+            (1.0, 1.0, 40, 0.05),
+            (0.7, 0.9, 0, 0.02),
+            (2.0, 1.0, 0, 0.0),
+        ];
+        for (temperature, top_p, top_k, min_p) in settings {
+            let p = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                seed: 3,
+                ..SamplingParams::default()
+            };
+            let mut sampler = Sampler::new(p.clone());
+            let mut reference_rng = StdRng::seed_from_u64(p.seed);
+            for _ in 0..40 {
+                // A 5,000-entry vocabulary with a peaked head and a long, flat tail.
+                let logits: Vec<f32> = (0..5000)
+                    .map(|i| {
+                        let v: f32 = gen_rng.random::<f32>() * 4.0;
+                        if i % 331 == 0 { v + 8.0 } else { v }
+                    })
+                    .collect();
+                let want = sample_fully_sorted(&p, &mut reference_rng, &logits);
+                let got = sampler.sample(&mut logits.clone(), &[]);
+                assert_eq!(got, want, "{p:?}");
+            }
         }
     }
 
