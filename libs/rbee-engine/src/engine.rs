@@ -316,10 +316,21 @@ impl Engine {
             parallel,
             kv_tokens,
         };
+        // The batch loop runs on one of the pool's own threads, so a step's parallel work is
+        // shared by exactly the pool's threads (`RAYON_NUM_THREADS`, else one per core). From a
+        // thread outside the pool it would be that thread plus every pool thread, one more
+        // runnable thread than cores, and the idle one's spinning and yielding then costs
+        // every step context switches.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("inference-{i}"))
+            .build()
+            .map_err(|e| EngineError::Model(format!("cannot start the inference threads: {e}")))?;
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
-                Batcher::new(&model, &thread_shared.tokenizer, cfg, load, observer).run(rx)
+                pool.install(|| {
+                    Batcher::new(&model, &thread_shared.tokenizer, cfg, load, observer).run(rx)
+                })
             })
             .map_err(|e| EngineError::Model(format!("cannot start the inference thread: {e}")))?;
         Ok(Self { shared, jobs: tx })
