@@ -43,6 +43,8 @@ use crate::EngineError;
 const QK: usize = 32;
 /// Bytes of one GGUF Q4_1 block: `d: f16, m: f16, qs: [u8; 16]`.
 const BLOCK_BYTES: usize = 20;
+/// Bytes of one GGUF Q8_0 block: `d: f16, qs: [i8; 32]`.
+const Q8_0_BYTES: usize = 34;
 /// Output rows interleaved in one tile.
 const TILE_ROWS: usize = 8;
 /// At most this many tiles' worth of rows (8 × 8 = 64 rows) go to one rayon task.
@@ -461,30 +463,76 @@ impl Q80Matrix {
         if m == 0 || rows == 0 {
             return Ok(());
         }
+        self.matmul_with(best_kernel(), x, m, out)
+    }
+
+    fn matmul_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<(), EngineError> {
+        let (rows, cols) = (self.rows, self.cols);
         let kb = cols / QK;
-        let mut act = vec![BlockQ8_0::zeros(); m * kb];
-        for (xs, ys) in x.chunks_exact(cols).zip(act.chunks_exact_mut(kb)) {
-            BlockQ8_0::from_float(xs, ys);
-        }
         let out = OutPtr(out.as_mut_ptr());
-        self.with_blocks(|w| {
-            let groups = rows.div_ceil(TILE_ROWS);
-            let work = |range: std::ops::Range<usize>| {
-                let first = range.start * TILE_ROWS;
-                let last = rows.min(range.end * TILE_ROWS);
-                for r in first..last {
-                    let wr = &w[r * kb..(r + 1) * kb];
-                    for (i, a) in act.chunks_exact(kb).enumerate() {
-                        let v = BlockQ8_0::vec_dot(cols, wr, a);
-                        // SAFETY: `i < m` and `r < rows`, so the index is below `m * rows`, the
-                        // length checked above; `share_groups` gives each group to one caller,
-                        // so no two write the same element, and nothing reads `out` meanwhile.
-                        unsafe { *out.get().add(i * rows + r) = v };
-                    }
+        let groups = rows.div_ceil(TILE_ROWS);
+        let macs = rows.saturating_mul(cols).saturating_mul(m);
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                // candle's `BlockQ8_0::from_float` computes the same `d` and `qs` as the Q8_1
+                // quantization the Q4_1 kernel uses (only `s` is extra), so that one is reused.
+                let bytes = self.tensor.data()?;
+                with_act_scratch(m * kb, |act| {
+                    quantize_rows(kernel, x, act);
+                    let work = |range: std::ops::Range<usize>| {
+                        let first = range.start * TILE_ROWS;
+                        let last = rows.min(range.end * TILE_ROWS);
+                        let w = &bytes[first * kb * Q8_0_BYTES..last * kb * Q8_0_BYTES];
+                        for (i, a) in act.chunks_exact(kb).enumerate() {
+                            let mut r = first;
+                            for quad in w.chunks(4 * kb * Q8_0_BYTES) {
+                                // SAFETY: `Kernel::Avx2` is only chosen when avx2, fma and f16c
+                                // were detected at runtime.
+                                let dots = unsafe { avx2::dot_q8_0_rows(quad, a) };
+                                let n = quad.len() / (kb * Q8_0_BYTES);
+                                for (k, v) in dots.into_iter().take(n).enumerate() {
+                                    // SAFETY: `i < m` and `r + k < rows`, so the index is below
+                                    // `m * rows`, the length checked by `matmul`; each group goes
+                                    // to one caller of `work`, so no two write the same element.
+                                    unsafe { *out.get().add(i * rows + r + k) = v };
+                                }
+                                r += n;
+                            }
+                        }
+                    };
+                    share_groups(groups, macs, &work);
+                });
+                Ok(())
+            }
+            _ => {
+                let mut act = vec![BlockQ8_0::zeros(); m * kb];
+                for (xs, ys) in x.chunks_exact(cols).zip(act.chunks_exact_mut(kb)) {
+                    BlockQ8_0::from_float(xs, ys);
                 }
-            };
-            share_groups(groups, rows.saturating_mul(cols).saturating_mul(m), &work);
-        })
+                self.with_blocks(|w| {
+                    let work = |range: std::ops::Range<usize>| {
+                        let first = range.start * TILE_ROWS;
+                        let last = rows.min(range.end * TILE_ROWS);
+                        for r in first..last {
+                            let wr = &w[r * kb..(r + 1) * kb];
+                            for (i, a) in act.chunks_exact(kb).enumerate() {
+                                let v = BlockQ8_0::vec_dot(cols, wr, a);
+                                // SAFETY: as above: `i < m`, `r < rows`, disjoint groups.
+                                unsafe { *out.get().add(i * rows + r) = v };
+                            }
+                        }
+                    };
+                    share_groups(groups, macs, &work);
+                })
+            }
+        }
     }
 }
 
@@ -657,6 +705,51 @@ mod avx2 {
         for (o, a) in out.iter_mut().zip(acc) {
             // SAFETY: `o` is 8 writable floats.
             unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+        }
+        out
+    }
+
+    /// Dot products of up to four Q8_0 weight rows (`w`: whole GGUF rows, `act.len()` blocks
+    /// each) with one activation row, operation for operation as candle's AVX
+    /// `vec_dot_q8_0_q8_0`, so the results are candle's bit for bit: per block, the i8 × i8
+    /// products summed in i32 pairs of lanes (sign trick + `maddubs` + `madd`), converted to
+    /// f32 and accumulated with `acc = fma(d_w * d_x, q, acc)`; then candle's horizontal sum.
+    /// Four rows at once share the activation loads and overlap the four FMA chains, and
+    /// the f16 scales are converted inline instead of through a call per block.
+    ///
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0_rows(w: &[u8], act: &[ActBlock]) -> [f32; 4] {
+        const B: usize = super::Q8_0_BYTES;
+        let kb = act.len();
+        let n = (w.len() / (kb * B)).min(4);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (b, a) in act.iter().enumerate() {
+            // SAFETY: `qs` is 32 readable bytes.
+            let y = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+            for (r, acc) in acc.iter_mut().enumerate().take(n) {
+                let at = (r * kb + b) * B;
+                let blk = &w[at..at + B];
+                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                    u16::from_le_bytes([blk[0], blk[1]]),
+                ))));
+                // SAFETY: `blk[2..34]` is 32 readable bytes.
+                let x = unsafe { _mm256_loadu_si256(blk[2..].as_ptr().cast()) };
+                let ax = _mm256_sign_epi8(x, x);
+                let sy = _mm256_sign_epi8(y, x);
+                let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy)));
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), q, *acc);
+            }
+        }
+        let mut out = [0f32; 4];
+        for (o, v) in out.iter_mut().zip(acc) {
+            let hi = _mm256_extractf128_ps::<1>(v);
+            let s = _mm_add_ps(hi, _mm256_castps256_ps128(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            *o = _mm_cvtss_f32(s);
         }
         out
     }
@@ -930,7 +1023,7 @@ mod tests {
         use std::sync::Arc;
 
         let mut rng = Rng(5);
-        for (rows, cols) in [(576, 576), (1000, 64), (37, 96)] {
+        for (rows, cols) in [(576, 576), (1000, 64), (37, 96), (3, 32)] {
             let w = random_x(&mut rng, rows * cols);
             let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).expect("w");
             let qt = Arc::new(QTensor::quantize(&wt, GgmlDType::Q8_0).expect("quantize"));
@@ -949,6 +1042,10 @@ mod tests {
                 let mut got = vec![0f32; m * rows];
                 ours.matmul(&x, m, &mut got).expect("matmul");
                 assert_eq!(got, want, "{rows}x{cols} m={m}");
+                let mut fallback = vec![0f32; m * rows];
+                ours.matmul_with(Kernel::Scalar, &x, m, &mut fallback)
+                    .expect("fallback");
+                assert_eq!(fallback, want, "{rows}x{cols} m={m}: fallback path");
             }
         }
         let q41 = QTensor::quantize(
