@@ -105,9 +105,13 @@ impl Daemon {
         ));
         toml.push_str(&opts.config_tables);
         let binary = opts.binary.as_deref();
+        // Where a joined hive keeps the credential the queen issues (as systemd's
+        // $STATE_DIRECTORY would give it), so a restarted hive beats as itself.
+        let credential = dir.join("queen-credential.json");
         let mut hive = Daemon::start_configured("rbee-hive", "hive", binary, dir, &toml, |cmd| {
             cmd.args(&opts.extra_args)
                 .env_remove("RBEE_HIVE_TOKEN")
+                .env("RBEE_HIVE_QUEEN__CREDENTIAL_FILE", &credential)
                 .envs(opts.env.iter().map(|(k, v)| (k, v)));
         })
         .await?;

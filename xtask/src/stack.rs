@@ -150,12 +150,13 @@ impl Stack {
                  token_file = {}\n\
                  model_dirs = [{}]\n\n\
                  [workers]\nbinary = {}\n\n\
-                 [queen]\nurl = {}\njoin_token_file = {}\nheartbeat_seconds = 1\n",
+                 [queen]\nurl = {}\njoin_token_file = {}\ncredential_file = {}\nheartbeat_seconds = 1\n",
             toml_path(&hive_token_file),
             toml_path(model_dir),
             toml_path(&bin.join("llm-worker-rbee")),
             toml_str(&url),
             toml_path(&join_token_file),
+            toml_path(&dir.join("queen-credential.json")),
         );
         let hive = start_daemon("rbee-hive", "hive", bin, &dir, &hive_toml).await?;
         let hive_url = hive.base_url.clone();

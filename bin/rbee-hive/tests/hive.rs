@@ -1291,8 +1291,9 @@ async fn queen_double() -> (
                         .get("authorization")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
+                    let answer = serde_json::json!({"hive_id": body["hive_id"], "approved": true});
                     sink.lock().unwrap().push((auth, body));
-                    "ok"
+                    axum::Json(answer)
                 }
             },
         ),
@@ -1303,6 +1304,116 @@ async fn queen_double() -> (
         let _ = axum::serve(listener, app).await;
     });
     (url, beats, task)
+}
+
+/// A stand-in queen that binds the hive's id on its first beat with the join token, as the
+/// real one does: it answers with a credential and the token it will call the hive with.
+async fn issuing_queen_double(
+    join: &'static str,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+) {
+    use axum::routing::post;
+    let auths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = auths.clone();
+    let app = axum::Router::new().route(
+        "/v1/hives/heartbeat",
+        post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
+                let sink = sink.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let joining = auth.as_deref() == Some(&format!("Bearer {join}"));
+                    sink.lock().unwrap().push(auth);
+                    let mut answer = json!({"hive_id": body["hive_id"], "approved": true});
+                    if joining {
+                        answer["credential"] = json!(ISSUED_CREDENTIAL);
+                        answer["queen_token"] = json!(ISSUED_QUEEN_TOKEN);
+                    }
+                    axum::Json(answer)
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, auths)
+}
+
+const ISSUED_CREDENTIAL: &str = "rbh_issued-credential-0123456789abcdef";
+const ISSUED_QUEEN_TOKEN: &str = "rbq_issued-queen-token-0123456789abcdef";
+
+#[tokio::test]
+async fn a_joined_hive_beats_with_its_issued_credential_and_keeps_it_across_a_restart() {
+    let join = "join-token-abcdefghijklmnop";
+    let (url, auths) = issuing_queen_double(join).await;
+    let opts = || {
+        HiveOptions::default()
+            .token(TOKEN)
+            .env("QUEEN__URL", &url)
+            .env("QUEEN__HEARTBEAT_SECONDS", 1)
+            .env("HIVE_ID", "hive-id-1")
+            .env("JOIN_TOKEN", join)
+    };
+    let mut hive = Daemon::hive(opts()).await.unwrap();
+    let issued = format!("Bearer {ISSUED_CREDENTIAL}");
+    eventually(
+        Duration::from_secs(15),
+        "a beat with the issued credential",
+        || async {
+            auths
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|a| a.as_deref() == Some(issued.as_str()))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        auths.lock().unwrap()[0].as_deref(),
+        Some(format!("Bearer {join}").as_str()),
+        "the first beat asks with the join token"
+    );
+    let file = hive.dir.join("queen-credential.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The queen's token opens this hive's API; anything else does not.
+    let c = client();
+    let ok = c
+        .get(hive.url("/v1/workers"))
+        .bearer_auth(ISSUED_QUEEN_TOKEN);
+    assert_eq!(ok.send().await.unwrap().status(), 200);
+    let no = c
+        .get(hive.url("/v1/workers"))
+        .bearer_auth(ISSUED_CREDENTIAL);
+    assert_eq!(no.send().await.unwrap().status(), 401);
+    // A restarted hive beats as itself from its first beat on.
+    hive.stop(Duration::from_secs(10)).await.unwrap();
+    auths.lock().unwrap().clear();
+    let restarted = Daemon::hive(opts().env("QUEEN__CREDENTIAL_FILE", file.display().to_string()))
+        .await
+        .unwrap();
+    let first = eventually(
+        Duration::from_secs(15),
+        "a beat after the restart",
+        || async { auths.lock().unwrap().first().cloned() },
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.as_deref(), Some(issued.as_str()));
+    let ok = c
+        .get(restarted.url("/v1/workers"))
+        .bearer_auth(ISSUED_QUEEN_TOKEN);
+    assert_eq!(ok.send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]

@@ -100,6 +100,8 @@ error_codes!(
     InvalidGguf = INVALID_GGUF => 422,
     InvalidConfig = INVALID_CONFIG => 500,
     Io = IO => 500,
+    HiveIdTaken = HIVE_ID_TAKEN => 409,
+    HiveLimit = HIVE_LIMIT => 503,
 );
 
 impl std::fmt::Display for ErrorCode {
@@ -295,6 +297,25 @@ pub struct HiveHeartbeat {
     /// SHA-256 of each model file, by reference, once the hive has hashed it.
     #[serde(default)]
     pub model_sha256: std::collections::BTreeMap<String, String>,
+}
+
+/// The queen's answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct HeartbeatAnswer {
+    pub hive_id: String,
+    /// Routed to; false while a new hive waits for an admin's approval.
+    pub approved: bool,
+    /// A URL this hive reported that waits for an admin; the queen still calls the old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_url: Option<String>,
+    /// Sent once, when the queen binds the hive's id: the hive presents it instead of the
+    /// join token in every later heartbeat (keep it like a password; the queen stores only its
+    /// hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// Sent with `credential`: the token the queen presents to this hive from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queen_token: Option<String>,
 }
 
 #[cfg(test)]

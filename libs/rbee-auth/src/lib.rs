@@ -111,6 +111,20 @@ impl Token {
         digest_eq(&self.digest, &sha256(presented))
     }
 
+    /// A new random token: `prefix` and 64 hex characters (256 bits from the OS generator).
+    pub fn generate(prefix: &str) -> Token {
+        let bytes: [u8; 32] = rand::random();
+        let secret = format!("{prefix}{}", hex(&bytes));
+        let digest = sha256(&secret);
+        Token { secret, digest }
+    }
+
+    /// The full SHA-256 of the secret in lowercase hex: what a verifier may store instead of
+    /// the secret (see [`digest_hex_matches`]).
+    pub fn digest_hex(&self) -> String {
+        hex(&self.digest)
+    }
+
     /// The raw secret, for sending it to a peer (an `Authorization` header).
     ///
     /// Never log, display or store the returned value.
@@ -129,6 +143,21 @@ impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
     }
+}
+
+/// Whether `presented` hashes to `stored_hex` (a [`Token::digest_hex`]), in constant time.
+pub fn digest_hex_matches(stored_hex: &str, presented: &str) -> bool {
+    let presented = hex(&sha256(presented));
+    let (a, b) = (stored_hex.as_bytes(), presented.as_bytes());
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(u8::from(a.len() != b.len()), |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn sha256(s: &str) -> [u8; 32] {

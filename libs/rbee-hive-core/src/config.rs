@@ -145,6 +145,10 @@ pub struct QueenConfig {
     /// File with the join token presented to the queen. Empty:
     /// `$CREDENTIALS_DIRECTORY/join-token`, then `RBEE_HIVE_JOIN_TOKEN` (with a warning).
     pub join_token_file: String,
+    /// Where the credential the queen issues at the first heartbeat is kept (mode 0600; later
+    /// heartbeats present it instead of the join token). Empty:
+    /// `$STATE_DIRECTORY/queen-credential.json` under systemd, else memory only.
+    pub credential_file: String,
     pub heartbeat_seconds: u64,
 }
 
@@ -241,6 +245,7 @@ impl Default for QueenConfig {
         Self {
             url: String::new(),
             join_token_file: String::new(),
+            credential_file: String::new(),
             heartbeat_seconds: 5,
         }
     }

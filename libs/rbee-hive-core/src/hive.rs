@@ -50,6 +50,8 @@ pub struct Hive {
     cfg: watch::Sender<HiveConfig>,
     pub address: SocketAddr,
     pub tokens: RwLock<Tokens>,
+    /// What the queen issued when this hive joined (see [`crate::credential`]).
+    queen_credential: RwLock<Option<crate::credential::QueenCredential>>,
     pub metrics: HiveMetrics,
     audit: Option<rbee_audit::AuditWriter>,
     pub catalog: rbee_models::Catalog,
@@ -115,6 +117,7 @@ impl Hive {
             cfg: watch::channel(cfg).0,
             address,
             tokens: RwLock::new(tokens),
+            queen_credential: RwLock::new(None),
             metrics: HiveMetrics::new(),
             audit,
             catalog,
@@ -143,14 +146,35 @@ impl Hive {
     }
 
     /// Whether a caller presenting `presented` may use the API: the hive token or one being
-    /// retired; anyone in dev mode (no token).
+    /// retired, or the token the queen was issued for this hive; anyone in dev mode (no token).
     pub fn accepts(&self, presented: Option<&str>) -> bool {
         let t = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        match &t.api {
-            None => true,
-            Some(api) => presented
-                .is_some_and(|p| api.matches(p) || t.api_previous.iter().any(|old| old.matches(p))),
-        }
+        let Some(api) = &t.api else {
+            return true;
+        };
+        let Some(p) = presented else {
+            return false;
+        };
+        api.matches(p)
+            || t.api_previous.iter().any(|old| old.matches(p))
+            || self
+                .queen_credential()
+                .is_some_and(|c| c.queen_token.matches(p))
+    }
+
+    /// The identity the queen issued to this hive, once it joined.
+    pub fn queen_credential(&self) -> Option<crate::credential::QueenCredential> {
+        self.queen_credential
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_queen_credential(&self, c: crate::credential::QueenCredential) {
+        *self
+            .queen_credential
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(c);
     }
 
     pub fn api_token(&self) -> Option<Token> {

@@ -14,6 +14,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod credential;
 pub mod downloads;
 mod health;
 pub mod heartbeat;

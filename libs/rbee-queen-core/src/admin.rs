@@ -1,4 +1,4 @@
-//! The admin routes: hives (list, look at, remove), workers (list, spawn, stop) and models
+//! The admin routes: hives (list, look at, approve, remove), workers (list, spawn, stop) and models
 //! (where each is, pull one onto a hive) — mostly a hive's answer passed through.
 
 use std::sync::Arc;
@@ -60,6 +60,30 @@ pub(crate) async fn remove_hive(
             None,
             &rid.0,
         ),
+    }
+}
+
+pub(crate) async fn approve_hive(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    Path(id): Path<String>,
+) -> Response {
+    match q.approve_hive(&id, &client.0, &rid.0) {
+        Ok(true) => match q.registry.get(&id) {
+            Ok(Some(h)) => Json(h).into_response(),
+            _ => error(
+                ApiError::new(codes::NOT_FOUND, format!("no hive `{id}`")),
+                None,
+                &rid.0,
+            ),
+        },
+        Ok(false) => error(
+            ApiError::new(codes::NOT_FOUND, format!("no hive `{id}`")),
+            None,
+            &rid.0,
+        ),
+        Err(e) => error(e, None, &rid.0),
     }
 }
 

@@ -20,8 +20,8 @@ use crate::queen::Queen;
 
 type Shared = Arc<Queen>;
 use crate::admin::{
-    admin_models, admin_pull, admin_pull_events, admin_spawn, admin_stop, get_hive, list_hives,
-    list_workers, remove_hive,
+    admin_models, admin_pull, admin_pull_events, admin_spawn, admin_stop, approve_hive, get_hive,
+    list_hives, list_workers, remove_hive,
 };
 pub use crate::auth::ClientName;
 use crate::auth::require_token;
@@ -54,10 +54,16 @@ fn routes() -> Vec<Route<Shared>> {
             false,
             delete(cancel),
         ),
-        // Authenticated with the join token instead of a client token.
+        // Authenticated with the join token or a hive's credential, not a client token.
         r("POST", "/v1/hives/heartbeat", false, post(heartbeat)),
         r("GET", "/v1/admin/hives", false, get(list_hives)),
         r("GET", "/v1/admin/hives/{id}", false, get(get_hive)),
+        r(
+            "POST",
+            "/v1/admin/hives/{id}/approve",
+            false,
+            post(approve_hive),
+        ),
         r("DELETE", "/v1/admin/hives/{id}", false, delete(remove_hive)),
         r("GET", "/v1/admin/workers", false, get(list_workers)),
         r("POST", "/v1/admin/workers", false, post(admin_spawn)),
@@ -97,10 +103,8 @@ pub fn router(queen: Shared) -> Router {
 
 async fn health(State(q): State<Shared>) -> Response {
     let hives = q.registry.list().unwrap_or_default();
-    let up = hives
-        .iter()
-        .filter(|h| h.state == rbee_registry::HiveState::Up)
-        .count();
+    // Routable ones: up, approved, and past their first beat with their credential.
+    let up = q.registry.up().unwrap_or_default().len();
     let draining = q.is_draining();
     let status = if draining {
         StatusCode::SERVICE_UNAVAILABLE
@@ -168,6 +172,7 @@ async fn models(State(q): State<Shared>) -> Response {
 async fn heartbeat(
     State(q): State<Shared>,
     Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let body = match rbee_http::read_body(body) {
@@ -178,8 +183,9 @@ async fn heartbeat(
         Ok(h) => h,
         Err(e) => return api_error(e, &rid.0),
     };
-    match q.heartbeat(&hb) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+    let auth = rbee_registry::BeatAuth::from_presented(presented_bearer(&headers));
+    match q.heartbeat(&hb, auth, &rid.0) {
+        Ok(answer) => Json(answer).into_response(),
         Err(e) => api_error(e, &rid.0),
     }
 }

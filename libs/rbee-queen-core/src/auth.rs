@@ -1,5 +1,5 @@
-//! Who is asking: the bearer token checked against the client tokens (the join token on the
-//! heartbeat route), admin routes for admin tokens only, new work refused while draining.
+//! Who is asking: the bearer token checked against the client tokens (the join token or a
+//! hive's issued credential on the heartbeat route), admin routes for admin tokens only, new work refused while draining.
 
 use std::sync::Arc;
 
@@ -45,8 +45,11 @@ pub(crate) async fn require_token(
     let tokens = q.tokens();
     let presented = presented_bearer(req.headers()).map(str::to_owned);
     let name = if path == "/v1/hives/heartbeat" {
-        q.join_allowed(presented.as_deref())
-            .then(|| "hive".to_owned())
+        // An issued hive credential is checked by the registry against the beat's hive id.
+        let credential = presented
+            .as_deref()
+            .is_some_and(|p| p.starts_with(rbee_registry::identity::CREDENTIAL_PREFIX));
+        (credential || q.join_allowed(presented.as_deref())).then(|| "hive".to_owned())
     } else if tokens.clients.is_empty() {
         Some("dev".to_owned())
     } else {

@@ -42,6 +42,44 @@ pub struct QueenConfig {
     /// Model names clients may use, each mapped to a model reference on the hives.
     pub models: Vec<ModelAlias>,
     pub scheduling: SchedulingConfig,
+    pub join: JoinConfig,
+}
+
+/// How hives join: the join token lets a new hive ask once; the queen then binds its id to a
+/// credential of its own (see `rbee_registry::identity`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinConfig {
+    /// Most hives in the registry, configured ones included; more joins get 503 `HIVE_LIMIT`.
+    /// Reloadable.
+    pub max_hives: u32,
+    /// New hives are recorded but not routed to until
+    /// `POST /v1/admin/hives/{id}/approve`. Reloadable.
+    pub require_approval: bool,
+    /// A joined hive that reports a new URL is moved there at once (labs) instead of waiting
+    /// for an admin's approval. Reloadable.
+    pub auto_approve_url_change: bool,
+}
+
+impl Default for JoinConfig {
+    fn default() -> Self {
+        let p = rbee_registry::JoinPolicy::default();
+        Self {
+            max_hives: p.max_hives as u32,
+            require_approval: p.require_approval,
+            auto_approve_url_change: p.auto_approve_url_change,
+        }
+    }
+}
+
+impl JoinConfig {
+    pub fn policy(&self) -> rbee_registry::JoinPolicy {
+        rbee_registry::JoinPolicy {
+            max_hives: self.max_hives as usize,
+            require_approval: self.require_approval,
+            auto_approve_url_change: self.auto_approve_url_change,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +148,7 @@ impl Default for QueenConfig {
             hives: Vec::new(),
             models: Vec::new(),
             scheduling: SchedulingConfig::default(),
+            join: JoinConfig::default(),
         }
     }
 }
@@ -212,6 +251,9 @@ impl Validate for QueenConfig {
             if v == 0 || v > 86_400 {
                 e.push(err(field, "must be 1..=86400 seconds"));
             }
+        }
+        if self.join.max_hives == 0 || self.join.max_hives > 10_000 {
+            e.push(err("join.max_hives", "must be 1..=10000"));
         }
         if s.heartbeat_seconds > 300 {
             e.push(err("scheduling.heartbeat_seconds", "must be at most 300"));

@@ -1,12 +1,13 @@
 //! The queen's typed calls to a hive's worker API (spawn a worker, look at one), with the
-//! hive's own token or the shared one. Answers are `rbee_api::worker` types, not raw JSON.
+//! token `Queen::hive_token` picks for each hive. Answers are `rbee_api::worker` types, not raw JSON.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rbee_api::ErrorBody;
 use rbee_api::worker::{SpawnRequest, WorkerView};
 
-use crate::queen::Tokens;
+use rbee_auth::Token;
 
 /// Why a call to a hive did not give the expected answer.
 #[derive(Debug, thiserror::Error)]
@@ -22,16 +23,20 @@ pub enum HiveCallError {
 
 pub struct HiveClient {
     http: reqwest::Client,
-    tokens: Tokens,
+    /// The token to present to each hive (`Queen::hive_token`).
+    tokens: HashMap<String, Token>,
 }
 
 impl HiveClient {
-    pub fn new(http: reqwest::Client, tokens: Tokens) -> Self {
+    pub fn new(http: reqwest::Client, tokens: HashMap<String, Token>) -> Self {
         Self { http, tokens }
     }
 
     fn authed(&self, hive_id: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        self.tokens.authorize(hive_id, req)
+        match self.tokens.get(hive_id) {
+            Some(t) => req.bearer_auth(t.expose()),
+            None => req,
+        }
     }
 
     /// `POST /v1/workers`: the worker being started (202), else the hive's refusal.

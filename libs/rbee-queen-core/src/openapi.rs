@@ -211,10 +211,10 @@ fn operation(g: &mut SchemaGenerator, method: &str, path: &str) -> Operation {
             Content::Json(object("{request_id, cancelled}")),
         ),
         ("POST", "/v1/hives/heartbeat") => op(
-            "A hive's heartbeat (join token)",
+            "A hive's heartbeat (the join token binds a new hive id; its credential after that)",
             "hives",
             Some(schema::<HiveHeartbeat>(g)),
-            Content::Json(object("{ok}")),
+            Content::Json(schema::<rbee_api::HeartbeatAnswer>(g)),
         ),
         ("GET", "/v1/admin/hives") => op(
             "Every hive with its state and last heartbeat",
@@ -228,8 +228,14 @@ fn operation(g: &mut SchemaGenerator, method: &str, path: &str) -> Operation {
             None,
             Content::Json(object("A hive record")),
         ),
+        ("POST", "/v1/admin/hives/{id}/approve") => op(
+            "Route to a hive held for approval, or apply the new URL it reported",
+            "admin",
+            None,
+            Content::Json(object("A hive record")),
+        ),
         ("DELETE", "/v1/admin/hives/{id}") => op(
-            "Forget a hive (it rejoins on its next heartbeat)",
+            "Forget a hive and revoke its credential",
             "admin",
             None,
             Content::Json(object("{removed}")),

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use rbee_api::{HiveHeartbeat, codes};
+use rbee_api::codes;
 use rbee_auth::{Token, TokenSet};
 use rbee_http::ApiError;
 use rbee_registry::{HiveRecord, Registry};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::QueenConfig;
 use crate::hive_client::HiveClient;
@@ -43,20 +43,6 @@ pub struct Lease {
     pub worker_id: String,
     /// Whether this request had to spawn the worker (cold start).
     pub spawned: bool,
-}
-
-impl Tokens {
-    /// `req` with the token for `hive_id`: its own from the config, else the shared hive token.
-    pub fn authorize(
-        &self,
-        hive_id: &str,
-        req: reqwest::RequestBuilder,
-    ) -> reqwest::RequestBuilder {
-        match self.per_hive.get(hive_id).or(self.hive.as_ref()) {
-            Some(t) => req.bearer_auth(t.expose()),
-            None => req,
-        }
-    }
 }
 
 impl Lease {
@@ -103,6 +89,8 @@ pub struct Queen {
     draining: std::sync::atomic::AtomicBool,
     /// Client requests holding a slot (from validation to the end of their response).
     active: std::sync::atomic::AtomicUsize,
+    /// Held URL changes already audited, by hive id.
+    held_urls: Mutex<HashMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +138,7 @@ impl Queen {
             cut: tokio::sync::watch::channel(false).0,
             draining: std::sync::atomic::AtomicBool::new(false),
             active: std::sync::atomic::AtomicUsize::new(0),
+            held_urls: Mutex::new(HashMap::new()),
         });
         // Hives the registry already holds (static ones, a restart's records) are routable as
         // soon as they are up; every later change comes through `hives_changed`.
@@ -339,9 +328,11 @@ impl Queen {
         self.event(|s, now| s.set_hives(up, now));
     }
 
-    /// The token for `hive_id`: its own from the config, else the shared hive token.
     fn hive_request(&self, hive_id: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        self.tokens().authorize(hive_id, req)
+        match self.hive_token(hive_id) {
+            Some(t) => req.bearer_auth(t.expose()),
+            None => req,
+        }
     }
 
     pub fn hive_get(&self, hive_id: &str, url: &str) -> reqwest::RequestBuilder {
@@ -569,31 +560,14 @@ impl Queen {
     }
 
     pub(crate) fn hive_client(&self) -> HiveClient {
-        HiveClient::new(self.http.clone(), self.tokens())
-    }
-
-    /// Applies a heartbeat (from the API handler, after the join token was checked).
-    pub fn heartbeat(&self, hb: &HiveHeartbeat) -> Result<(), ApiError> {
-        match self.registry.heartbeat(hb, rbee_http::unix_ms()) {
-            Ok(outcome) => {
-                self.metrics.heartbeats.inc(&[&hb.hive_id]);
-                info_outcome(hb, &outcome);
-                match outcome {
-                    rbee_registry::BeatOutcome::Joined => self.audit(
-                        "hive.join",
-                        &hb.hive_id,
-                        json!({"hive_id": hb.hive_id, "url": hb.url, "version": hb.version}),
-                    ),
-                    rbee_registry::BeatOutcome::CameBack => {
-                        self.audit("hive.back", &hb.hive_id, json!({"hive_id": hb.hive_id}))
-                    }
-                    _ => {}
-                }
-                self.hives_changed();
-                Ok(())
-            }
-            Err(e) => Err(ApiError::new(codes::INVALID_PARAMETER, e.to_string())),
-        }
+        let tokens = self
+            .registry
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|h| self.hive_token(&h.id).map(|t| (h.id, t)))
+            .collect();
+        HiveClient::new(self.http.clone(), tokens)
     }
 
     /// Marks silent hives down, forever (every heartbeat interval).
@@ -652,16 +626,6 @@ impl Queen {
 fn spawn_task(fut: impl std::future::Future<Output = ()> + Send + 'static) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(fut);
-    }
-}
-
-fn info_outcome(hb: &HiveHeartbeat, outcome: &rbee_registry::BeatOutcome) {
-    match outcome {
-        rbee_registry::BeatOutcome::Joined => {
-            info!(hive = %hb.hive_id, url = %hb.url, "hive joined")
-        }
-        rbee_registry::BeatOutcome::CameBack => info!(hive = %hb.hive_id, "hive is back"),
-        _ => {}
     }
 }
 
@@ -753,6 +717,8 @@ fn model_state(hives: &[HiveRecord], reference: &str) -> (&'static str, Vec<Stri
         ("configured", Vec::new())
     }
 }
+
+mod hives;
 
 #[cfg(test)]
 mod tests;

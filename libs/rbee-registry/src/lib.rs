@@ -43,12 +43,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use std::time::Duration;
 
 use rbee_api::HiveHeartbeat;
+use rbee_auth::Token;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 /// The schema version this crate writes (`PRAGMA user_version`). Files with a higher version
 /// are refused rather than guessed at.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How often an unchanged hive's heartbeat is written at most, by default.
 pub const DEFAULT_HEARTBEAT_PERSIST_INTERVAL_MS: i64 = 60_000;
@@ -63,6 +64,9 @@ pub const MAX_URL_LEN: usize = 2048;
 
 const MEMORY_PATH: &str = ":memory:";
 
+pub mod identity;
+pub use identity::{Approval, Beat, BeatAuth, Issued, JoinPolicy};
+
 const SCHEMA_V1: &str = "
 CREATE TABLE hives (
     id                TEXT    PRIMARY KEY NOT NULL,
@@ -74,15 +78,29 @@ CREATE TABLE hives (
 ) STRICT;
 ";
 
+/// Version 2: hive identity (see [`identity`]). Hives stored by version 1 are approved and
+/// unbound: their next beat with the join token binds them.
+const SCHEMA_V2_ADD: &str = "
+ALTER TABLE hives ADD COLUMN approved INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE hives ADD COLUMN pending_url TEXT;
+ALTER TABLE hives ADD COLUMN credential_sha256 TEXT;
+ALTER TABLE hives ADD COLUMN queen_token TEXT;
+";
+
 const UPSERT: &str = "
-INSERT INTO hives (id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+INSERT INTO hives (id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json,
+                   approved, pending_url, credential_sha256, queen_token)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
 ON CONFLICT (id) DO UPDATE SET
     url = excluded.url,
     source = excluded.source,
     joined_unix_ms = excluded.joined_unix_ms,
     last_seen_unix_ms = excluded.last_seen_unix_ms,
-    heartbeat_json = excluded.heartbeat_json
+    heartbeat_json = excluded.heartbeat_json,
+    approved = excluded.approved,
+    pending_url = excluded.pending_url,
+    credential_sha256 = excluded.credential_sha256,
+    queen_token = excluded.queen_token
 ";
 
 /// Whether a hive takes part in routing.
@@ -142,6 +160,12 @@ pub struct HiveRecord {
     pub last_seen_unix_ms: Option<i64>,
     /// The last heartbeat received (after a restart: the last one stored).
     pub heartbeat: Option<HiveHeartbeat>,
+    /// Routed to (false: a new hive waiting for an admin's approval).
+    pub approved: bool,
+    /// A URL the hive reported that waits for an admin; routing stays on `url`.
+    pub pending_url: Option<String>,
+    /// The id is bound to a credential the queen issued.
+    pub bound: bool,
 }
 
 /// What a heartbeat changed.
@@ -196,6 +220,20 @@ pub enum RegistryError {
         configured: String,
         reported: String,
     },
+    /// A heartbeat's credential is not the one issued for its hive id (or the hive was
+    /// removed, which revokes it).
+    #[error("hive {id}: the presented credential is not the one issued for this id")]
+    Unauthorized { id: String },
+    /// The join token was presented for an id already bound to a credential.
+    #[error(
+        "hive id {id} is already bound to another hive's credential; a hive that lost its \
+         credential file must be removed by an admin (DELETE /v1/admin/hives/{id}) before it \
+         joins again"
+    )]
+    IdTaken { id: String },
+    /// The registry holds as many hives as the queen allows.
+    #[error("the queen already has its limit of {max} hives; remove one or raise join.max_hives")]
+    Full { max: usize },
     /// A filesystem error around the database file.
     #[error("hive registry database {}: {source}", path.display())]
     Io {
@@ -208,6 +246,14 @@ pub enum RegistryError {
 #[derive(Debug, Clone)]
 struct Slot {
     rec: HiveRecord,
+    /// SHA-256 (hex) of the credential issued to this hive.
+    credential_sha256: Option<String>,
+    /// What the queen presents to this hive.
+    queen_token: Option<Token>,
+    /// The hive has beaten with its credential since it was issued, so it holds the queen's
+    /// token too: only then is it routed to (a call with a token the hive has not received yet
+    /// would be refused). Not stored: a reloaded hive was confirmed, or predates identities.
+    confirmed: bool,
     /// The shape of the heartbeat last written (see [`shape`]).
     stored_shape: Option<HiveHeartbeat>,
     /// When this hive's row was last written.
@@ -220,10 +266,23 @@ impl Slot {
     fn new(rec: HiveRecord) -> Self {
         Slot {
             rec,
+            credential_sha256: None,
+            queen_token: None,
+            confirmed: true,
             stored_shape: None,
             stored_at_ms: None,
             dirty: false,
         }
+    }
+
+    /// Binds the hive's id to new secrets.
+    fn issue(&mut self) -> Issued {
+        let issued = Issued::generate();
+        self.credential_sha256 = Some(issued.credential.digest_hex());
+        self.queen_token = Some(issued.queen_token.clone());
+        self.rec.bound = true;
+        self.confirmed = false;
+        issued
     }
 
     fn mark_stored(&mut self, now_ms: i64) {
@@ -345,22 +404,33 @@ impl Registry {
     pub fn load(&self) -> Result<Vec<HiveRecord>, RegistryError> {
         let conn = self.lock_conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json
+            "SELECT id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json,
+                    approved, pending_url, credential_sha256, queen_token
              FROM hives ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, Option<String>>(5)?,
+                (
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ),
+                (
+                    r.get::<_, i64>(6)? != 0,
+                    r.get::<_, Option<String>>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                ),
             ))
         })?;
         let mut map = BTreeMap::new();
         for row in rows {
-            let (id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json) = row?;
+            let row = row?;
+            let (id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json) = row.0;
+            let (approved, pending_url, credential_sha256, queen_token) = row.1;
             let Some(source) = HiveSource::parse(&source) else {
                 return Err(RegistryError::Corrupt {
                     path: self.path.clone(),
@@ -374,6 +444,16 @@ impl Registry {
                     })
                     .ok()
             });
+            let queen_token = match queen_token.map(|t| Token::new(t, "the registry")) {
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    return Err(RegistryError::Corrupt {
+                        path: self.path.clone(),
+                        reason: format!("hive {id:?}: stored queen token unusable: {e}"),
+                    });
+                }
+                None => None,
+            };
             let mut entry = Slot::new(HiveRecord {
                 id: id.clone(),
                 url,
@@ -382,7 +462,12 @@ impl Registry {
                 joined_unix_ms,
                 last_seen_unix_ms,
                 heartbeat,
+                approved,
+                pending_url,
+                bound: credential_sha256.is_some(),
             });
+            entry.credential_sha256 = credential_sha256;
+            entry.queen_token = queen_token;
             entry.stored_shape = entry.rec.heartbeat.as_ref().map(shape);
             entry.stored_at_ms = None;
             map.insert(id, entry);
@@ -403,13 +488,18 @@ impl Registry {
         let conn = self.lock_conn();
         let existing = self.read_map().get(id).map(|e| e.rec.clone());
         let rec = match existing {
-            Some(rec) if rec.source == HiveSource::Config && rec.url == url => return Ok(()),
+            Some(rec) if rec.source == HiveSource::Config && rec.url == url && rec.approved => {
+                return Ok(());
+            }
             Some(mut rec) => {
                 if rec.url != url {
                     rec.url = url;
                     rec.state = HiveState::Down;
                 }
                 rec.source = HiveSource::Config;
+                // Listed by the operator: routed, at the configured URL.
+                rec.approved = true;
+                rec.pending_url = None;
                 rec
             }
             None => HiveRecord {
@@ -420,83 +510,199 @@ impl Registry {
                 joined_unix_ms: now_ms,
                 last_seen_unix_ms: None,
                 heartbeat: None,
+                approved: true,
+                pending_url: None,
+                bound: false,
             },
         };
-        write_record(&conn, &rec)?;
+        // The id keeps its credential: the operator listed the hive, it did not change hands.
+        let (credential_sha256, queen_token, confirmed) =
+            self.read_map().get(id).map_or((None, None, true), |e| {
+                (
+                    e.credential_sha256.clone(),
+                    e.queen_token.clone(),
+                    e.confirmed,
+                )
+            });
         let mut entry = Slot::new(rec);
+        entry.credential_sha256 = credential_sha256;
+        entry.queen_token = queen_token;
+        entry.confirmed = confirmed;
+        write_slot(&conn, &entry)?;
         entry.mark_stored(now_ms);
         self.write_map().insert(id.to_owned(), entry);
         Ok(())
     }
 
-    /// Records a heartbeat; returns what changed: Joined (new), CameBack (was down), Beat (was up).
+    /// Records a heartbeat authenticated by `auth` under the queen's `policy`; returns what
+    /// changed: Joined (new), CameBack (was down), Beat (was up), and any secrets issued.
     ///
-    /// A joined hive's url follows what it reports. A configured hive keeps its configured url:
-    /// a beat reporting another one is not recorded and returns [`RegistryError::UrlConflict`]
-    /// (the reporter may be a different machine claiming the id, and its workers and models must
-    /// not be attributed to the configured address).
-    pub fn heartbeat(&self, hb: &HiveHeartbeat, now_ms: i64) -> Result<BeatOutcome, RegistryError> {
+    /// Identity ([`identity`]): the join token binds an id that has no credential yet (a new
+    /// hive, a configured one's first beat, one stored before identities existed) and is
+    /// refused for a bound id ([`RegistryError::IdTaken`]); a credential must be the one issued
+    /// for the beat's id ([`RegistryError::Unauthorized`]). A configured hive keeps its
+    /// configured url ([`RegistryError::UrlConflict`] otherwise; the reporter may be a different
+    /// machine claiming the id). A bound joined hive reporting another url keeps being routed at
+    /// the old one, the new one held for an admin ([`Registry::approve`]), unless the policy
+    /// approves URL changes itself. New hives beyond `max_hives` are refused
+    /// ([`RegistryError::Full`]).
+    pub fn heartbeat(
+        &self,
+        hb: &HiveHeartbeat,
+        now_ms: i64,
+        auth: BeatAuth<'_>,
+        policy: &JoinPolicy,
+    ) -> Result<Beat, RegistryError> {
         validate_id("hive_id", &hb.hive_id)?;
         let url = normalize_url("url", &hb.url)?;
+        identity::validate_heartbeat(hb)?;
+        let id = hb.hive_id.clone();
         let conn = self.lock_conn();
-        let (outcome, to_write) = {
+        let (beat, to_write) = {
             let mut map = self.write_map();
-            let (outcome, entry) = match map.entry(hb.hive_id.clone()) {
+            let known = map.len();
+            let mut issued = None;
+            let mut moved_from = None;
+            let (outcome, entry) = match map.entry(id.clone()) {
                 btree_map::Entry::Occupied(occupied) => {
                     let entry = occupied.into_mut();
-                    if entry.rec.source == HiveSource::Config && entry.rec.url != url {
+                    match (auth, &entry.credential_sha256) {
+                        (BeatAuth::Credential(c), Some(h))
+                            if rbee_auth::digest_hex_matches(h, c) =>
+                        {
+                            entry.confirmed = true;
+                        }
+                        (BeatAuth::Credential(_), _) => {
+                            return Err(RegistryError::Unauthorized { id });
+                        }
+                        (BeatAuth::Join, Some(_)) => return Err(RegistryError::IdTaken { id }),
+                        (BeatAuth::Join, None) => {
+                            if entry.rec.source == HiveSource::Config && entry.rec.url != url {
+                                return Err(RegistryError::UrlConflict {
+                                    id,
+                                    configured: entry.rec.url.clone(),
+                                    reported: url,
+                                });
+                            }
+                            // A hive stored before identities existed binds where it is now.
+                            entry.rec.url = url.clone();
+                            issued = Some(entry.issue());
+                        }
+                    }
+                    if entry.rec.url == url {
+                        entry.rec.pending_url = None;
+                    } else if entry.rec.source == HiveSource::Config {
                         return Err(RegistryError::UrlConflict {
-                            id: hb.hive_id.clone(),
+                            id,
                             configured: entry.rec.url.clone(),
                             reported: url,
                         });
+                    } else if policy.auto_approve_url_change {
+                        moved_from = Some(std::mem::replace(&mut entry.rec.url, url));
+                        entry.rec.pending_url = None;
+                    } else {
+                        entry.rec.pending_url = Some(url);
                     }
                     let outcome = match entry.rec.state {
                         HiveState::Up => BeatOutcome::Beat,
                         HiveState::Down => BeatOutcome::CameBack,
                     };
-                    entry.rec.url = url;
-                    entry.rec.state = HiveState::Up;
-                    entry.rec.last_seen_unix_ms = Some(now_ms);
-                    entry.rec.heartbeat = Some(hb.clone());
                     (outcome, entry)
                 }
                 btree_map::Entry::Vacant(vacant) => {
+                    if let BeatAuth::Credential(_) = auth {
+                        return Err(RegistryError::Unauthorized { id });
+                    }
+                    if known >= policy.max_hives {
+                        return Err(RegistryError::Full {
+                            max: policy.max_hives,
+                        });
+                    }
                     let entry = vacant.insert(Slot::new(HiveRecord {
-                        id: hb.hive_id.clone(),
+                        id: id.clone(),
                         url,
                         source: HiveSource::Joined,
                         state: HiveState::Up,
                         joined_unix_ms: now_ms,
                         last_seen_unix_ms: Some(now_ms),
-                        heartbeat: Some(hb.clone()),
+                        heartbeat: None,
+                        approved: !policy.require_approval,
+                        pending_url: None,
+                        bound: false,
                     }));
+                    issued = Some(entry.issue());
                     (BeatOutcome::Joined, entry)
                 }
             };
+            entry.rec.state = HiveState::Up;
+            entry.rec.last_seen_unix_ms = Some(now_ms);
+            entry.rec.heartbeat = Some(hb.clone());
+            let beat = Beat {
+                outcome,
+                approved: entry.rec.approved,
+                pending_url: entry.rec.pending_url.clone(),
+                moved_from,
+                issued,
+            };
             let due = outcome != BeatOutcome::Beat
+                || beat.issued.is_some()
+                || beat.moved_from.is_some()
+                || beat.pending_url.is_some()
                 || entry
                     .stored_at_ms
                     .is_none_or(|at| now_ms < at || now_ms - at >= self.persist_interval_ms)
                 || entry.stored_shape.as_ref() != Some(&shape(hb));
             if due {
                 entry.mark_stored(now_ms);
-                (outcome, Some(entry.rec.clone()))
+                (beat, Some(entry.clone()))
             } else {
                 entry.dirty = true;
-                (outcome, None)
+                (beat, None)
             }
         };
-        if let Some(rec) = to_write
-            && let Err(error) = write_record(&conn, &rec)
+        if let Some(slot) = to_write
+            && let Err(error) = write_slot(&conn, &slot)
         {
-            tracing::warn!(hive = %rec.id, %error, "could not store heartbeat; kept in memory, retried on the next beat");
-            if let Some(entry) = self.write_map().get_mut(&rec.id) {
+            if beat.issued.is_some() {
+                // The hive would hold secrets a restarted queen does not know: undo, so it
+                // asks again with the join token on its next beat.
+                self.write_map().remove(&slot.rec.id);
+                return Err(RegistryError::Sqlite(error));
+            }
+            tracing::warn!(hive = %slot.rec.id, %error, "could not store heartbeat; kept in memory, retried on the next beat");
+            if let Some(entry) = self.write_map().get_mut(&slot.rec.id) {
                 entry.dirty = true;
                 entry.stored_shape = None;
             }
         }
-        Ok(outcome)
+        Ok(beat)
+    }
+
+    /// An admin approves a hive: a new one is routed to from now on, a held URL is applied.
+    /// `None` for an unknown id.
+    pub fn approve(&self, id: &str, now_ms: i64) -> Result<Option<Approval>, RegistryError> {
+        let conn = self.lock_conn();
+        let Some(mut entry) = self.read_map().get(id).cloned() else {
+            return Ok(None);
+        };
+        let approval = Approval {
+            admitted: !entry.rec.approved,
+            moved: entry
+                .rec
+                .pending_url
+                .take()
+                .map(|new| (std::mem::replace(&mut entry.rec.url, new.clone()), new)),
+        };
+        entry.rec.approved = true;
+        write_slot(&conn, &entry)?;
+        entry.mark_stored(now_ms);
+        self.write_map().insert(id.to_owned(), entry);
+        Ok(Some(approval))
+    }
+
+    /// The token the queen presents to hive `id`, once its id is bound.
+    pub fn queen_token(&self, id: &str) -> Option<Token> {
+        self.read_map().get(id).and_then(|e| e.queen_token.clone())
     }
 
     /// Marks hives whose last beat is older than `stale_after_ms` down; returns the ids that just
@@ -520,8 +726,10 @@ impl Registry {
         Ok(gone)
     }
 
-    /// Forgets a hive (memory and file). Returns whether it was known. A joined hive that keeps
-    /// beating joins again; the queen also removes hives dropped from its config with this.
+    /// Forgets a hive (memory and file), which revokes its credential and the queen's token for
+    /// it: its later beats are refused until it joins again with the join token (a hive does
+    /// that only without a stored credential). Returns whether it was known. The queen also
+    /// removes hives dropped from its config with this.
     pub fn remove(&self, id: &str) -> Result<bool, RegistryError> {
         let conn = self.lock_conn();
         let deleted = conn
@@ -541,12 +749,13 @@ impl Registry {
         Ok(self.read_map().values().map(|e| e.rec.clone()).collect())
     }
 
-    /// The hives that are up, sorted by id: what routing may use.
+    /// The hives that are up, approved and past their first beat with the credential they
+    /// were issued, sorted by id: what routing may use.
     pub fn up(&self) -> Result<Vec<HiveRecord>, RegistryError> {
         Ok(self
             .read_map()
             .values()
-            .filter(|e| e.rec.state == HiveState::Up)
+            .filter(|e| e.rec.state == HiveState::Up && e.rec.approved && e.confirmed)
             .map(|e| e.rec.clone())
             .collect())
     }
@@ -555,22 +764,23 @@ impl Registry {
     /// many were written. Runs on drop too (errors there are logged).
     pub fn flush(&self) -> Result<usize, RegistryError> {
         let mut conn = self.lock_conn();
-        let dirty: Vec<HiveRecord> = self
+        let dirty: Vec<Slot> = self
             .read_map()
             .values()
             .filter(|e| e.dirty)
-            .map(|e| e.rec.clone())
+            .cloned()
             .collect();
         if dirty.is_empty() {
             return Ok(0);
         }
         let tx = conn.transaction()?;
-        for rec in &dirty {
-            write_record(&tx, rec)?;
+        for slot in &dirty {
+            write_slot(&tx, slot)?;
         }
         tx.commit()?;
         let mut map = self.write_map();
-        for rec in &dirty {
+        for slot in &dirty {
+            let rec = &slot.rec;
             if let Some(entry) = map.get_mut(&rec.id) {
                 let at = rec.last_seen_unix_ms.or(entry.stored_at_ms).unwrap_or(0);
                 entry.mark_stored(at);
@@ -617,7 +827,8 @@ fn shape(hb: &HiveHeartbeat) -> HiveHeartbeat {
     s
 }
 
-fn write_record(conn: &Connection, rec: &HiveRecord) -> Result<(), rusqlite::Error> {
+fn write_slot(conn: &Connection, slot: &Slot) -> Result<(), rusqlite::Error> {
+    let rec = &slot.rec;
     let heartbeat_json = rec
         .heartbeat
         .as_ref()
@@ -631,6 +842,10 @@ fn write_record(conn: &Connection, rec: &HiveRecord) -> Result<(), rusqlite::Err
         rec.joined_unix_ms,
         rec.last_seen_unix_ms,
         heartbeat_json,
+        i64::from(rec.approved),
+        rec.pending_url,
+        slot.credential_sha256,
+        slot.queen_token.as_ref().map(Token::expose),
     ])?;
     Ok(())
 }
@@ -684,12 +899,21 @@ fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), RegistryErro
             }
             tx.execute_batch(SCHEMA_V1)
                 .map_err(|e| open_error(path, e))?;
+            tx.execute_batch(SCHEMA_V2_ADD)
+                .map_err(|e| open_error(path, e))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(|e| open_error(path, e))?;
+        }
+        1 => {
+            tx.execute_batch(SCHEMA_V2_ADD)
+                .map_err(|e| corrupt(format!("cannot upgrade schema 1 to 2: {e}")))?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(|e| open_error(path, e))?;
         }
         SCHEMA_VERSION => {
             tx.prepare(
-                "SELECT id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json
+                "SELECT id, url, source, joined_unix_ms, last_seen_unix_ms, heartbeat_json,
+                        approved, pending_url, credential_sha256, queen_token
                  FROM hives LIMIT 0",
             )
             .map_err(|e| corrupt(format!("the hives table is missing or malformed: {e}")))?;
@@ -900,6 +1124,27 @@ mod tests {
         }
     }
 
+    thread_local! {
+        static ISSUED: std::cell::RefCell<std::collections::HashMap<String, String>> =
+            Default::default();
+    }
+
+    /// Beats as a hive does: with its issued credential, else the join token.
+    fn beat_as_hive(reg: &Registry, hb: &HiveHeartbeat, now_ms: i64) -> BeatOutcome {
+        let cred = ISSUED.with(|m| m.borrow().get(&hb.hive_id).cloned());
+        let auth = cred.as_deref().map_or(BeatAuth::Join, BeatAuth::Credential);
+        let beat = reg
+            .heartbeat(hb, now_ms, auth, &JoinPolicy::default())
+            .unwrap();
+        if let Some(i) = beat.issued {
+            ISSUED.with(|m| {
+                m.borrow_mut()
+                    .insert(hb.hive_id.clone(), i.credential.expose().to_owned())
+            });
+        }
+        beat.outcome
+    }
+
     fn stored(reg: &Registry, id: &str) -> Option<(Option<i64>, Option<HiveHeartbeat>)> {
         let conn = reg.lock_conn();
         conn.query_row(
@@ -920,14 +1165,14 @@ mod tests {
             .unwrap()
             .with_heartbeat_persist_interval_ms(60_000);
         assert_eq!(
-            reg.heartbeat(&hb("h", 100, false), 1_000).unwrap(),
+            beat_as_hive(&reg, &hb("h", 100, false), 1_000),
             BeatOutcome::Joined
         );
         assert_eq!(stored(&reg, "h").unwrap().0, Some(1_000));
 
         // Only volatile fields changed: memory only.
         assert_eq!(
-            reg.heartbeat(&hb("h", 50, true), 6_000).unwrap(),
+            beat_as_hive(&reg, &hb("h", 50, true), 6_000),
             BeatOutcome::Beat
         );
         let (seen, beat) = stored(&reg, "h").unwrap();
@@ -941,7 +1186,7 @@ mod tests {
         // A shape change (a worker changed state) is written at once.
         let mut changed = hb("h", 50, true);
         changed.workers[0].state = rbee_api::WorkerState::Stopping;
-        reg.heartbeat(&changed, 11_000).unwrap();
+        beat_as_hive(&reg, &changed, 11_000);
         let (seen, beat) = stored(&reg, "h").unwrap();
         assert_eq!(seen, Some(11_000));
         assert_eq!(
@@ -950,13 +1195,13 @@ mod tests {
         );
 
         // Unchanged again: not written until the interval has passed.
-        reg.heartbeat(&changed, 70_999).unwrap();
+        beat_as_hive(&reg, &changed, 70_999);
         assert_eq!(stored(&reg, "h").unwrap().0, Some(11_000));
-        reg.heartbeat(&changed, 71_000).unwrap();
+        beat_as_hive(&reg, &changed, 71_000);
         assert_eq!(stored(&reg, "h").unwrap().0, Some(71_000));
 
         // flush writes what is pending.
-        reg.heartbeat(&changed, 76_000).unwrap();
+        beat_as_hive(&reg, &changed, 76_000);
         assert_eq!(reg.flush().unwrap(), 1);
         assert_eq!(stored(&reg, "h").unwrap().0, Some(76_000));
         assert_eq!(reg.flush().unwrap(), 0);
@@ -965,10 +1210,10 @@ mod tests {
     #[test]
     fn coming_back_is_always_written() {
         let reg = Registry::open_in_memory().unwrap();
-        reg.heartbeat(&hb("h", 100, false), 0).unwrap();
+        beat_as_hive(&reg, &hb("h", 100, false), 0);
         assert_eq!(reg.sweep(20_000, 15_000).unwrap(), vec!["h".to_owned()]);
         assert_eq!(
-            reg.heartbeat(&hb("h", 100, false), 21_000).unwrap(),
+            beat_as_hive(&reg, &hb("h", 100, false), 21_000),
             BeatOutcome::CameBack
         );
         assert_eq!(stored(&reg, "h").unwrap().0, Some(21_000));

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use rbee_api::{GpuInfo, HeartbeatWorker, HiveHeartbeat, NodeResources};
 use rbee_registry::{
-    BeatOutcome, HiveRecord, HiveSource, HiveState, Registry, RegistryError, SCHEMA_VERSION,
+    BeatAuth, BeatOutcome, HiveRecord, HiveSource, HiveState, JoinPolicy, Registry, RegistryError,
+    SCHEMA_VERSION,
 };
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -69,6 +70,43 @@ fn heartbeat(id: &str, url: &str) -> HiveHeartbeat {
     }
 }
 
+thread_local! {
+    /// Credentials issued in this test, by (registry file, hive id): what each hive keeps.
+    static ISSUED: std::cell::RefCell<std::collections::HashMap<(PathBuf, String), String>> =
+        Default::default();
+}
+
+/// Beats as a real hive does: with the credential it was issued, else the join token; keeps
+/// what the queen issues.
+trait BeatAsHive {
+    fn beat(&self, hb: &HiveHeartbeat, now_ms: i64) -> Result<BeatOutcome, RegistryError>;
+}
+
+impl BeatAsHive for Registry {
+    fn beat(&self, hb: &HiveHeartbeat, now_ms: i64) -> Result<BeatOutcome, RegistryError> {
+        let key = (self.path().to_path_buf(), hb.hive_id.clone());
+        let cred = ISSUED.with(|m| m.borrow().get(&key).cloned());
+        let auth = match &cred {
+            Some(c) => BeatAuth::Credential(c),
+            None => BeatAuth::Join,
+        };
+        let beat = self.heartbeat(hb, now_ms, auth, &JoinPolicy::default())?;
+        if let Some(i) = beat.issued {
+            // The hive's next beat carries its credential, which makes it routable; taken at
+            // once here.
+            let credential = i.credential.expose().to_owned();
+            self.heartbeat(
+                hb,
+                now_ms,
+                BeatAuth::Credential(&credential),
+                &JoinPolicy::default(),
+            )?;
+            ISSUED.with(|m| m.borrow_mut().insert(key, credential));
+        }
+        Ok(beat.outcome)
+    }
+}
+
 fn ids(records: &[HiveRecord]) -> Vec<&str> {
     records.iter().map(|r| r.id.as_str()).collect()
 }
@@ -95,16 +133,13 @@ fn hives_persist_across_reopen_and_come_back_down() {
         let reg = Registry::open(&dir.db()).unwrap();
         reg.add_static("alpha", "http://10.0.0.5:7835", 1_000)
             .unwrap();
-        assert_eq!(
-            reg.heartbeat(&beat_a, 2_000).unwrap(),
-            BeatOutcome::CameBack
-        );
-        assert_eq!(reg.heartbeat(&beat_b, 3_000).unwrap(), BeatOutcome::Joined);
+        assert_eq!(reg.beat(&beat_a, 2_000).unwrap(), BeatOutcome::CameBack);
+        assert_eq!(reg.beat(&beat_b, 3_000).unwrap(), BeatOutcome::Joined);
         // A beat that changes only volatile figures is held in memory and flushed on close.
         let mut later_b = beat_b.clone();
         later_b.resources.memory_available_bytes = 30 << 30;
         later_b.workers[0].busy = true;
-        assert_eq!(reg.heartbeat(&later_b, 8_000).unwrap(), BeatOutcome::Beat);
+        assert_eq!(reg.beat(&later_b, 8_000).unwrap(), BeatOutcome::Beat);
         assert_eq!(ids(&reg.up().unwrap()), ["alpha", "bravo"]);
     }
 
@@ -121,6 +156,9 @@ fn hives_persist_across_reopen_and_come_back_down() {
             joined_unix_ms: 1_000,
             last_seen_unix_ms: Some(2_000),
             heartbeat: Some(beat_a.clone()),
+            approved: true,
+            pending_url: None,
+            bound: true,
         },
         HiveRecord {
             id: "bravo".into(),
@@ -130,6 +168,9 @@ fn hives_persist_across_reopen_and_come_back_down() {
             joined_unix_ms: 3_000,
             last_seen_unix_ms: Some(8_000),
             heartbeat: Some(later_b.clone()),
+            approved: true,
+            pending_url: None,
+            bound: true,
         },
     ];
     assert_eq!(reg.list().unwrap(), expected);
@@ -137,10 +178,7 @@ fn hives_persist_across_reopen_and_come_back_down() {
     assert!(reg.up().unwrap().is_empty(), "nothing routes before a beat");
 
     // Routing resumes with the next beat; the join time is kept.
-    assert_eq!(
-        reg.heartbeat(&beat_b, 20_000).unwrap(),
-        BeatOutcome::CameBack
-    );
+    assert_eq!(reg.beat(&beat_b, 20_000).unwrap(), BeatOutcome::CameBack);
     let bravo = reg.get("bravo").unwrap().unwrap();
     assert_eq!(bravo.state, HiveState::Up);
     assert_eq!(bravo.joined_unix_ms, 3_000);
@@ -155,7 +193,7 @@ fn join_beat_sweep_and_come_back() {
     let stale = 3 * interval;
     let hb = heartbeat("h1", "http://node1:7835");
 
-    assert_eq!(reg.heartbeat(&hb, 100_000).unwrap(), BeatOutcome::Joined);
+    assert_eq!(reg.beat(&hb, 100_000).unwrap(), BeatOutcome::Joined);
     let rec = reg.get("h1").unwrap().unwrap();
     assert_eq!(rec.source, HiveSource::Joined);
     assert_eq!(rec.state, HiveState::Up);
@@ -163,7 +201,7 @@ fn join_beat_sweep_and_come_back() {
     assert_eq!(rec.last_seen_unix_ms, Some(100_000));
     assert_eq!(rec.heartbeat.as_ref(), Some(&hb));
 
-    assert_eq!(reg.heartbeat(&hb, 105_000).unwrap(), BeatOutcome::Beat);
+    assert_eq!(reg.beat(&hb, 105_000).unwrap(), BeatOutcome::Beat);
     assert_eq!(ids(&reg.up().unwrap()), ["h1"]);
 
     // Exactly 3 intervals since the last beat: still up. One ms more: down.
@@ -177,19 +215,18 @@ fn join_beat_sweep_and_come_back() {
     // Already down: not reported again.
     assert_eq!(reg.sweep(200_000, stale).unwrap(), Vec::<String>::new());
 
-    assert_eq!(reg.heartbeat(&hb, 210_000).unwrap(), BeatOutcome::CameBack);
+    assert_eq!(reg.beat(&hb, 210_000).unwrap(), BeatOutcome::CameBack);
     assert_eq!(ids(&reg.up().unwrap()), ["h1"]);
     assert_eq!(reg.get("h1").unwrap().unwrap().joined_unix_ms, 100_000);
-    assert_eq!(reg.heartbeat(&hb, 215_000).unwrap(), BeatOutcome::Beat);
+    assert_eq!(reg.beat(&hb, 215_000).unwrap(), BeatOutcome::Beat);
 }
 
 #[test]
 fn sweep_only_takes_the_stale_ones() {
     let reg = Registry::open_in_memory().unwrap();
-    reg.heartbeat(&heartbeat("a", "http://a:1"), 0).unwrap();
-    reg.heartbeat(&heartbeat("b", "http://b:1"), 10_000)
-        .unwrap();
-    reg.heartbeat(&heartbeat("c", "http://c:1"), 1_999).unwrap();
+    reg.beat(&heartbeat("a", "http://a:1"), 0).unwrap();
+    reg.beat(&heartbeat("b", "http://b:1"), 10_000).unwrap();
+    reg.beat(&heartbeat("c", "http://c:1"), 1_999).unwrap();
     assert_eq!(reg.sweep(17_000, 15_000).unwrap(), vec!["a", "c"]);
     assert_eq!(ids(&reg.up().unwrap()), ["b"]);
     assert_eq!(ids(&reg.list().unwrap()), ["a", "b", "c"]);
@@ -210,6 +247,9 @@ fn static_hives() {
             joined_unix_ms: 5,
             last_seen_unix_ms: None,
             heartbeat: None,
+            approved: true,
+            pending_url: None,
+            bound: false,
         }
     );
     assert!(
@@ -221,7 +261,7 @@ fn static_hives() {
 
     // Same url in another spelling: accepted.
     let hb = heartbeat("gpu-node-1", "http://gpu-node-1.LAN:7835");
-    assert_eq!(reg.heartbeat(&hb, 10).unwrap(), BeatOutcome::CameBack);
+    assert_eq!(reg.beat(&hb, 10).unwrap(), BeatOutcome::CameBack);
     let rec = reg.get("gpu-node-1").unwrap().unwrap();
     assert_eq!(rec.source, HiveSource::Config);
     assert_eq!(rec.state, HiveState::Up);
@@ -244,8 +284,7 @@ fn static_hives() {
     assert!(reg.up().unwrap().is_empty());
 
     // A joined hive listed in the config becomes a config hive.
-    reg.heartbeat(&heartbeat("j", "http://j:7835"), 200)
-        .unwrap();
+    reg.beat(&heartbeat("j", "http://j:7835"), 200).unwrap();
     reg.add_static("j", "http://j:7835", 300).unwrap();
     let rec = reg.get("j").unwrap().unwrap();
     assert_eq!(rec.source, HiveSource::Config);
@@ -258,7 +297,7 @@ fn url_conflict_for_static_hives_keeps_the_configured_url() {
     let reg = Registry::open_in_memory().unwrap();
     reg.add_static("s1", "http://10.0.0.5:7835", 0).unwrap();
     let err = reg
-        .heartbeat(&heartbeat("s1", "http://10.0.0.99:7835/"), 1_000)
+        .beat(&heartbeat("s1", "http://10.0.0.99:7835/"), 1_000)
         .unwrap_err();
     match &err {
         RegistryError::UrlConflict {
@@ -286,18 +325,35 @@ fn url_conflict_for_static_hives_keeps_the_configured_url() {
 }
 
 #[test]
-fn joined_hives_follow_their_reported_url() {
+fn a_joined_hives_new_url_waits_for_an_admin() {
     let reg = Registry::open_in_memory().unwrap();
-    reg.heartbeat(&heartbeat("j1", "http://10.0.0.7:7835"), 0)
+    reg.beat(&heartbeat("j1", "http://10.0.0.7:7835"), 0)
         .unwrap();
     assert_eq!(
-        reg.heartbeat(&heartbeat("j1", "https://10.0.0.8:7836"), 5_000)
+        reg.beat(&heartbeat("j1", "https://10.0.0.8:7836"), 5_000)
             .unwrap(),
         BeatOutcome::Beat
     );
     let rec = reg.get("j1").unwrap().unwrap();
-    assert_eq!(rec.url, "https://10.0.0.8:7836");
+    assert_eq!(
+        rec.url, "http://10.0.0.7:7835",
+        "routing stays where it was"
+    );
+    assert_eq!(rec.pending_url.as_deref(), Some("https://10.0.0.8:7836"));
     assert_eq!(rec.source, HiveSource::Joined);
+    let approval = reg.approve("j1", 6_000).unwrap().unwrap();
+    assert!(!approval.admitted);
+    assert_eq!(
+        approval.moved,
+        Some((
+            "http://10.0.0.7:7835".into(),
+            "https://10.0.0.8:7836".into()
+        ))
+    );
+    let rec = reg.get("j1").unwrap().unwrap();
+    assert_eq!(rec.url, "https://10.0.0.8:7836");
+    assert_eq!(rec.pending_url, None);
+    assert_eq!(reg.approve("nobody", 0).unwrap(), None);
 }
 
 #[test]
@@ -306,8 +362,7 @@ fn remove_forgets_a_hive_for_good() {
     {
         let reg = Registry::open(&dir.db()).unwrap();
         reg.add_static("keep", "http://keep:7835", 0).unwrap();
-        reg.heartbeat(&heartbeat("gone", "http://gone:7835"), 0)
-            .unwrap();
+        reg.beat(&heartbeat("gone", "http://gone:7835"), 0).unwrap();
         assert!(reg.remove("gone").unwrap());
         assert_eq!(reg.get("gone").unwrap(), None);
         assert!(!reg.remove("gone").unwrap());
@@ -317,13 +372,25 @@ fn remove_forgets_a_hive_for_good() {
     }
     let reg = Registry::open(&dir.db()).unwrap();
     assert_eq!(ids(&reg.list().unwrap()), ["keep"]);
-    // A removed hive that beats again joins afresh.
-    assert_eq!(
-        reg.heartbeat(&heartbeat("gone", "http://gone:7835"), 50)
-            .unwrap(),
-        BeatOutcome::Joined
-    );
-    assert_eq!(reg.get("gone").unwrap().unwrap().joined_unix_ms, 50);
+    // Removal revoked its credential: beating with it is refused, and nothing comes back.
+    assert!(matches!(
+        reg.beat(&heartbeat("gone", "http://gone:7835"), 50),
+        Err(RegistryError::Unauthorized { .. })
+    ));
+    assert_eq!(ids(&reg.list().unwrap()), ["keep"]);
+    // Only a hive that starts over with the join token (its credential file deleted by the
+    // operator) joins afresh.
+    let beat = reg
+        .heartbeat(
+            &heartbeat("gone", "http://gone:7835"),
+            60,
+            BeatAuth::Join,
+            &JoinPolicy::default(),
+        )
+        .unwrap();
+    assert_eq!(beat.outcome, BeatOutcome::Joined);
+    assert!(beat.issued.is_some());
+    assert_eq!(reg.get("gone").unwrap().unwrap().joined_unix_ms, 60);
 }
 
 #[test]
@@ -337,7 +404,7 @@ fn invalid_ids_are_refused() {
             "{id:?}"
         );
         assert_eq!(
-            invalid_field(reg.heartbeat(&heartbeat(id, "http://h:1"), 0).unwrap_err()),
+            invalid_field(reg.beat(&heartbeat(id, "http://h:1"), 0).unwrap_err()),
             "hive_id",
             "{id:?}"
         );
@@ -384,7 +451,7 @@ fn invalid_urls_are_refused() {
             "{url:?}"
         );
         assert_eq!(
-            invalid_field(reg.heartbeat(&heartbeat("h", url), 0).unwrap_err()),
+            invalid_field(reg.beat(&heartbeat("h", url), 0).unwrap_err()),
             "url",
             "{url:?}"
         );
@@ -409,8 +476,8 @@ fn newer_schema_is_refused() {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(version, 1);
-        conn.pragma_update(None, "user_version", 2).unwrap();
+        assert_eq!(version, 2);
+        conn.pragma_update(None, "user_version", 3).unwrap();
     }
     let err = Registry::open(&dir.db()).unwrap_err();
     match &err {
@@ -420,15 +487,15 @@ fn newer_schema_is_refused() {
             supported,
         } => {
             assert_eq!(path, &dir.db());
-            assert_eq!(*found, 2);
-            assert_eq!(*supported, 1);
+            assert_eq!(*found, 3);
+            assert_eq!(*supported, 2);
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
     assert_eq!(
         err.to_string(),
         format!(
-            "hive registry database {}: schema version 2 is newer than this queen supports (1); \
+            "hive registry database {}: schema version 3 is newer than this queen supports (2); \
              refusing to open it",
             dir.db().display()
         )
@@ -507,12 +574,13 @@ fn in_memory_registry_works() {
     assert!(reg.load().unwrap().is_empty());
     reg.add_static("s", "http://s:7835", 1).unwrap();
     assert_eq!(
-        reg.heartbeat(&heartbeat("j", "http://j:7835"), 2).unwrap(),
+        reg.beat(&heartbeat("j", "http://j:7835"), 2).unwrap(),
         BeatOutcome::Joined
     );
     assert_eq!(ids(&reg.list().unwrap()), ["j", "s"]);
     assert_eq!(ids(&reg.up().unwrap()), ["j"]);
-    assert_eq!(reg.flush().unwrap(), 0);
+    reg.flush().unwrap();
+    assert_eq!(reg.flush().unwrap(), 0, "nothing left to write");
     // load() resets to what is stored: all down.
     let loaded = reg.load().unwrap();
     assert_eq!(ids(&loaded), ["j", "s"]);
@@ -532,6 +600,9 @@ fn records_serialize_in_snake_case() {
             "url": "http://s:7835",
             "source": "config",
             "state": "down",
+            "approved": true,
+            "pending_url": null,
+            "bound": false,
             "joined_unix_ms": 7,
             "last_seen_unix_ms": null,
             "heartbeat": null,
@@ -551,7 +622,7 @@ fn database_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new("mode");
     let reg = Registry::open(&dir.db()).unwrap();
-    reg.heartbeat(&heartbeat("h", "http://h:7835"), 0).unwrap();
+    reg.beat(&heartbeat("h", "http://h:7835"), 0).unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir.db()), 0o600);
     let wal = dir.0.join("registry.db-wal");
@@ -559,4 +630,219 @@ fn database_files_are_private() {
     assert_eq!(mode(&wal), 0o600);
     // No shared-memory index file: the lock is exclusive.
     assert!(!dir.0.join("registry.db-shm").exists());
+}
+
+fn join(
+    reg: &Registry,
+    id: &str,
+    url: &str,
+    policy: &JoinPolicy,
+) -> Result<rbee_registry::Beat, RegistryError> {
+    reg.heartbeat(&heartbeat(id, url), 1_000, BeatAuth::Join, policy)
+}
+
+#[test]
+fn the_join_token_binds_an_id_once_and_never_again() {
+    let reg = Registry::open_in_memory().unwrap();
+    let policy = JoinPolicy::default();
+    let first = join(&reg, "gpu-1", "http://10.0.0.11:7835", &policy).unwrap();
+    let issued = first.issued.expect("a new hive is issued a credential");
+    assert!(issued.credential.expose().starts_with("rbh_"));
+    assert!(issued.queen_token.expose().starts_with("rbq_"));
+    assert!(reg.get("gpu-1").unwrap().unwrap().bound);
+    assert!(
+        reg.up().unwrap().is_empty(),
+        "not routed before it beats with its credential (it may not hold the queen's token yet)"
+    );
+    assert!(
+        reg.queen_token("gpu-1")
+            .unwrap()
+            .matches(issued.queen_token.expose())
+    );
+    // The attack: someone else with the join token beats as gpu-1 from their own address.
+    let takeover = join(&reg, "gpu-1", "http://203.0.113.9:7835", &policy);
+    assert!(
+        matches!(takeover, Err(RegistryError::IdTaken { .. })),
+        "{takeover:?}"
+    );
+    // Another hive's credential, or a made-up one, does not open gpu-1 either.
+    let other = join(&reg, "gpu-2", "http://10.0.0.12:7835", &policy)
+        .unwrap()
+        .issued
+        .unwrap();
+    for wrong in [
+        other.credential.expose(),
+        "rbh_0000",
+        issued.queen_token.expose(),
+    ] {
+        let r = reg.heartbeat(
+            &heartbeat("gpu-1", "http://10.0.0.11:7835"),
+            2_000,
+            BeatAuth::Credential(wrong),
+            &policy,
+        );
+        assert!(
+            matches!(r, Err(RegistryError::Unauthorized { .. })),
+            "{r:?}"
+        );
+    }
+    // A credential for an id the registry does not know is refused, not a join.
+    let r = reg.heartbeat(
+        &heartbeat("gpu-9", "http://10.0.0.19:7835"),
+        2_000,
+        BeatAuth::Credential(issued.credential.expose()),
+        &policy,
+    );
+    assert!(
+        matches!(r, Err(RegistryError::Unauthorized { .. })),
+        "{r:?}"
+    );
+    assert_eq!(ids(&reg.list().unwrap()), ["gpu-1", "gpu-2"]);
+    // The right one beats, and the url did not move.
+    let ok = reg
+        .heartbeat(
+            &heartbeat("gpu-1", "http://10.0.0.11:7835"),
+            3_000,
+            BeatAuth::Credential(issued.credential.expose()),
+            &policy,
+        )
+        .unwrap();
+    assert_eq!(ok.outcome, BeatOutcome::Beat);
+    assert!(ok.issued.is_none());
+    assert_eq!(ids(&reg.up().unwrap()), ["gpu-1"]);
+    assert_eq!(
+        reg.get("gpu-1").unwrap().unwrap().url,
+        "http://10.0.0.11:7835"
+    );
+}
+
+#[test]
+fn identities_survive_a_restart_and_old_registries_bind_on_the_next_join() {
+    let dir = TempDir::new("identity");
+    let issued = {
+        let reg = Registry::open(&dir.db()).unwrap();
+        join(&reg, "h", "http://h:7835", &JoinPolicy::default())
+            .unwrap()
+            .issued
+            .unwrap()
+    };
+    let reg = Registry::open(&dir.db()).unwrap();
+    assert!(
+        reg.queen_token("h")
+            .unwrap()
+            .matches(issued.queen_token.expose())
+    );
+    let back = reg
+        .heartbeat(
+            &heartbeat("h", "http://h:7835"),
+            5_000,
+            BeatAuth::Credential(issued.credential.expose()),
+            &JoinPolicy::default(),
+        )
+        .unwrap();
+    assert_eq!(back.outcome, BeatOutcome::CameBack);
+    assert!(matches!(
+        join(&reg, "h", "http://h:7835", &JoinPolicy::default()),
+        Err(RegistryError::IdTaken { .. })
+    ));
+    drop(reg);
+    // A version 1 file (before identities): its hives are known, unbound and routed; the next
+    // beat with the join token binds them.
+    let v1 = TempDir::new("v1");
+    {
+        let conn = rusqlite::Connection::open(v1.db()).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE hives (id TEXT PRIMARY KEY NOT NULL, url TEXT NOT NULL,
+                 source TEXT NOT NULL CHECK (source IN ('config', 'joined')),
+                 joined_unix_ms INTEGER NOT NULL, last_seen_unix_ms INTEGER,
+                 heartbeat_json TEXT) STRICT;
+             INSERT INTO hives VALUES ('old', 'http://old:7835', 'joined', 1, 2, NULL);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let reg = Registry::open(&v1.db()).unwrap();
+    let old = reg.get("old").unwrap().unwrap();
+    assert!(old.approved && !old.bound);
+    let bound = join(&reg, "old", "http://old:7835", &JoinPolicy::default()).unwrap();
+    assert_eq!(bound.outcome, BeatOutcome::CameBack);
+    assert!(bound.issued.is_some());
+    assert!(reg.get("old").unwrap().unwrap().bound);
+}
+
+#[test]
+fn new_hives_can_wait_for_approval_and_their_number_is_capped() {
+    let reg = Registry::open_in_memory().unwrap();
+    let held = JoinPolicy {
+        max_hives: 2,
+        require_approval: true,
+        auto_approve_url_change: false,
+    };
+    let beat = join(&reg, "a", "http://a:7835", &held).unwrap();
+    assert!(!beat.approved);
+    let credential = beat.issued.unwrap().credential;
+    let confirm = reg
+        .heartbeat(
+            &heartbeat("a", "http://a:7835"),
+            1_500,
+            BeatAuth::Credential(credential.expose()),
+            &held,
+        )
+        .unwrap();
+    assert!(!confirm.approved);
+    assert!(reg.up().unwrap().is_empty(), "not routed before approval");
+    assert_eq!(ids(&reg.list().unwrap()), ["a"]);
+    let approval = reg.approve("a", 2_000).unwrap().unwrap();
+    assert!(approval.admitted);
+    assert_eq!(approval.moved, None);
+    assert_eq!(ids(&reg.up().unwrap()), ["a"]);
+    join(&reg, "b", "http://b:7835", &held).unwrap();
+    let full = join(&reg, "c", "http://c:7835", &held);
+    assert!(
+        matches!(full, Err(RegistryError::Full { max: 2 })),
+        "{full:?}"
+    );
+    assert_eq!(ids(&reg.list().unwrap()), ["a", "b"]);
+    // Labs: URL changes apply at once.
+    let labs = JoinPolicy {
+        auto_approve_url_change: true,
+        ..JoinPolicy::default()
+    };
+    let issued = join(&reg, "lab", "http://lab:1", &labs)
+        .unwrap()
+        .issued
+        .unwrap();
+    let moved = reg
+        .heartbeat(
+            &heartbeat("lab", "http://lab:2"),
+            3_000,
+            BeatAuth::Credential(issued.credential.expose()),
+            &labs,
+        )
+        .unwrap();
+    assert_eq!(moved.moved_from.as_deref(), Some("http://lab:1"));
+    assert_eq!(reg.get("lab").unwrap().unwrap().url, "http://lab:2");
+}
+
+#[test]
+fn heartbeat_fields_are_bounded_and_worker_ids_plain() {
+    let reg = Registry::open_in_memory().unwrap();
+    for bad in ["../w", "w/1", "", ".hidden", "w?x=1", "w 1"] {
+        let mut hb = heartbeat("h", "http://h:7835");
+        hb.workers[0].id = bad.into();
+        let r = reg.heartbeat(&hb, 0, BeatAuth::Join, &JoinPolicy::default());
+        assert_eq!(invalid_field(r.unwrap_err()), "workers[].id", "{bad:?}");
+    }
+    let mut hb = heartbeat("h", "http://h:7835");
+    hb.workers = (0..1025).map(|_| hb.workers[0].clone()).collect();
+    let r = reg.heartbeat(&hb, 0, BeatAuth::Join, &JoinPolicy::default());
+    assert_eq!(invalid_field(r.unwrap_err()), "workers");
+    let mut hb = heartbeat("h", "http://h:7835");
+    hb.models.push("x".repeat(600));
+    let r = reg.heartbeat(&hb, 0, BeatAuth::Join, &JoinPolicy::default());
+    assert_eq!(invalid_field(r.unwrap_err()), "models");
+    assert!(
+        reg.list().unwrap().is_empty(),
+        "nothing refused was recorded"
+    );
 }

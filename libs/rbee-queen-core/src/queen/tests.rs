@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use rbee_api::NodeResources;
+use rbee_api::{HiveHeartbeat, NodeResources};
 
 fn beat(id: &str, free: u64) -> HiveHeartbeat {
     HiveHeartbeat {
@@ -24,6 +24,17 @@ fn beat(id: &str, free: u64) -> HiveHeartbeat {
     }
 }
 
+/// A hive joining as a real one does: the join token, then its issued credential.
+fn join(queen: &Queen, hb: &HiveHeartbeat) {
+    let answer = queen
+        .heartbeat(hb, rbee_registry::BeatAuth::Join, "t")
+        .unwrap();
+    let credential = answer.credential.unwrap();
+    queen
+        .heartbeat(hb, rbee_registry::BeatAuth::Credential(&credential), "t")
+        .unwrap();
+}
+
 #[test]
 fn a_hive_that_failed_a_spawn_ranks_last_for_that_model_only() {
     let queen = Queen::new(
@@ -32,8 +43,8 @@ fn a_hive_that_failed_a_spawn_ranks_last_for_that_model_only() {
         Registry::open_in_memory().unwrap(),
     )
     .unwrap();
-    queen.heartbeat(&beat("roomy", 6 << 30)).unwrap();
-    queen.heartbeat(&beat("tight", 2 << 30)).unwrap();
+    join(&queen, &beat("roomy", 6 << 30));
+    join(&queen, &beat("tight", 2 << 30));
     assert_eq!(queen.best_hive("file:m.gguf").as_deref(), Some("roomy"));
     lock(&queen.sched).spawn_refused("file:m.gguf", "roomy", Instant::now());
     assert_eq!(queen.best_hive("file:m.gguf").as_deref(), Some("tight"));
@@ -76,7 +87,7 @@ async fn grant_to_a_request_that_left() -> String {
         busy: false,
         slots: 1,
     });
-    queen.heartbeat(&hb).unwrap();
+    join(&queen, &hb);
     let far = Instant::now() + Duration::from_secs(600);
     let first = queen.lease("file:m.gguf", "a", far, None).await.unwrap();
     // Next in line, but its client is gone: its answer cannot be delivered, so the lease

@@ -52,6 +52,9 @@ impl HiveSpec {
             state: HiveState::Up,
             joined_unix_ms: 0,
             last_seen_unix_ms: Some(0),
+            approved: true,
+            pending_url: None,
+            bound: true,
             heartbeat: Some(HiveHeartbeat {
                 hive_id: self.id.into(),
                 url: format!("http://{}", self.id),
