@@ -12,6 +12,7 @@
 //! - [`drain::hold_drain`]: every exchange holds a drain guard until its body is dropped.
 
 pub mod drain;
+pub mod server;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -43,6 +43,41 @@ pub struct QueenConfig {
     pub models: Vec<ModelAlias>,
     pub scheduling: SchedulingConfig,
     pub join: JoinConfig,
+    pub server: ServerConfig,
+}
+
+/// Connection limits of the client and admin API (read at start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// A request head must arrive within this many seconds (also the idle time allowed on a
+    /// kept-alive connection).
+    pub header_read_timeout_seconds: u64,
+    /// Most connections open at once; more are closed on arrival.
+    pub max_connections: u32,
+    /// Most connections open at once from one IP address.
+    pub max_connections_per_peer: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let d = rbee_http::server::ServerLimits::default();
+        Self {
+            header_read_timeout_seconds: d.header_read_timeout.as_secs(),
+            max_connections: d.max_connections as u32,
+            max_connections_per_peer: d.max_connections_per_peer as u32,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn limits(&self) -> rbee_http::server::ServerLimits {
+        rbee_http::server::ServerLimits {
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_seconds),
+            max_connections: self.max_connections as usize,
+            max_connections_per_peer: self.max_connections_per_peer as usize,
+        }
+    }
 }
 
 /// How hives join: the join token lets a new hive ask once; the queen then binds its id to a
@@ -149,6 +184,7 @@ impl Default for QueenConfig {
             models: Vec::new(),
             scheduling: SchedulingConfig::default(),
             join: JoinConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -251,6 +287,22 @@ impl Validate for QueenConfig {
             if v == 0 || v > 86_400 {
                 e.push(err(field, "must be 1..=86400 seconds"));
             }
+        }
+        let sv = &self.server;
+        if sv.header_read_timeout_seconds == 0 || sv.header_read_timeout_seconds > 3600 {
+            e.push(err(
+                "server.header_read_timeout_seconds",
+                "must be 1..=3600",
+            ));
+        }
+        if sv.max_connections == 0 {
+            e.push(err("server.max_connections", "must be at least 1"));
+        }
+        if sv.max_connections_per_peer == 0 || sv.max_connections_per_peer > sv.max_connections {
+            e.push(err(
+                "server.max_connections_per_peer",
+                "must be 1..=server.max_connections",
+            ));
         }
         if self.join.max_hives == 0 || self.join.max_hives > 10_000 {
             e.push(err("join.max_hives", "must be 1..=10000"));

@@ -63,10 +63,11 @@ pub async fn run(
     let exchanges = Drain::new();
     let app = rbee_http::drain::hold_drain(api::router(queen.clone()), exchanges.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let limits = queen.config().server.limits();
+    let server = rbee_http::server::serve(listener, app, limits, async move {
         let _ = shutdown_rx.await;
     });
-    let mut server = tokio::spawn(async move { server.await });
+    let mut server = tokio::spawn(server);
     tokio::select! {
         r = &mut server => return r.map_err(|e| std::io::Error::other(e.to_string()))?,
         _ = shutdown.cancelled() => {}

@@ -115,7 +115,10 @@ impl Queen {
                     .map_err(|e| format!("usage_log: {e}"))?,
             )
         };
+        // Hives are reached directly: an HTTP(S)_PROXY in the environment must not see the
+        // prompts and tokens the queen sends them.
         let http = reqwest::Client::builder()
+            .no_proxy()
             .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| e.to_string())?;

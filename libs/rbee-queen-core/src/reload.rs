@@ -24,6 +24,7 @@ const NEEDS_RESTART: &[&str] = &[
     "usage_log",
     "log_level",
     "log_format",
+    "server",
 ];
 
 /// A configuration the queen will not run with; the message names the setting.

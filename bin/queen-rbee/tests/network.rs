@@ -1,0 +1,118 @@
+//! The queen's connection limits against a slow client: one address opening many connections
+//! that send half a request head and then nothing (slowloris) neither exhausts the queen nor
+//! stops the hives' heartbeats, and its connections are closed after the header timeout.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use rbee_test_harness::{Daemon, HiveOptions, QueenOptions};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLIENT: &str = "client-token-0123456789abcdef";
+const JOIN: &str = "join-token-0123456789abcdef";
+const HIVE: &str = "hive-token-0123456789abcdef";
+
+/// A connection from `source` (another loopback address than the hive's) that sends half a
+/// request head.
+async fn slow_connection(source: &str, port: u16) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    // Writing may fail once the queen has closed a refused connection; that is fine.
+    let _ = stream
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: queen\r\nX-Slow: ")
+        .await;
+    stream
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `wait`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        // The server answered something (a 408, say) and may close next: read on.
+        Ok(Ok(_)) => matches!(
+            tokio::time::timeout(wait, stream.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        ),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn slow_clients_are_capped_and_timed_out_and_heartbeats_go_on() {
+    let mut opts = QueenOptions::cluster(("alice", CLIENT), true, JOIN, HIVE);
+    opts.config_tail.push_str(
+        "\n[server]\nheader_read_timeout_seconds = 3\nmax_connections = 200\nmax_connections_per_peer = 40\n",
+    );
+    let queen = Daemon::queen(opts, "127.0.0.1:0").await.unwrap();
+    let port: u16 = queen.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    let hive = Daemon::hive(HiveOptions::joined(&queen.base_url, "hive-a", HIVE, JOIN))
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, 1).await.unwrap();
+
+    // 60 half-open requests from 127.0.0.2: 40 are held, the rest are closed at once.
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        conns.push(slow_connection("127.0.0.2", port).await);
+    }
+    let mut refused = 0;
+    for s in conns.iter_mut().skip(40) {
+        if closed_within(s, Duration::from_millis(500)).await {
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused, 20,
+        "connections beyond the per-peer cap are closed on arrival"
+    );
+    // Others are served meanwhile: clients, and the hive's heartbeats.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let models = c
+            .get(queen.url("/v1/models"))
+            .bearer_auth(CLIENT)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(models.status(), 200);
+        let health: Value = c
+            .get(queen.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["hives_up"], 1, "{health}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The held ones were closed by the header timeout (3 s), long before now.
+    let mut still_open = 0;
+    for s in conns.iter_mut().take(40) {
+        if !closed_within(s, Duration::from_millis(200)).await {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open, 0,
+        "half-sent request heads outlived the header timeout"
+    );
+    // With them gone, that address is served again.
+    let mut fresh = slow_connection("127.0.0.2", port).await;
+    fresh
+        .write_all(b"1\r\nAuthorization: Bearer client-token-0123456789abcdef\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    fresh.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    drop(hive);
+}

@@ -1,0 +1,180 @@
+//! The queen's HTTP server loop: a router on hyper's HTTP/1 connections, with
+//! the limits `axum::serve` does not set. Without them one slow client could hold the queen's
+//! connections open forever (a request head sent a byte a minute) until it runs out of file
+//! descriptors, and then heartbeats fail and every hive is marked down.
+//!
+//! - A request head must arrive within [`ServerLimits::header_read_timeout`], counted from the
+//!   connection's start and, on a kept-alive connection, from the end of the previous exchange,
+//!   so an idle keep-alive connection is closed after the same time.
+//! - At most [`ServerLimits::max_connections`] connections are open at once, and at most
+//!   [`ServerLimits::max_connections_per_peer`] from one IP address; beyond that a new
+//!   connection is closed at once (counted, and logged at most once a minute).
+//!
+//! Shutdown: when `shutdown` completes the listener is closed, idle connections are closed and
+//! busy ones finish their exchange (the daemons' own drain decides how long streams may run).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+/// Connection limits of one daemon's server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Longest wait for a complete request head (and for the next one on a kept-alive
+    /// connection).
+    pub header_read_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Most connections open at once from one IP address.
+    pub max_connections_per_peer: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_connections_per_peer: 1024,
+        }
+    }
+}
+
+/// Connections refused by the limits since the process started (for the daemons' metrics).
+pub fn refused_connections() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
+}
+
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Open connections, in all and per peer.
+#[derive(Default)]
+struct Open {
+    total: AtomicUsize,
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
+    closed: Notify,
+}
+
+/// One admitted connection; dropping it frees its place.
+struct Admitted {
+    open: Arc<Open>,
+    peer: IpAddr,
+}
+
+impl Open {
+    fn admit(self: &Arc<Self>, peer: IpAddr, limits: &ServerLimits) -> Option<Admitted> {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = per_peer.get(&peer).copied().unwrap_or(0);
+        if mine >= limits.max_connections_per_peer
+            || self.total.load(Ordering::SeqCst) >= limits.max_connections
+        {
+            return None;
+        }
+        per_peer.insert(peer, mine + 1);
+        self.total.fetch_add(1, Ordering::SeqCst);
+        Some(Admitted {
+            open: self.clone(),
+            peer,
+        })
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.total.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut per_peer = self
+            .open
+            .per_peer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+        drop(per_peer);
+        self.open.total.fetch_sub(1, Ordering::SeqCst);
+        self.open.closed.notify_waiters();
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then closes the listener and waits
+/// for the open connections to end.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let open = Arc::new(Open::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut last_refusal_log: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(admitted) = open.admit(peer.ip(), &limits) else {
+            REFUSED.fetch_add(1, Ordering::Relaxed);
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_refusal_log = Some(Instant::now());
+                tracing::warn!(%peer, max = limits.max_connections, per_peer = limits.max_connections_per_peer, "connection limit reached; closing new connections (logged once a minute)");
+            }
+            drop(stream);
+            continue;
+        };
+        let svc = TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let stopping = async move {
+                // The guard `wait_for` returns must not live across the await below.
+                let _ = stop.wait_for(|s| *s).await.map(|_| ());
+            };
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopping => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    open.all_closed().await;
+    Ok(())
+}
