@@ -43,8 +43,11 @@
 //!   write a given file at a time; this is not enforced.
 //! - [`AuditLog::open`] resumes the chain from the last record on disk (or
 //!   from the last record of `<path>.1` when the current file is empty after
-//!   a rotation) and refuses to start when that record is corrupt or torn, so
-//!   a restart never silently forks the chain.
+//!   a rotation) and refuses to start when that record is corrupt, so a
+//!   restart never silently forks the chain. A torn last line (a write cut off
+//!   before its `\n`, never acknowledged) is cut away instead, and an
+//!   `audit.recovered` record says how many bytes went.
+//! - Files are created with mode 0600.
 //! - With a size limit, the file is rotated before a record would push it
 //!   past the limit: `<path>.4` → `<path>.5`, …, `<path>` → `<path>.1`
 //!   (at most [`MAX_ROTATED`] old files are kept; the oldest is deleted).
@@ -193,18 +196,16 @@ impl AuditLog {
     /// Opens (creating) the file and resumes the chain from its last record
     /// (seq and hash), so restarts continue the chain. If the file is empty
     /// but a rotated predecessor `<path>.1` exists, resumes from that file's
-    /// last record. A corrupt or torn last line is an error: the log refuses
-    /// to start rather than fork the chain.
+    /// last record. A corrupt last line is an error: the log refuses to start
+    /// rather than fork the chain; a torn one (no trailing newline) is cut
+    /// away and the cut recorded as `audit.recovered`.
     ///
     /// `max_bytes`, when set, is the size past which the file is rotated
     /// before the next append (a single record larger than the limit is still
     /// written, alone, into a fresh file).
     pub fn open(path: &Path, max_bytes: Option<u64>) -> Result<Self, AuditError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err(path))?;
+        let file = open_append(path).map_err(io_err(path))?;
+        let torn = drop_torn_tail(path, &file)?;
         let size = file.metadata().map_err(io_err(path))?.len();
         let resume = if size > 0 {
             last_record(path)?
@@ -240,7 +241,7 @@ impl AuditLog {
             None => (0, GENESIS_PREV.to_owned()),
         };
         tracing::info!(path = %path.display(), next_seq, size, "audit log opened");
-        Ok(Self {
+        let log = Self {
             path: path.to_owned(),
             max_bytes,
             state: Mutex::new(State {
@@ -250,7 +251,17 @@ impl AuditLog {
                 prev_hash,
                 broken: None,
             }),
-        })
+        };
+        if let Some(dropped) = torn {
+            tracing::warn!(path = %path.display(), dropped_bytes = dropped, "the audit log ended in a torn line (a write cut off, e.g. by a power loss); dropped it and recorded that");
+            log.append(
+                "audit.recovered",
+                "audit",
+                serde_json::json!({"dropped_bytes": dropped,
+                                   "reason": "the last line was incomplete (no trailing newline)"}),
+            )?;
+        }
+        Ok(log)
     }
 
     /// The file this log appends to.
@@ -354,11 +365,7 @@ impl AuditLog {
         fs::rename(&self.path, &first).map_err(io_err(&self.path))?;
         // From here on `st.file` is `<path>.1`: it must be replaced or the
         // log must stop, or records would land in the rotated file.
-        match OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-        {
+        match open_append(&self.path) {
             Ok(file) => {
                 st.file = file;
                 st.size = 0;
@@ -580,6 +587,34 @@ fn seq_hint(raw: &[u8]) -> Option<u64> {
 }
 
 /// Reads and checks the last record of `path`; `None` when the file is empty.
+/// Opens `path` for appending, creating it 0600: audit records name clients, hives and
+/// addresses.
+fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// A last line without its `\n` is a write that was cut off (power loss, a full disk): it was
+/// never acknowledged, so it is cut away and the chain resumes from the record before it.
+/// Returns how many bytes were dropped. A complete line that does not verify is left alone
+/// (that is an edit, and [`AuditLog::open`] refuses it).
+fn drop_torn_tail(path: &Path, file: &File) -> Result<Option<u64>, AuditError> {
+    let Some(tail) = read_last_line(path).map_err(io_err(path))? else {
+        return Ok(None);
+    };
+    if tail.terminated {
+        return Ok(None);
+    }
+    let len = file.metadata().map_err(io_err(path))?.len();
+    file.set_len(tail.start).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))?;
+    Ok(Some(len - tail.start))
+}
+
 fn last_record(path: &Path) -> Result<Option<Checked>, AuditError> {
     let Some(tail) = read_last_line(path).map_err(io_err(path))? else {
         return Ok(None);
@@ -979,21 +1014,31 @@ mod tests {
     }
 
     #[test]
-    fn open_refuses_a_corrupt_or_torn_last_line() {
+    fn open_recovers_a_torn_last_line_and_refuses_a_corrupt_one() {
         let dir = temp_dir("corrupt-open");
         let path = dir.join("audit.log");
         append_n(&AuditLog::open(&path, None).unwrap(), 0..3);
         let original = fs::read(&path).unwrap();
 
-        // Torn write: the last line lost its tail.
+        // Torn write: the last line lost its tail. It is dropped, the chain resumes from the
+        // record before it, and the recovery is itself recorded.
         fs::write(&path, &original[..original.len() - 10]).unwrap();
-        match AuditLog::open(&path, None) {
-            Err(AuditError::Corrupt { line, reason, .. }) => {
-                assert_eq!(line, 3);
-                assert!(reason.contains("truncated"), "{reason}");
-            }
-            other => panic!("expected Corrupt, got {other:?}"),
-        }
+        let log = AuditLog::open(&path, None).unwrap();
+        assert_eq!(log.append("x", "y", json!({})).unwrap(), 3);
+        drop(log);
+        let all = lines(&path);
+        assert_eq!(all.len(), 4);
+        assert!(
+            all[2].contains("\"event\":\"audit.recovered\""),
+            "{}",
+            all[2]
+        );
+        assert!(verify_file(&path, true).unwrap().is_ok());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
 
         // Garbage last line.
         let mut bytes = original.clone();

@@ -6,6 +6,7 @@ pub struct QueenMetrics {
     pub registry: Registry,
     pub requests: Counter,
     pub auth_failures: Counter,
+    pub audit_dropped: Counter,
     pub ttft: Histogram,
     pub duration: Histogram,
     pub queue_wait: Histogram,
@@ -38,6 +39,11 @@ impl QueenMetrics {
             auth_failures: r.counter(
                 "rbee_queen_auth_failures_total",
                 "Requests refused for a missing or wrong token.",
+                &[],
+            ),
+            audit_dropped: r.counter(
+                "rbee_queen_audit_records_dropped_total",
+                "Audit records dropped because the audit writer's queue was full.",
                 &[],
             ),
             ttft: r.histogram(

@@ -154,6 +154,7 @@ impl Queen {
         if let Some(a) = &self.audit
             && !a.record(event, actor, details)
         {
+            self.metrics.audit_dropped.inc(&[]);
             warn!(event, "audit queue full; record dropped");
         }
     }
