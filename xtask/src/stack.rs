@@ -195,7 +195,7 @@ impl Stack {
         Ok(resp.json().await?)
     }
 
-    /// Polls `GET /v1/admin/hives` until the hive's heartbeat has it `up` (30 s at most).
+    /// Polls the queen's `/health` until the hive is routable (30 s at most).
     async fn wait_hive_up(&mut self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let joined = eventually(
@@ -212,9 +212,10 @@ impl Stack {
                         )));
                     }
                 }
-                let v = self.admin(&client, "/v1/admin/hives").await?;
-                let hives = v["hives"].as_array().cloned().unwrap_or_default();
-                if hives.iter().any(|h| h["state"] == "up") {
+                // Routable: joined, and beating with the credential the queen issued it.
+                let health = client.get(format!("{}/health", self.url)).send().await?;
+                let v: serde_json::Value = health.json().await?;
+                if v["hives_up"].as_u64().unwrap_or(0) >= 1 {
                     Ok(Ok(()))
                 } else {
                     Err(anyhow::anyhow!("{v}"))
