@@ -114,5 +114,12 @@ async fn slow_clients_are_capped_and_timed_out_and_heartbeats_go_on() {
     let mut head = [0u8; 12];
     fresh.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
+    // A kept-alive connection that goes idle after its answer is closed after the same time.
+    let mut rest = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(500), fresh.read(&mut rest)).await;
+    assert!(
+        closed_within(&mut fresh, Duration::from_secs(5)).await,
+        "an idle keep-alive connection outlived the header timeout"
+    );
     drop(hive);
 }

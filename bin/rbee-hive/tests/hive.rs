@@ -1271,9 +1271,13 @@ async fn metrics_pass_promtool() {
     rbee_test_harness::promtool_check_metrics(&text);
 }
 
-/// A stand-in queen that records heartbeats (the queen is its own issue; this is its side of
-/// the wire as the hive sees it).
-async fn queen_double() -> (
+/// A stand-in queen that records heartbeats (the queen's side of the wire as the hive sees
+/// it). With `binds = Some(join)` it binds the hive's id on a beat with that join token, as
+/// the real queen does: the answer carries a credential and the token it will call the hive
+/// with.
+async fn queen_double(
+    binds: Option<&'static str>,
+) -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Value)>>>,
     tokio::task::JoinHandle<()>,
@@ -1291,7 +1295,11 @@ async fn queen_double() -> (
                         .get("authorization")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    let answer = serde_json::json!({"hive_id": body["hive_id"], "approved": true});
+                    let mut answer = json!({"hive_id": body["hive_id"], "approved": true});
+                    if binds.is_some_and(|j| auth.as_deref() == Some(&format!("Bearer {j}"))) {
+                        answer["credential"] = json!(ISSUED_CREDENTIAL);
+                        answer["queen_token"] = json!(ISSUED_QUEEN_TOKEN);
+                    }
                     sink.lock().unwrap().push((auth, body));
                     axum::Json(answer)
                 }
@@ -1306,54 +1314,13 @@ async fn queen_double() -> (
     (url, beats, task)
 }
 
-/// A stand-in queen that binds the hive's id on its first beat with the join token, as the
-/// real one does: it answers with a credential and the token it will call the hive with.
-async fn issuing_queen_double(
-    join: &'static str,
-) -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
-) {
-    use axum::routing::post;
-    let auths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = auths.clone();
-    let app = axum::Router::new().route(
-        "/v1/hives/heartbeat",
-        post(
-            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
-                let sink = sink.clone();
-                async move {
-                    let auth = headers
-                        .get("authorization")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    let joining = auth.as_deref() == Some(&format!("Bearer {join}"));
-                    sink.lock().unwrap().push(auth);
-                    let mut answer = json!({"hive_id": body["hive_id"], "approved": true});
-                    if joining {
-                        answer["credential"] = json!(ISSUED_CREDENTIAL);
-                        answer["queen_token"] = json!(ISSUED_QUEEN_TOKEN);
-                    }
-                    axum::Json(answer)
-                }
-            },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (url, auths)
-}
-
 const ISSUED_CREDENTIAL: &str = "rbh_issued-credential-0123456789abcdef";
 const ISSUED_QUEEN_TOKEN: &str = "rbq_issued-queen-token-0123456789abcdef";
 
 #[tokio::test]
 async fn a_joined_hive_beats_with_its_issued_credential_and_keeps_it_across_a_restart() {
     let join = "join-token-abcdefghijklmnop";
-    let (url, auths) = issuing_queen_double(join).await;
+    let (url, beats, _queen) = queen_double(Some(join)).await;
     let opts = || {
         HiveOptions::default()
             .token(TOKEN)
@@ -1368,18 +1335,18 @@ async fn a_joined_hive_beats_with_its_issued_credential_and_keeps_it_across_a_re
         Duration::from_secs(15),
         "a beat with the issued credential",
         || async {
-            auths
+            beats
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|a| a.as_deref() == Some(issued.as_str()))
+                .any(|(a, _)| a.as_deref() == Some(issued.as_str()))
                 .then_some(())
         },
     )
     .await
     .unwrap();
     assert_eq!(
-        auths.lock().unwrap()[0].as_deref(),
+        beats.lock().unwrap()[0].0.as_deref(),
         Some(format!("Bearer {join}").as_str()),
         "the first beat asks with the join token"
     );
@@ -1398,14 +1365,14 @@ async fn a_joined_hive_beats_with_its_issued_credential_and_keeps_it_across_a_re
     assert_eq!(no.send().await.unwrap().status(), 401);
     // A restarted hive beats as itself from its first beat on.
     hive.stop(Duration::from_secs(10)).await.unwrap();
-    auths.lock().unwrap().clear();
+    beats.lock().unwrap().clear();
     let restarted = Daemon::hive(opts().env("QUEEN__CREDENTIAL_FILE", file.display().to_string()))
         .await
         .unwrap();
     let first = eventually(
         Duration::from_secs(15),
         "a beat after the restart",
-        || async { auths.lock().unwrap().first().cloned() },
+        || async { beats.lock().unwrap().first().map(|(a, _)| a.clone()) },
     )
     .await
     .unwrap();
@@ -1418,7 +1385,7 @@ async fn a_joined_hive_beats_with_its_issued_credential_and_keeps_it_across_a_re
 
 #[tokio::test]
 async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
-    let (url, beats, queen) = queen_double().await;
+    let (url, beats, queen) = queen_double(None).await;
     let join = "join-token-abcdefghijklmnop";
     let hive = Daemon::hive(
         HiveOptions::default()

@@ -189,8 +189,14 @@ fn load_credential(path: &Path) -> Result<Token, AuthError> {
     read_token(path, 0o007)
 }
 
-/// Reads a token file, refusing it when any of the `forbidden` mode bits is set.
-fn read_token(path: &Path, forbidden: u32) -> Result<Token, AuthError> {
+/// Reads a secret file other than a token (a hive's stored queen credential), with the same
+/// rule as [`load_token_file`]: refused when group or others may access it.
+pub fn read_private_file(path: &Path) -> Result<String, AuthError> {
+    read_checked(path, 0o077)
+}
+
+/// Reads a file, refusing it when any of the `forbidden` mode bits is set.
+fn read_checked(path: &Path, forbidden: u32) -> Result<String, AuthError> {
     let io_err = |source| AuthError::Io {
         path: path.to_path_buf(),
         source,
@@ -202,7 +208,12 @@ fn read_token(path: &Path, forbidden: u32) -> Result<Token, AuthError> {
             mode,
         });
     }
-    let contents = fs::read_to_string(path).map_err(io_err)?;
+    fs::read_to_string(path).map_err(io_err)
+}
+
+/// Reads a token file, refusing it when any of the `forbidden` mode bits is set.
+fn read_token(path: &Path, forbidden: u32) -> Result<Token, AuthError> {
+    let contents = read_checked(path, forbidden)?;
     let token = Token::new(contents, &path.display().to_string())?;
     tracing::debug!(path = %path.display(), fingerprint = %token.fingerprint(), "loaded token file");
     Ok(token)

@@ -50,12 +50,15 @@ pub fn path(cfg: &HiveConfig) -> Option<PathBuf> {
 /// Reads a stored credential for `hive_id`. `Ok(None)` when there is no file, or when it was
 /// issued for another hive id (the operator renamed the hive: it joins anew).
 pub fn load(path: &Path, hive_id: &str) -> Result<Option<QueenCredential>, HiveError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match rbee_auth::read_private_file(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(HiveError::Config(format!("{}: {e}", path.display()))),
+        Err(rbee_auth::AuthError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(HiveError::Config(e.to_string())),
     };
-    check_private(path)?;
     let s: Stored = serde_json::from_str(&text).map_err(|e| {
         HiveError::Config(format!("{}: not a queen credential: {e}", path.display()))
     })?;
@@ -99,22 +102,6 @@ pub fn save(path: &Path, c: &QueenCredential, queen_url: &str) -> Result<(), Hiv
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, path).map_err(io)
-}
-
-fn check_private(path: &Path) -> Result<(), HiveError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| HiveError::Config(format!("{}: {e}", path.display())))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(HiveError::Config(format!(
-            "{}: mode {:o} lets others read the queen credential; chmod 600 it",
-            path.display(),
-            mode & 0o777
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

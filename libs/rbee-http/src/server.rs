@@ -8,7 +8,7 @@
 //!   so an idle keep-alive connection is closed after the same time.
 //! - At most [`ServerLimits::max_connections`] connections are open at once, and at most
 //!   [`ServerLimits::max_connections_per_peer`] from one IP address; beyond that a new
-//!   connection is closed at once (counted, and logged at most once a minute).
+//!   connection is closed at once (logged at most once a minute).
 //!
 //! Shutdown: when `shutdown` completes the listener is closed, idle connections are closed and
 //! busy ones finish their exchange (the daemons' own drain decides how long streams may run).
@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -47,13 +47,6 @@ impl Default for ServerLimits {
         }
     }
 }
-
-/// Connections refused by the limits since the process started (for the daemons' metrics).
-pub fn refused_connections() -> u64 {
-    REFUSED.load(Ordering::Relaxed)
-}
-
-static REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// Open connections, in all and per peer.
 #[derive(Default)]
@@ -142,7 +135,6 @@ pub async fn serve(
             },
         };
         let Some(admitted) = open.admit(peer.ip(), &limits) else {
-            REFUSED.fetch_add(1, Ordering::Relaxed);
             if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 last_refusal_log = Some(Instant::now());
                 tracing::warn!(%peer, max = limits.max_connections, per_peer = limits.max_connections_per_peer, "connection limit reached; closing new connections (logged once a minute)");

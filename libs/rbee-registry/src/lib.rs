@@ -563,9 +563,11 @@ impl Registry {
             let known = map.len();
             let mut issued = None;
             let mut moved_from = None;
+            let mut held_before = None;
             let (outcome, entry) = match map.entry(id.clone()) {
                 btree_map::Entry::Occupied(occupied) => {
                     let entry = occupied.into_mut();
+                    held_before = entry.rec.pending_url.clone();
                     match (auth, &entry.credential_sha256) {
                         (BeatAuth::Credential(c), Some(h))
                             if rbee_auth::digest_hex_matches(h, c) =>
@@ -647,7 +649,7 @@ impl Registry {
             let due = outcome != BeatOutcome::Beat
                 || beat.issued.is_some()
                 || beat.moved_from.is_some()
-                || beat.pending_url.is_some()
+                || beat.pending_url != held_before
                 || entry
                     .stored_at_ms
                     .is_none_or(|at| now_ms < at || now_ms - at >= self.persist_interval_ms)
@@ -664,9 +666,18 @@ impl Registry {
             && let Err(error) = write_slot(&conn, &slot)
         {
             if beat.issued.is_some() {
-                // The hive would hold secrets a restarted queen does not know: undo, so it
-                // asks again with the join token on its next beat.
-                self.write_map().remove(&slot.rec.id);
+                // The hive would hold secrets a restarted queen does not know: undo the
+                // binding, so it asks again with the join token on its next beat.
+                let mut map = self.write_map();
+                if beat.outcome == BeatOutcome::Joined {
+                    map.remove(&slot.rec.id);
+                } else if let Some(entry) = map.get_mut(&slot.rec.id) {
+                    entry.credential_sha256 = None;
+                    entry.queen_token = None;
+                    entry.rec.bound = false;
+                    entry.confirmed = true;
+                    entry.dirty = true;
+                }
                 return Err(RegistryError::Sqlite(error));
             }
             tracing::warn!(hive = %slot.rec.id, %error, "could not store heartbeat; kept in memory, retried on the next beat");

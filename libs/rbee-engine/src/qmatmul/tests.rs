@@ -217,8 +217,8 @@ fn qmatmul_nested_in_rayon_matches_sequential() {
 
 #[test]
 fn qmatmul_matches_candle() {
+    use candle_core::Device;
     use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-    use candle_core::{Device, Module, Tensor};
     use std::borrow::Cow;
 
     let mut rng = Rng(42);
@@ -231,14 +231,7 @@ fn qmatmul_matches_candle() {
         let mm = QMatMul::from_qtensor(qt).expect("qmatmul");
         for m in [1, 3, 17] {
             let x = random_x(&mut rng, m * cols);
-            let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).expect("x");
-            let want: Vec<f32> = mm
-                .forward(&xt)
-                .expect("candle forward")
-                .flatten_all()
-                .expect("flatten")
-                .to_vec1()
-                .expect("to_vec1");
+            let want = candle_forward(&mm, &x, m, cols);
             let mut got = vec![0f32; m * rows];
             ours.matmul(&x, m, &mut got).expect("matmul");
             let rel = max_rel_diff(&got, &want);
@@ -259,10 +252,27 @@ fn qmatmul_matches_candle() {
     }
 }
 
+/// candle's own quantized matmul of `m` rows of `x`: the reference the kernels must equal.
+fn candle_forward(
+    mm: &candle_core::quantized::QMatMul,
+    x: &[f32],
+    m: usize,
+    cols: usize,
+) -> Vec<f32> {
+    use candle_core::{Device, Module, Tensor};
+    let xt = Tensor::from_slice(x, (m, cols), &Device::Cpu).expect("x");
+    mm.forward(&xt)
+        .expect("candle forward")
+        .flatten_all()
+        .expect("flatten")
+        .to_vec1()
+        .expect("to_vec1")
+}
+
 #[test]
 fn q8_0_matmul_equals_candle_bit_for_bit() {
     use candle_core::quantized::QMatMul;
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::{Device, Tensor};
     use std::sync::Arc;
 
     let mut rng = Rng(5);
@@ -274,14 +284,7 @@ fn q8_0_matmul_equals_candle_bit_for_bit() {
         let mm = QMatMul::from_arc(qt).expect("qmatmul");
         for m in [1, 3, 17] {
             let x = random_x(&mut rng, m * cols);
-            let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).expect("x");
-            let want: Vec<f32> = mm
-                .forward(&xt)
-                .expect("candle forward")
-                .flatten_all()
-                .expect("flatten")
-                .to_vec1()
-                .expect("to_vec1");
+            let want = candle_forward(&mm, &x, m, cols);
             let mut got = vec![0f32; m * rows];
             ours.matmul(&x, m, &mut got).expect("matmul");
             assert_eq!(got, want, "{rows}x{cols} m={m}");
