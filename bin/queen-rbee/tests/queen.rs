@@ -366,17 +366,15 @@ async fn a_dead_hive_leaves_routing_and_requests_go_to_the_other() {
     queen.wait_hives_up(&c, 2).await.unwrap();
     let first = chat(&c, &queen, CLIENT, 4).await;
     assert_eq!(first.status(), 200);
-    let workers: Value = c
-        .get(queen.url("/v1/admin/workers"))
-        .bearer_auth(CLIENT)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    println!("workers after the first request: {workers}");
-    let with_worker = workers["workers"][0]["hive"].as_str().unwrap().to_owned();
+    // The queen's worker list is what the hives' heartbeats last said: wait for the beat
+    // that reports the worker the first request started.
+    let with_worker = eventually(Duration::from_secs(10), "a worker in the list", || async {
+        let workers = admin_get(&c, &queen, "/v1/admin/workers").await;
+        let hive = workers["workers"][0]["hive"].as_str().map(str::to_owned);
+        hive.ok_or(workers)
+    })
+    .await
+    .unwrap();
     let (mut dead, alive, dead_id) = if with_worker == "hive-a" {
         (a, b, "hive-a")
     } else {
