@@ -16,6 +16,8 @@ pub struct QueenOptions {
     pub clients: Vec<(String, String)>,
     /// Names among `clients` whose token may use the admin routes.
     pub admins: Vec<String>,
+    /// Extra TOML lines for a client's `[[client_tokens]]` entry (limits), by name.
+    pub client_config: Vec<(String, String)>,
     pub join_token: Option<String>,
     pub hive_token: Option<String>,
     /// Extra TOML appended to the config (tables such as `[[models]]`).
@@ -84,6 +86,10 @@ impl Daemon {
                 toml_path(&p),
                 opts.admins.contains(name)
             ));
+            for (_, lines) in opts.client_config.iter().filter(|(n, _)| n == name) {
+                toml.push_str(lines);
+                toml.push('\n');
+            }
         }
         toml.push_str(&opts.config_tail);
         let binary = opts.binary.as_deref();

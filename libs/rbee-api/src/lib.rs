@@ -17,6 +17,8 @@ pub const HEADER_REQUEST_ID: &str = "x-request-id";
 pub const HEADER_DEADLINE_MS: &str = "x-deadline-ms";
 /// Relative timeout in seconds a client may send to the queen.
 pub const HEADER_REQUEST_TIMEOUT: &str = "x-request-timeout";
+/// A request's priority among its own client's waiting requests (lower first; -100..=100).
+pub const HEADER_REQUEST_PRIORITY: &str = "x-request-priority";
 /// The SSE data line that closes every stream.
 pub const SSE_DONE: &str = "[DONE]";
 /// Largest request body any rbee daemon accepts.
@@ -87,6 +89,8 @@ error_codes!(
     WorkerUnavailable = WORKER_UNAVAILABLE => 502,
     QueueFull = QUEUE_FULL => 429,
     ClientLimit = CLIENT_LIMIT => 429,
+    BudgetExhausted = BUDGET_EXHAUSTED => 429,
+    ModelNotAllowed = MODEL_NOT_ALLOWED => 403,
     Cancelled = CANCELLED => 499,
     NoCapacity = NO_CAPACITY => 503,
     ModelNotServed = MODEL_NOT_SERVED => 404,

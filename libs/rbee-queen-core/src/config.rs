@@ -126,6 +126,20 @@ pub struct ClientToken {
     /// Most requests this client may have in flight at once (absent: no limit); more get 429.
     #[serde(default)]
     pub max_concurrent: Option<u32>,
+    /// Most requests this client may start in any 60 s (absent: no limit); more get 429.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Most tokens (prompt + completion) of this client's requests that ended in any 60 s;
+    /// once reached, new requests get 429 until enough of them are a minute old.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Most tokens (prompt + completion) per UTC day; once reached, new requests get 429
+    /// `BUDGET_EXHAUSTED` until midnight UTC. Kept in the registry across restarts.
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    /// The model names (as clients send them) this client may use; empty: all.
+    #[serde(default)]
+    pub models: Vec<String>,
     /// May use the `/v1/admin/*` routes (hives, workers, model pulls). Default: no.
     #[serde(default)]
     pub admin: bool,
@@ -235,6 +249,26 @@ impl Validate for QueenConfig {
                 e.push(err(
                     &format!("client_tokens[{i}].file"),
                     "must name a token file",
+                ));
+            }
+            let zero = [
+                ("max_concurrent", t.max_concurrent.map(u64::from)),
+                ("requests_per_minute", t.requests_per_minute.map(u64::from)),
+                ("tokens_per_minute", t.tokens_per_minute),
+                ("tokens_per_day", t.tokens_per_day),
+            ];
+            for (field, v) in zero {
+                if v == Some(0) {
+                    e.push(err(
+                        &format!("client_tokens[{i}].{field}"),
+                        "must be at least 1 (leave it out for no limit)",
+                    ));
+                }
+            }
+            if t.models.iter().any(String::is_empty) {
+                e.push(err(
+                    &format!("client_tokens[{i}].models"),
+                    "model names must not be empty",
                 ));
             }
         }

@@ -12,7 +12,9 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::StreamExt;
-use rbee_api::{HEADER_REQUEST_TIMEOUT, InferenceRequest, StreamEvent, codes};
+use rbee_api::{
+    HEADER_REQUEST_PRIORITY, HEADER_REQUEST_TIMEOUT, InferenceRequest, StreamEvent, codes,
+};
 use rbee_http::{ApiError, RequestId};
 use rbee_openai::{
     Aggregator, ChatCompletionRequest, ChunkStream, CompletionRequest, EndpointKind, OpenAiError,
@@ -23,6 +25,7 @@ use tracing::info;
 
 use crate::queen::Queen;
 use crate::relay;
+use crate::sched::Requester;
 
 type Shared = Arc<Queen>;
 use crate::auth::ClientName;
@@ -46,14 +49,29 @@ pub(crate) fn deadline(q: &Queen, headers: &HeaderMap) -> Result<(Instant, i64),
     ))
 }
 
+/// The client's `X-Request-Priority` (default 0): orders its own waiting requests.
+pub(crate) fn priority(headers: &HeaderMap) -> Result<i32, String> {
+    match headers.get(HEADER_REQUEST_PRIORITY) {
+        None => Ok(0),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|p| (-100..=100).contains(p))
+            .ok_or_else(|| "`X-Request-Priority` must be an integer from -100 to 100".to_owned()),
+    }
+}
+
 pub(crate) fn unix_secs() -> u64 {
     (rbee_http::unix_ms() / 1000).max(0) as u64
 }
 
-/// What every inference route shares: model resolution, the deadline, the trip down.
+/// What every inference route shares: model resolution (and whether the client may use it),
+/// the deadline and priority, the trip down.
 pub(crate) async fn begin(
     q: &Shared,
     rid: &str,
+    client: &str,
     headers: &HeaderMap,
     model: &str,
     req: &InferenceRequest,
@@ -73,9 +91,12 @@ pub(crate) async fn begin(
             rid,
         )));
     };
-    let (at, at_ms) = deadline(q, headers)
-        .map_err(|m| Box::new(api_error(ApiError::new(codes::INVALID_PARAMETER, m), rid)))?;
-    relay::start(q, &model_ref, req, rid, at, at_ms, accepted)
+    q.client_may_use(client, model, &model_ref)
+        .map_err(|e| Box::new(error(e, Some("model"), rid)))?;
+    let invalid = |m| Box::new(api_error(ApiError::new(codes::INVALID_PARAMETER, m), rid));
+    let at = deadline(q, headers).map_err(invalid)?;
+    let who = Requester::new(client, priority(headers).map_err(invalid)?);
+    relay::start(q, &model_ref, req, rid, &who, at, accepted)
         .await
         .map_err(|e| Box::new(api_error(e, rid)))
 }
@@ -91,6 +112,8 @@ pub(crate) struct Finish {
     last_token: Option<Instant>,
     outcome: (u16, String),
     usage: Option<(u32, u32)>,
+    /// Token events relayed (what a stream cut before its end used, as far as we know).
+    tokens_seen: u32,
     /// request id, model reference, hive, worker, whether the worker was spawned for it.
     trip: (String, String, String, String, bool),
     _slot: crate::queen::ClientSlot,
@@ -126,12 +149,14 @@ impl Finish {
             last_token: None,
             outcome: (200, String::new()),
             usage: None,
+            tokens_seen: 0,
         }
     }
 
     fn see(&mut self, ev: &StreamEvent) {
         match ev {
             StreamEvent::Token { .. } => {
+                self.tokens_seen += 1;
                 let now = Instant::now();
                 match self.last_token {
                     None => {
@@ -189,6 +214,11 @@ impl Drop for Finish {
         ]);
         let (rid, model_ref, hive, worker, spawned) = &self.trip;
         let (prompt, completion) = self.usage.unwrap_or((0, 0));
+        let used = match self.usage {
+            Some((p, c)) => u64::from(p) + u64::from(c),
+            None => u64::from(self.tokens_seen),
+        };
+        self.q.client_tokens_used(&self.client, used);
         let sha = self
             .q
             .registry
@@ -301,7 +331,17 @@ pub(crate) async fn openai_route(
             return early(&q, route, &client.0, code, api_error(e, &rid.0));
         }
     };
-    let upstream = match begin(&q, &rid.0, &headers, &call.model, &call.inference, accepted).await {
+    let upstream = match begin(
+        &q,
+        &rid.0,
+        &client.0,
+        &headers,
+        &call.model,
+        &call.inference,
+        accepted,
+    )
+    .await
+    {
         Ok(u) => u,
         Err(resp) => {
             count_refusal(&q, route, &call.model, &client.0, &resp);
@@ -448,7 +488,7 @@ pub(crate) async fn native_inference(
             return early(&q, "/v1/inference", &client.0, code, api_error(e, &rid.0));
         }
     };
-    let upstream = match begin(&q, &rid.0, &headers, &model, &req, accepted).await {
+    let upstream = match begin(&q, &rid.0, &client.0, &headers, &model, &req, accepted).await {
         Ok(u) => u,
         Err(resp) => {
             count_refusal(&q, route, &model, &client.0, &resp);

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod hive_client;
 pub mod inference;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod queen;

@@ -12,6 +12,8 @@ pub struct QueenMetrics {
     pub queue_wait: Histogram,
     pub stage: Histogram,
     pub queue_rejections: Counter,
+    pub client_refusals: Counter,
+    pub client_tokens: Counter,
     pub decisions: Counter,
     pub spawns: Counter,
     pub tokens_in: Counter,
@@ -74,6 +76,16 @@ impl QueenMetrics {
                 "rbee_queen_queue_rejections_total",
                 "Requests that left the wait for a worker without one: full (429), timeout or spawn_failed (503), deadline (504), cancelled.",
                 &["reason"],
+            ),
+            client_refusals: r.counter(
+                "rbee_queen_client_refusals_total",
+                "Requests refused by their client token's own limits: max_concurrent, requests_per_minute, tokens_per_minute (429 CLIENT_LIMIT), tokens_per_day (429 BUDGET_EXHAUSTED), model (403 MODEL_NOT_ALLOWED).",
+                &["client", "reason"],
+            ),
+            client_tokens: r.counter(
+                "rbee_queen_client_tokens_total",
+                "Tokens (prompt + completion) of each client's ended requests, as counted against its limits.",
+                &["client"],
             ),
             decisions: r.counter(
                 "rbee_queen_scheduling_decisions_total",

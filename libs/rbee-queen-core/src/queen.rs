@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use rbee_api::codes;
 use rbee_auth::{Token, TokenSet};
 use rbee_http::ApiError;
@@ -18,7 +17,7 @@ use tracing::warn;
 use crate::config::QueenConfig;
 use crate::hive_client::HiveClient;
 use crate::metrics::QueenMetrics;
-use crate::sched::{Action, Avoid, Scheduler, Ticket, WorkerKey};
+use crate::sched::{Action, Avoid, Requester, Scheduler, Ticket, WorkerKey};
 
 /// Tokens the queen holds; reloaded on SIGHUP.
 #[derive(Default, Clone)]
@@ -91,6 +90,8 @@ pub struct Queen {
     active: std::sync::atomic::AtomicUsize,
     /// Held URL changes already audited, by hive id.
     held_urls: Mutex<HashMap<String, String>>,
+    /// Per-client rate limits and budgets.
+    limiter: Mutex<crate::limits::Limiter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,6 +143,7 @@ impl Queen {
             draining: std::sync::atomic::AtomicBool::new(false),
             active: std::sync::atomic::AtomicUsize::new(0),
             held_urls: Mutex::new(HashMap::new()),
+            limiter: Mutex::new(Default::default()),
         });
         // Hives the registry already holds (static ones, a restart's records) are routable as
         // soon as they are up; every later change comes through `hives_changed`.
@@ -356,52 +358,6 @@ impl Queen {
         lock(&self.owners).get(request_id).map(|(c, _)| c.clone())
     }
 
-    /// Counts a request against its client's `max_concurrent` (429 when over) and records
-    /// who sent it, so only that client (or an admin) can cancel it. A request id another
-    /// client has in flight is refused (409): cancelling by id must not reach someone else's.
-    pub fn client_slot(
-        self: &Arc<Self>,
-        client: &str,
-        request_id: &str,
-    ) -> Result<ClientSlot, ApiError> {
-        {
-            let mut owners = lock(&self.owners);
-            match owners.get_mut(request_id) {
-                Some((owner, _)) if owner != client => {
-                    return Err(ApiError::new(
-                        codes::INVALID_PARAMETER,
-                        format!(
-                            "request id `{request_id}` is in use by another client; send another X-Request-Id"
-                        ),
-                    )
-                    .with_status(StatusCode::CONFLICT));
-                }
-                Some((_, n)) => *n += 1,
-                None => {
-                    owners.insert(request_id.to_owned(), (client.to_owned(), 1));
-                }
-            }
-        }
-        let owned = OwnedId {
-            queen: self.clone(),
-            request_id: request_id.to_owned(),
-        };
-        let limit = self
-            .config()
-            .client_tokens
-            .iter()
-            .find(|t| t.name == client)
-            .and_then(|t| t.max_concurrent);
-        lock(&self.sched).admit_client(client, limit)?;
-        self.active
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(ClientSlot {
-            queen: self.clone(),
-            client: client.to_owned(),
-            _owned: owned,
-        })
-    }
-
     /// Records how long a request held its worker (for `Retry-After`).
     pub fn record_duration(&self, secs: f64) {
         lock(&self.sched).record_duration(secs);
@@ -499,6 +455,7 @@ impl Queen {
         self: &Arc<Self>,
         model_ref: &str,
         request_id: &str,
+        who: Requester,
         deadline: Instant,
         avoid: Option<Avoid>,
     ) -> Result<Lease, ApiError> {
@@ -507,7 +464,7 @@ impl Queen {
         // The scheduler's view of the hives follows every registry change (`hives_changed`).
         let arrived = {
             let mut s = lock(&self.sched);
-            let arrived = s.arrive(model_ref, avoid, deadline, Instant::now());
+            let arrived = s.arrive(model_ref, who, avoid, deadline, Instant::now());
             if let Ok((ticket, _)) = &arrived {
                 // Registered before any action runs: the grant may be for this request.
                 lock(&self.waiters).insert(
@@ -633,40 +590,6 @@ fn spawn_task(fut: impl std::future::Future<Output = ()> + Send + 'static) {
     }
 }
 
-/// One request counted against its client's limit until dropped.
-pub struct ClientSlot {
-    queen: Arc<Queen>,
-    client: String,
-    _owned: OwnedId,
-}
-
-/// A request id recorded as in flight until dropped.
-struct OwnedId {
-    queen: Arc<Queen>,
-    request_id: String,
-}
-
-impl Drop for OwnedId {
-    fn drop(&mut self) {
-        let mut owners = lock(&self.queen.owners);
-        if let Some((_, n)) = owners.get_mut(&self.request_id) {
-            *n -= 1;
-            if *n == 0 {
-                owners.remove(&self.request_id);
-            }
-        }
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        lock(&self.queen.sched).client_done(&self.client);
-        self.queen
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// Where a waiting request's answer goes, and how it is told to look at its timer again.
 struct Waiting {
     answer: oneshot::Sender<Result<Lease, ApiError>>,
@@ -722,7 +645,9 @@ fn model_state(hives: &[HiveRecord], reference: &str) -> (&'static str, Vec<Stri
     }
 }
 
+mod clients;
 mod hives;
+pub use clients::ClientSlot;
 
 #[cfg(test)]
 mod tests;

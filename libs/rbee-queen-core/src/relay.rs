@@ -18,7 +18,7 @@ use rbee_http::ApiError;
 use tracing::{error, warn};
 
 use crate::queen::{Lease, Queen};
-use crate::sched::Avoid;
+use crate::sched::{Avoid, Requester};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = StreamEvent> + Send>>;
 
@@ -38,15 +38,15 @@ pub async fn start(
     model_ref: &str,
     req: &InferenceRequest,
     request_id: &str,
-    deadline: Instant,
-    deadline_ms: i64,
+    who: &Requester,
+    (deadline, deadline_ms): (Instant, i64),
     accepted: Instant,
 ) -> Result<Upstream, ApiError> {
     let mut avoid: Option<Avoid> = None;
     let mut last_err = None;
     for attempt in 0..2 {
         let lease = match queen
-            .lease(model_ref, request_id, deadline, avoid.clone())
+            .lease(model_ref, request_id, who.clone(), deadline, avoid.clone())
             .await
         {
             Ok(l) => l,

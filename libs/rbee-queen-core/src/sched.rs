@@ -5,7 +5,10 @@
 //! shell in `queen.rs` does the I/O and feeds the answers back as events.
 //!
 //! Capacity is free slots per worker: a worker a heartbeat lists with `slots = N` serves up to N
-//! leases of this queen at once (today every worker has one).
+//! leases of this queen at once.
+//!
+//! Waiting is fair between clients: each client may queue `queue_length` requests per model,
+//! and free workers go round-robin between the clients waiting, least recently served first.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -14,17 +17,19 @@ use rbee_api::codes;
 use rbee_http::ApiError;
 use rbee_registry::HiveRecord;
 
+mod fair;
 mod types;
 
 use types::avoided;
 pub use types::{
-    Action, Avoid, Grant, HIVE_SPAWN_COOLDOWN, Limits, Rejection, SPAWN_RETRY_AFTER_REFUSAL,
-    Ticket, WorkerKey,
+    Action, Avoid, Grant, HIVE_SPAWN_COOLDOWN, Limits, Rejection, Requester,
+    SPAWN_RETRY_AFTER_REFUSAL, Ticket, WorkerKey,
 };
 
 #[derive(Debug, Clone)]
 struct Waiter {
     ticket: Ticket,
+    who: Requester,
     avoid: Option<Avoid>,
     arrived: Instant,
     deadline: Instant,
@@ -64,6 +69,10 @@ pub struct Scheduler {
     failure: HashMap<String, String>,
     /// Requests in flight per client.
     clients: HashMap<String, u32>,
+    /// Per client: the number of the last grant it got (grants are numbered), so the client
+    /// served least recently goes first.
+    served: HashMap<String, u64>,
+    grants: u64,
     /// Recent request durations, for `Retry-After`.
     recent: VecDeque<f64>,
     next_ticket: Ticket,
@@ -83,6 +92,8 @@ impl Scheduler {
             refused_until: HashMap::new(),
             failure: HashMap::new(),
             clients: HashMap::new(),
+            served: HashMap::new(),
+            grants: 0,
             recent: VecDeque::new(),
             next_ticket: 0,
             cut: false,
@@ -114,10 +125,13 @@ impl Scheduler {
         self.dispatch_all(now)
     }
 
-    /// A request asks for a worker for `model`. Refused at once when the queue is full.
+    /// A request asks for a worker for `model`. Refused at once when its client already has
+    /// `queue_length` requests waiting for the model (a client's burst fills only its own
+    /// share of the queue).
     pub fn arrive(
         &mut self,
         model: &str,
+        who: Requester,
         avoid: Option<Avoid>,
         deadline: Instant,
         now: Instant,
@@ -125,12 +139,19 @@ impl Scheduler {
         if self.cut {
             return Err(shutting_down());
         }
-        let n = self.queues.get(model).map_or(0, VecDeque::len) as u32;
+        let q = self.queues.get(model);
+        let n = q.map_or(0, |q| {
+            q.iter().filter(|w| w.who.client == who.client).count()
+        }) as u32;
         if n >= self.limits.queue_length {
-            let retry = self.retry_after(self.ready_workers(model).len(), n);
+            let all = q.map_or(0, VecDeque::len) as u32;
+            let retry = self.retry_after(self.ready_workers(model).len(), all);
             return Err(ApiError::new(
                 codes::QUEUE_FULL,
-                format!("{n} requests are already waiting for `{model}`; retry in {retry} s"),
+                format!(
+                    "{n} requests of client `{}` are already waiting for `{model}`; retry in {retry} s",
+                    who.client
+                ),
             )
             .retry_after(retry));
         }
@@ -141,6 +162,7 @@ impl Scheduler {
             .or_default()
             .push_back(Waiter {
                 ticket,
+                who,
                 avoid,
                 arrived: now,
                 deadline,
@@ -431,15 +453,15 @@ impl Scheduler {
         models.iter().flat_map(|m| self.dispatch(m, now)).collect()
     }
 
-    /// Gives free workers to the waiters of `model` in arrival order (a worker goes to the
-    /// earliest request that can take it: a retry's avoided worker does not block those
-    /// behind), then decides whether a new worker is needed.
+    /// Gives free workers to the waiters of `model` in fair order (see [`fair::order`];
+    /// a worker goes to the first request that can take it: a retry's avoided worker does not
+    /// block those behind), then decides whether a new worker is needed.
     fn dispatch(&mut self, model: &str, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
-        let waiting: Vec<Waiter> = self
+        let waiting = self
             .queues
             .get(model)
-            .map(|q| q.iter().cloned().collect())
+            .map(|q| fair::order(q, &self.served))
             .unwrap_or_default();
         let mut granted = false;
         let mut rearm = Vec::new();
@@ -448,6 +470,8 @@ impl Scheduler {
                 continue;
             };
             *self.leases.entry(key.clone()).or_insert(0) += 1;
+            self.grants += 1;
+            self.served.insert(w.who.client.clone(), self.grants);
             if self.spawns.get(model) == Some(&Spawn::Starting(key.clone())) {
                 // A heartbeat showed the spawned worker ready before its watch did.
                 self.failure.remove(model);

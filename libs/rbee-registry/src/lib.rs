@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 /// The schema version this crate writes (`PRAGMA user_version`). Files with a higher version
 /// are refused rather than guessed at.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How often an unchanged hive's heartbeat is written at most, by default.
 pub const DEFAULT_HEARTBEAT_PERSIST_INTERVAL_MS: i64 = 60_000;
@@ -64,6 +64,7 @@ pub const MAX_URL_LEN: usize = 2048;
 
 const MEMORY_PATH: &str = ":memory:";
 
+pub mod budgets;
 pub mod identity;
 pub use identity::{Approval, Beat, BeatAuth, Issued, JoinPolicy};
 
@@ -85,6 +86,16 @@ ALTER TABLE hives ADD COLUMN approved INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE hives ADD COLUMN pending_url TEXT;
 ALTER TABLE hives ADD COLUMN credential_sha256 TEXT;
 ALTER TABLE hives ADD COLUMN queen_token TEXT;
+";
+
+/// Version 3: tokens each client used per day (see [`budgets`]).
+const SCHEMA_V3_ADD: &str = "
+CREATE TABLE client_tokens (
+    client TEXT    NOT NULL,
+    day    INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (client, day)
+) STRICT;
 ";
 
 const UPSERT: &str = "
@@ -208,6 +219,9 @@ pub enum RegistryError {
     /// Another process (another queen?) holds the file.
     #[error("hive registry database {} is locked by another process (is another queen running?)", path.display())]
     Locked { path: PathBuf },
+    /// A client name the usage table does not take.
+    #[error("invalid client name: {0}")]
+    InvalidClient(String),
     /// A hive id or url that is not accepted.
     #[error("invalid hive {field}: {reason}")]
     InvalidHive { field: &'static str, reason: String },
@@ -912,12 +926,18 @@ fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), RegistryErro
                 .map_err(|e| open_error(path, e))?;
             tx.execute_batch(SCHEMA_V2_ADD)
                 .map_err(|e| open_error(path, e))?;
+            tx.execute_batch(SCHEMA_V3_ADD)
+                .map_err(|e| open_error(path, e))?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(|e| open_error(path, e))?;
         }
-        1 => {
-            tx.execute_batch(SCHEMA_V2_ADD)
-                .map_err(|e| corrupt(format!("cannot upgrade schema 1 to 2: {e}")))?;
+        1 | 2 => {
+            if version == 1 {
+                tx.execute_batch(SCHEMA_V2_ADD)
+                    .map_err(|e| corrupt(format!("cannot upgrade schema 1 to 2: {e}")))?;
+            }
+            tx.execute_batch(SCHEMA_V3_ADD)
+                .map_err(|e| corrupt(format!("cannot upgrade schema {version} to 3: {e}")))?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(|e| open_error(path, e))?;
         }
@@ -928,6 +948,12 @@ fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), RegistryErro
                  FROM hives LIMIT 0",
             )
             .map_err(|e| corrupt(format!("the hives table is missing or malformed: {e}")))?;
+            tx.prepare("SELECT client, day, tokens FROM client_tokens LIMIT 0")
+                .map_err(|e| {
+                    corrupt(format!(
+                        "the client_tokens table is missing or malformed: {e}"
+                    ))
+                })?;
         }
         found if found > SCHEMA_VERSION => {
             return Err(RegistryError::SchemaTooNew {

@@ -476,8 +476,8 @@ fn newer_schema_is_refused() {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(version, 2);
-        conn.pragma_update(None, "user_version", 3).unwrap();
+        assert_eq!(version, 3);
+        conn.pragma_update(None, "user_version", 4).unwrap();
     }
     let err = Registry::open(&dir.db()).unwrap_err();
     match &err {
@@ -487,15 +487,15 @@ fn newer_schema_is_refused() {
             supported,
         } => {
             assert_eq!(path, &dir.db());
-            assert_eq!(*found, 3);
-            assert_eq!(*supported, 2);
+            assert_eq!(*found, 4);
+            assert_eq!(*supported, 3);
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
     assert_eq!(
         err.to_string(),
         format!(
-            "hive registry database {}: schema version 3 is newer than this queen supports (2); \
+            "hive registry database {}: schema version 4 is newer than this queen supports (3); \
              refusing to open it",
             dir.db().display()
         )
@@ -768,6 +768,15 @@ fn identities_survive_a_restart_and_old_registries_bind_on_the_next_join() {
     assert_eq!(bound.outcome, BeatOutcome::CameBack);
     assert!(bound.issued.is_some());
     assert!(reg.get("old").unwrap().unwrap().bound);
+    // Upgraded through 2 to 3: the daily token counts work.
+    assert_eq!(reg.add_client_tokens("alice", 7, 11).unwrap(), 11);
+    drop(reg);
+    let reg = Registry::open(&v1.db()).unwrap();
+    assert_eq!(
+        reg.client_tokens("alice", 7).unwrap(),
+        11,
+        "kept across a reopen"
+    );
 }
 
 #[test]

@@ -89,13 +89,16 @@ async fn grant_to_a_request_that_left() -> String {
     });
     join(&queen, &hb);
     let far = Instant::now() + Duration::from_secs(600);
-    let first = queen.lease("file:m.gguf", "a", far, None).await.unwrap();
+    let first = queen
+        .lease("file:m.gguf", "a", alice(), far, None)
+        .await
+        .unwrap();
     // Next in line, but its client is gone: its answer cannot be delivered, so the lease
     // it is granted is dropped on the spot.
     let (gone, rx) = oneshot::channel();
     drop(rx);
     let (ticket, _) = lock(&queen.sched)
-        .arrive("file:m.gguf", None, far, Instant::now())
+        .arrive("file:m.gguf", alice(), None, far, Instant::now())
         .unwrap();
     lock(&queen.waiters).insert(
         ticket,
@@ -105,10 +108,14 @@ async fn grant_to_a_request_that_left() -> String {
         },
     );
     let q = queen.clone();
-    let third = tokio::spawn(async move { q.lease("file:m.gguf", "c", far, None).await });
+    let third = tokio::spawn(async move { q.lease("file:m.gguf", "c", alice(), far, None).await });
     while lock(&queen.sched).queued("file:m.gguf") < 2 {
         tokio::task::yield_now().await;
     }
     drop(first);
     third.await.unwrap().unwrap().worker_id.clone()
+}
+
+fn alice() -> Requester {
+    Requester::new("alice", 0)
 }

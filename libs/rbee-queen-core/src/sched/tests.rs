@@ -117,8 +117,13 @@ impl Sim {
         self.arrive_avoiding(None)
     }
     fn arrive_avoiding(&mut self, avoid: Option<Avoid>) -> Vec<Action> {
+        self.arrive_as("alice", 0, avoid)
+    }
+    /// A request of `client` with `priority`, 600 s deadline.
+    fn arrive_as(&mut self, client: &str, priority: i32, avoid: Option<Avoid>) -> Vec<Action> {
         let deadline = self.now + Duration::from_secs(600);
-        match self.s.arrive(M, avoid, deadline, self.now) {
+        let who = Requester::new(client, priority);
+        match self.s.arrive(M, who, avoid, deadline, self.now) {
             Ok((_, a)) => a,
             Err(e) => vec![Action::Reject {
                 ticket: u64::MAX,
@@ -129,7 +134,8 @@ impl Sim {
     }
     fn arrive_with_deadline(&mut self, secs: u64) -> Vec<Action> {
         let deadline = self.now + Duration::from_secs(secs);
-        self.s.arrive(M, None, deadline, self.now).unwrap().1
+        let who = Requester::new("alice", 0);
+        self.s.arrive(M, who, None, deadline, self.now).unwrap().1
     }
     fn release(&mut self, hive: &str, worker: &str) -> Vec<Action> {
         self.s.release(&WorkerKey::new(hive, worker), self.now)
@@ -347,6 +353,56 @@ const CASES: &[(&str, Situation, &[&str])] = &[
             sim.arrive()
         },
         &["reject new QUEUE_FULL"],
+    ),
+    (
+        "another client's request is not queued behind one client's burst",
+        || {
+            let mut sim = Sim::new(&[hive("h1", 4).ready("w1")]);
+            sim.arrive();
+            sim.arrive();
+            sim.arrive();
+            sim.arrive_as("bob", 0, None);
+            sim.release("h1", "w1")
+        },
+        &["grant 3 h1/w1"],
+    ),
+    (
+        "clients take turns, the least recently served first",
+        || {
+            let mut sim = Sim::new(&[hive("h1", 4).ready("w1")]);
+            sim.arrive();
+            sim.arrive();
+            sim.arrive();
+            sim.arrive_as("bob", 0, None);
+            sim.arrive_as("bob", 0, None);
+            sim.release("h1", "w1");
+            sim.release("h1", "w1");
+            sim.release("h1", "w1")
+        },
+        &["grant 4 h1/w1"],
+    ),
+    (
+        "within a client, a lower priority goes first",
+        || {
+            let mut sim = Sim::new(&[hive("h1", 4).ready("w1")]);
+            sim.arrive();
+            sim.arrive_as("alice", 5, None);
+            sim.arrive_as("alice", -1, None);
+            sim.release("h1", "w1")
+        },
+        // (It is also the one the spawn its arrival asked for was for.)
+        &["grant 2 h1/w1 spawned"],
+    ),
+    (
+        "a client's full share of the queue refuses only that client",
+        || {
+            let mut sim = Sim::new(&[hive("h1", 4).ready("w1")]);
+            for _ in 0..4 {
+                sim.arrive();
+            }
+            sim.arrive_as("bob", 0, None)
+        },
+        &[],
     ),
     (
         "the request's deadline ends its wait",

@@ -24,6 +24,23 @@ impl WorkerKey {
     }
 }
 
+/// Who a waiting request is for. Queues are fair between clients (the one served least
+/// recently goes first); within one client's requests, lower `priority` first, then arrival.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub client: String,
+    pub priority: i32,
+}
+
+impl Requester {
+    pub fn new(client: &str, priority: i32) -> Self {
+        Self {
+            client: client.to_owned(),
+            priority,
+        }
+    }
+}
+
 /// What a retry must not use: the worker that just failed it, or a whole hive that could not be
 /// reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
