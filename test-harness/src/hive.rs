@@ -124,12 +124,18 @@ impl Daemon {
         self.dir.join("audit.log")
     }
 
-    /// The audit log once it holds every one of `events` (records are written by a
-    /// background thread, so allow it a moment); fails after 10 s.
+    /// Where the hive audits unauthenticated failures, beside its audit log.
+    pub fn failures_log(&self) -> PathBuf {
+        self.dir.join("audit.auth-failures.log")
+    }
+
+    /// The audit log and the failures log, together, once they hold every one of `events`
+    /// (records are written by a background thread, so allow it a moment); fails after 10 s.
     pub async fn audit_with(&self, events: &[&str]) -> String {
-        let what = format!("the audit log to hold all of {events:?}");
+        let what = format!("the audit logs to hold all of {events:?}");
         eventually(Duration::from_secs(10), &what, || async {
-            let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+            let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default()
+                + &std::fs::read_to_string(self.failures_log()).unwrap_or_default();
             if events.iter().all(|e| text.contains(e)) {
                 Ok(text)
             } else {

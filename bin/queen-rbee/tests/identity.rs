@@ -179,8 +179,11 @@ async fn the_join_token_can_neither_take_over_a_hive_nor_route_prompts_to_a_held
     let (s, _) = admin(&c, &queen, "GET", "/v1/admin/hives/0-evil").await;
     assert_eq!(s, 404);
     // Every refusal is on the record.
+    let failures = logs.join("audit.auth-failures.jsonl");
     let text = eventually(Duration::from_secs(10), "the audit records", || async {
-        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        // Unauthenticated failures are audited in their own chain beside the main log.
+        let text = std::fs::read_to_string(&audit).unwrap_or_default()
+            + &std::fs::read_to_string(&failures).unwrap_or_default();
         [
             "hive.takeover_refused",
             "\"hive_credential\"",

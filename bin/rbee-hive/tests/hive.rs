@@ -203,9 +203,14 @@ async fn every_protected_route_needs_the_token() {
             >= 30.0,
         "auth failures are counted"
     );
-    // Auth failures are audited, without the token.
+    // Auth failures are audited, without the token, in the failures log: one record per
+    // source and reason, not one per request (the rest are counted when the minute ends).
     let audit = hive.audit_with(&["auth.failure"]).await;
     assert!(!audit.contains("wrong-token"));
+    let failures = std::fs::read_to_string(hive.failures_log()).unwrap();
+    let records = failures.lines().count();
+    assert!((1..=2).contains(&records), "{failures}");
+    assert!(failures.contains("\"source\":\"127.0.0.1\""), "{failures}");
 }
 
 #[tokio::test]

@@ -56,11 +56,18 @@
 //! - [`verify_file`] and [`verify_chain`] never panic on any input: a
 //!   truncated, garbage or non-UTF-8 line is reported as a [`Break`].
 //!
+//! - The chain head (seq and hash) is checkpointed in `<path>.head` on
+//!   rotation, every [`CHECKPOINT_EVERY`] records and when the writer's queue
+//!   runs empty; [`verify_chain`] checks the files reach it, so cutting records
+//!   off the end or deleting the current file is caught, and reopening a log
+//!   that ends before its checkpoint appends `audit.tail_missing`.
+//!
 //! The chain is tamper-*evident*, not tamper-proof: it detects edits,
 //! deletions, insertions and reordering of records, but someone who can
-//! write the file can also recompute every hash after the point they edited.
-//! Anchor the latest `hash` elsewhere (for example in the daemon's log or a
-//! remote system) when that matters.
+//! write the files (the checkpoint included) can also recompute every hash
+//! after the point they edited. Keep a copy of `<path>.head` elsewhere (a
+//! backup, a log shipper; rotations also log the head hash) when that
+//! matters.
 //!
 //! # Secrets
 //!
@@ -78,6 +85,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+mod checkpoint;
+pub mod failures;
+pub use checkpoint::{CHECKPOINT_EVERY, Checkpoint, checkpoint_path, read_checkpoint};
+pub use failures::{FailureAggregator, FailureLog, FailureRecord, failures_path};
 
 /// The `prev` of the genesis record: 64 zeros.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -187,6 +199,8 @@ struct State {
     size: u64,
     next_seq: u64,
     prev_hash: String,
+    /// Records appended since the last checkpoint of the head.
+    since_checkpoint: u64,
     /// Set when a failure left the file in an unknown state; appends are
     /// refused until the log is reopened (which re-reads the file).
     broken: Option<String>,
@@ -241,6 +255,11 @@ impl AuditLog {
             None => (0, GENESIS_PREV.to_owned()),
         };
         tracing::info!(path = %path.display(), next_seq, size, "audit log opened");
+        let checkpoint = read_checkpoint(path)?;
+        let last = next_seq.checked_sub(1).map(|seq| (seq, prev_hash.as_str()));
+        let missing = checkpoint
+            .as_ref()
+            .and_then(|cp| checkpoint::shortfall(cp, last).map(|why| (cp.clone(), why)));
         let log = Self {
             path: path.to_owned(),
             max_bytes,
@@ -249,9 +268,20 @@ impl AuditLog {
                 size,
                 next_seq,
                 prev_hash,
+                // Without a checkpoint matching the head, the next chance writes one.
+                since_checkpoint: u64::from(checkpoint.is_none() || missing.is_some()),
                 broken: None,
             }),
         };
+        if let Some((cp, why)) = missing {
+            tracing::error!(path = %path.display(), checkpoint_seq = cp.seq, reason = %why, "the audit log ends before its checkpoint; recording that and going on");
+            log.append(
+                "audit.tail_missing",
+                "audit",
+                serde_json::json!({"checkpoint_seq": cp.seq, "checkpoint_hash": cp.hash,
+                                   "checkpoint_ts": cp.ts, "reason": why}),
+            )?;
+        }
         if let Some(dropped) = torn {
             tracing::warn!(path = %path.display(), dropped_bytes = dropped, "the audit log ended in a torn line (a write cut off, e.g. by a power loss); dropped it and recorded that");
             log.append(
@@ -341,12 +371,45 @@ impl AuditLog {
         st.size = old_size.saturating_add(line_len);
         st.next_seq = next_seq;
         st.prev_hash = hash;
+        st.since_checkpoint += 1;
+        if st.since_checkpoint >= CHECKPOINT_EVERY {
+            self.write_checkpoint(st);
+        }
         Ok(seq)
+    }
+
+    /// Writes the checkpoint of the chain head (`<path>.head`) if records were appended since
+    /// the last one. Failures are logged, not returned: the records themselves are on disk.
+    pub fn checkpoint(&self) {
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if guard.since_checkpoint > 0 {
+            self.write_checkpoint(&mut guard);
+        }
+    }
+
+    fn write_checkpoint(&self, st: &mut State) {
+        let Some(seq) = st.next_seq.checked_sub(1) else {
+            return;
+        };
+        let cp = Checkpoint {
+            seq,
+            hash: st.prev_hash.clone(),
+            ts: now_rfc3339(),
+        };
+        match checkpoint::write_checkpoint(&self.path, &cp) {
+            Ok(()) => st.since_checkpoint = 0,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "could not write the audit checkpoint");
+            }
+        }
     }
 
     /// Shifts `<path>.N` up, moves the current file to `<path>.1` and starts
     /// a new, empty current file.
     fn rotate(&self, st: &mut State) -> Result<(), AuditError> {
+        if st.since_checkpoint > 0 {
+            self.write_checkpoint(st);
+        }
         let oldest = rotated_path(&self.path, MAX_ROTATED);
         match fs::remove_file(&oldest) {
             Ok(()) => {}
@@ -380,6 +443,7 @@ impl AuditLog {
             path = %self.path.display(),
             rotated_to = %first.display(),
             next_seq = st.next_seq,
+            head_hash = %st.prev_hash,
             "audit log rotated"
         );
         Ok(())
@@ -418,7 +482,9 @@ pub fn verify_file(path: &Path, expect_genesis: bool) -> Result<VerifyReport, Au
 ///
 /// Returns an error when none of the files exists.
 pub fn verify_chain(path: &Path) -> Result<VerifyReport, AuditError> {
+    let checkpoint = read_checkpoint(path)?;
     let mut verifier = Verifier::new(false);
+    verifier.watch = checkpoint.as_ref().map(|cp| (cp.seq, None));
     let mut found = false;
     let files = (1..=MAX_ROTATED)
         .rev()
@@ -438,15 +504,35 @@ pub fn verify_chain(path: &Path) -> Result<VerifyReport, AuditError> {
             });
         }
     }
-    if !found {
+    if !found && checkpoint.is_none() {
         return Err(io_err(path)(io::Error::new(
             io::ErrorKind::NotFound,
             "neither the audit log nor any rotated file exists",
         )));
     }
+    let first_break = checkpoint.and_then(|cp| {
+        let last = verifier.last.as_ref().map(|(s, h)| (*s, h.as_str()));
+        let replaced = verifier
+            .watch
+            .as_ref()
+            .and_then(|(_, seen)| seen.as_ref())
+            .filter(|h| **h != cp.hash)
+            .map(|_| {
+                format!(
+                    "the record at seq {} is not the one the checkpoint holds: it was replaced",
+                    cp.seq
+                )
+            });
+        let why = checkpoint::shortfall(&cp, last).or(replaced)?;
+        Some(Break {
+            line: 0,
+            seq: Some(cp.seq),
+            reason: format!("{}: {why}", checkpoint_path(path).display()),
+        })
+    });
     Ok(VerifyReport {
         records: verifier.records,
-        first_break: None,
+        first_break,
     })
 }
 
@@ -455,6 +541,8 @@ struct Verifier {
     records: u64,
     last: Option<(u64, String)>,
     expect_genesis: bool,
+    /// A checkpoint's seq, and the hash of the record with that seq once seen.
+    watch: Option<(u64, Option<String>)>,
 }
 
 impl Verifier {
@@ -463,6 +551,7 @@ impl Verifier {
             records: 0,
             last: None,
             expect_genesis,
+            watch: None,
         }
     }
 
@@ -533,6 +622,11 @@ impl Verifier {
                 None => {}
             }
             self.records = self.records.saturating_add(1);
+            if let Some((seq, seen)) = &mut self.watch
+                && *seq == record.seq
+            {
+                *seen = Some(record.hash.clone());
+            }
             self.last = Some((record.seq, record.hash));
         }
     }
@@ -1283,21 +1377,28 @@ impl AuditWriter {
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
-                for msg in rx {
-                    match msg {
-                        WriterMsg::Record {
-                            event,
-                            actor,
-                            details,
-                        } => {
-                            if let Err(e) = log.append(&event, &actor, details) {
-                                tracing::error!(error = %e, event, "audit log append failed");
-                            }
-                        }
-                        WriterMsg::Flush(done) => {
-                            let _ = done.send(());
+                let write = |msg: WriterMsg| match msg {
+                    WriterMsg::Record {
+                        event,
+                        actor,
+                        details,
+                    } => {
+                        if let Err(e) = log.append(&event, &actor, details) {
+                            tracing::error!(error = %e, event, "audit log append failed");
                         }
                     }
+                    WriterMsg::Flush(done) => {
+                        log.checkpoint();
+                        let _ = done.send(());
+                    }
+                };
+                while let Ok(msg) = rx.recv() {
+                    write(msg);
+                    while let Ok(msg) = rx.try_recv() {
+                        write(msg);
+                    }
+                    // The queue is idle: the head on disk is checkpointed.
+                    log.checkpoint();
                 }
             })?;
         Ok(AuditWriter { tx })

@@ -61,7 +61,18 @@ pub fn audit_verify(file: &Path, from_genesis: bool) -> ExitCode {
     match report {
         Ok(r) => match &r.first_break {
             None => {
-                let _ = writeln!(out, "{}: intact, {} records", file.display(), r.records);
+                let anchored = match rbee_audit::read_checkpoint(file) {
+                    Ok(Some(cp)) if !from_genesis => {
+                        format!(", up to its checkpoint (seq {})", cp.seq)
+                    }
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{}: intact, {} records{anchored}",
+                    file.display(),
+                    r.records
+                );
                 ExitCode::SUCCESS
             }
             Some(b) => {

@@ -21,6 +21,7 @@ impl Hive {
             if self.draining.load(Ordering::SeqCst) {
                 return;
             }
+            self.flush_failures_due();
             let cfg = self.config();
             if cfg.workers.keep_alive_seconds > 0 {
                 let keep = Duration::from_secs(cfg.workers.keep_alive_seconds);

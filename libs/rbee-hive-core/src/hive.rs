@@ -54,6 +54,8 @@ pub struct Hive {
     queen_credential: RwLock<Option<crate::credential::QueenCredential>>,
     pub metrics: HiveMetrics,
     audit: Option<rbee_audit::AuditWriter>,
+    /// Unauthenticated failures, aggregated, in their own chain beside `audit_log`.
+    audit_failures: Option<rbee_audit::FailureLog>,
     pub catalog: rbee_models::Catalog,
     pub downloads: Downloads,
     workers: Mutex<BTreeMap<String, Arc<Worker>>>,
@@ -104,6 +106,15 @@ impl Hive {
             let log = AuditLog::open(Path::new(&cfg.audit_log), max)?;
             Some(rbee_audit::AuditWriter::spawn(log, 4096)?)
         };
+        let audit_failures = if cfg.audit_log.is_empty() {
+            None
+        } else {
+            let max = (cfg.audit_max_bytes > 0).then_some(cfg.audit_max_bytes);
+            Some(rbee_audit::FailureLog::open(
+                Path::new(&cfg.audit_log),
+                max,
+            )?)
+        };
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
@@ -120,6 +131,7 @@ impl Hive {
             queen_credential: RwLock::new(None),
             metrics: HiveMetrics::new(),
             audit,
+            audit_failures,
             catalog,
             downloads: Downloads::default(),
             workers: Mutex::new(BTreeMap::new()),
@@ -204,10 +216,37 @@ impl Hive {
         }
     }
 
+    /// A request refused for its token (401) from `peer` for `reason`: counted, and audited
+    /// in the failures log, aggregated per source and reason a minute.
+    pub fn auth_failure(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        reason: &str,
+        details: serde_json::Value,
+    ) {
+        self.metrics.auth_failures.inc(&[]);
+        if let Some(log) = &self.audit_failures {
+            let source = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            let dropped = log.failure(&source, reason, details);
+            self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
+        }
+    }
+
+    /// Writes the summaries of the failure windows that ended.
+    pub fn flush_failures_due(&self) {
+        if let Some(log) = &self.audit_failures {
+            let dropped = log.flush_due();
+            self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
+        }
+    }
+
     /// Waits (up to 2 s) until every queued audit record is on disk.
     pub fn flush_audit(&self) {
         if let Some(a) = &self.audit {
             a.flush(Duration::from_secs(2));
+        }
+        if let Some(f) = &self.audit_failures {
+            f.finish(Duration::from_secs(2));
         }
     }
 

@@ -77,6 +77,7 @@ pub async fn run(
     // Every exchange holds a guard, so the drain wakes when one ends.
     let exchanges = Drain::new();
     let app = rbee_http::drain::hold_drain(server::router(hive.clone()), exchanges.clone());
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = done_rx.await;
     });

@@ -132,13 +132,20 @@ async fn require_token(
             .is_some_and(|(w, p)| w.token_matches(p))
     };
     if !(api_ok || worker_ok()) {
-        hive.metrics.auth_failures.inc(&[]);
-        warn!(%path, presented = presented.is_some(), "authentication failed");
-        hive.audit_as(
-            "auth.failure",
-            "anonymous",
-            json!({"path": path, "method": req.method().as_str(), "request_id": rid.0,
-                   "token_presented": presented.is_some()}),
+        let reason = if presented.is_some() {
+            "wrong_token"
+        } else {
+            "no_token"
+        };
+        warn!(%path, reason, "authentication failed");
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        hive.auth_failure(
+            peer,
+            reason,
+            json!({"path": path, "method": req.method().as_str(), "request_id": rid.0}),
         );
         return ApiError::unauthorized()
             .with_request_id(&rid.0)

@@ -10,12 +10,14 @@
 //!   [`ServerLimits::max_connections_per_peer`] from one IP address; beyond that a new
 //!   connection is closed at once (logged at most once a minute).
 //!
+//! Each request carries its peer's address as `axum::extract::ConnectInfo<SocketAddr>`.
+//!
 //! Shutdown: when `shutdown` completes the listener is closed, idle connections are closed and
 //! busy ones finish their exchange (the daemons' own drain decides how long streams may run).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -25,6 +27,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+use tower::ServiceExt;
 
 /// Connection limits of one daemon's server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +145,13 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let svc = TowerToHyperService::new(app.clone());
+        let svc = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+                req
+            },
+        ));
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _admitted = admitted;

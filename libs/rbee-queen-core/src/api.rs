@@ -1,11 +1,12 @@
 //! The queen's HTTP API: OpenAI-compatible client routes, the native SSE route, heartbeats
 //! from hives and the admin routes, from one route table.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self};
 use axum::response::{IntoResponse, Response};
@@ -172,6 +173,7 @@ async fn models(State(q): State<Shared>) -> Response {
 async fn heartbeat(
     State(q): State<Shared>,
     Extension(rid): Extension<RequestId>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -184,7 +186,8 @@ async fn heartbeat(
         Err(e) => return api_error(e, &rid.0),
     };
     let auth = rbee_registry::BeatAuth::from_presented(presented_bearer(&headers));
-    match q.heartbeat(&hb, auth, &rid.0) {
+    let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    match q.heartbeat(&hb, auth, peer, &rid.0) {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => api_error(e, &rid.0),
     }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::extract::{Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use rbee_api::codes;
@@ -59,13 +61,17 @@ pub(crate) async fn require_token(
             .map(str::to_owned)
     };
     let Some(name) = name else {
-        q.metrics.auth_failures.inc(&[]);
-        warn!(%path, presented = presented.is_some(), "authentication failed");
-        q.audit(
-            "auth.failure",
-            "anonymous",
-            json!({"path": path, "request_id": rid.0, "token_presented": presented.is_some()}),
-        );
+        let reason = match (&presented, path == "/v1/hives/heartbeat") {
+            (None, _) => "no_token",
+            (Some(_), true) => "join_token",
+            (Some(_), false) => "wrong_token",
+        };
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        warn!(%path, reason, "authentication failed");
+        q.auth_failure(peer, reason, json!({"path": path, "request_id": rid.0}));
         return api_error(ApiError::unauthorized(), &rid.0);
     };
     if path.starts_with("/v1/admin/") && !q.is_admin(&name) {

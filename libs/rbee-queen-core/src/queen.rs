@@ -81,6 +81,8 @@ pub struct Queen {
     owners: Mutex<HashMap<String, (String, u32)>>,
     pub started: Instant,
     audit: Option<rbee_audit::AuditWriter>,
+    /// Unauthenticated failures, aggregated, in their own chain beside `audit_log`.
+    audit_failures: Option<rbee_audit::FailureLog>,
     usage: Option<crate::usage::UsageLog>,
     /// Set when the shutdown drain window is over: open streams end with an error event.
     cut: tokio::sync::watch::Sender<bool>,
@@ -107,6 +109,13 @@ impl Queen {
             let log = rbee_audit::AuditLog::open(std::path::Path::new(&cfg.audit_log), max)
                 .map_err(|e| format!("audit_log: {e}"))?;
             Some(rbee_audit::AuditWriter::spawn(log, 4096).map_err(|e| format!("audit_log: {e}"))?)
+        };
+        let audit_failures = if cfg.audit_log.is_empty() {
+            None
+        } else {
+            let max = (cfg.audit_max_bytes > 0).then_some(cfg.audit_max_bytes);
+            let main = std::path::Path::new(&cfg.audit_log);
+            Some(rbee_audit::FailureLog::open(main, max).map_err(|e| format!("audit_log: {e}"))?)
         };
         let usage = if cfg.usage_log.is_empty() {
             None
@@ -138,6 +147,7 @@ impl Queen {
             worker_series: Mutex::new(Default::default()),
             started: Instant::now(),
             audit,
+            audit_failures,
             usage,
             cut: tokio::sync::watch::channel(false).0,
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -162,9 +172,24 @@ impl Queen {
     }
 
     /// Writes pending audit and usage records (at shutdown).
+    /// An unauthenticated request refused (401) from `peer` for `reason`: counted, and
+    /// audited in the failures log, aggregated per source and reason a minute (the first at
+    /// once with `details`, the rest as one `auth.failures` summary).
+    pub fn auth_failure(&self, peer: Option<std::net::IpAddr>, reason: &str, details: Value) {
+        self.metrics.auth_failures.inc(&[]);
+        if let Some(log) = &self.audit_failures {
+            let source = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            let dropped = log.failure(&source, reason, details);
+            self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
+        }
+    }
+
     pub fn flush(&self) {
         if let Some(a) = &self.audit {
             a.flush(Duration::from_secs(2));
+        }
+        if let Some(f) = &self.audit_failures {
+            f.finish(Duration::from_secs(2));
         }
         if let Some(u) = &self.usage {
             u.flush(Duration::from_secs(2));
@@ -548,6 +573,10 @@ impl Queen {
             }
             self.hives_changed();
             self.refresh_gauges();
+            if let Some(f) = &self.audit_failures {
+                let dropped = f.flush_due();
+                self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
+            }
         }
     }
 

@@ -38,6 +38,7 @@ impl Queen {
         &self,
         hb: &HiveHeartbeat,
         auth: rbee_registry::BeatAuth<'_>,
+        peer: Option<std::net::IpAddr>,
         request_id: &str,
     ) -> Result<HeartbeatAnswer, ApiError> {
         let policy = self.config().join.policy();
@@ -46,7 +47,7 @@ impl Queen {
             .heartbeat(hb, rbee_http::unix_ms(), auth, &policy)
         {
             Ok(beat) => beat,
-            Err(e) => return Err(self.heartbeat_refused(hb, e, request_id)),
+            Err(e) => return Err(self.heartbeat_refused(hb, e, peer, request_id)),
         };
         self.metrics.heartbeats.inc(&[&hb.hive_id]);
         info_outcome(hb, &beat.outcome);
@@ -119,19 +120,19 @@ impl Queen {
         &self,
         hb: &HiveHeartbeat,
         e: rbee_registry::RegistryError,
+        peer: Option<std::net::IpAddr>,
         request_id: &str,
     ) -> ApiError {
         use rbee_registry::RegistryError as R;
         let id = json!(hb.hive_id.chars().take(128).collect::<String>());
         match e {
             R::Unauthorized { .. } => {
-                self.metrics.auth_failures.inc(&[]);
                 warn!(hive = %id, "heartbeat with a credential not issued for this hive id");
-                self.audit(
-                    "auth.failure",
-                    "anonymous",
+                self.auth_failure(
+                    peer,
+                    "hive_credential",
                     json!({"path": "/v1/hives/heartbeat", "request_id": request_id,
-                           "hive_id": id, "reason": "hive_credential"}),
+                           "hive_id": id}),
                 );
                 ApiError::unauthorized()
             }

@@ -27,11 +27,16 @@ fn beat(id: &str, free: u64) -> HiveHeartbeat {
 /// A hive joining as a real one does: the join token, then its issued credential.
 fn join(queen: &Queen, hb: &HiveHeartbeat) {
     let answer = queen
-        .heartbeat(hb, rbee_registry::BeatAuth::Join, "t")
+        .heartbeat(hb, rbee_registry::BeatAuth::Join, None, "t")
         .unwrap();
     let credential = answer.credential.unwrap();
     queen
-        .heartbeat(hb, rbee_registry::BeatAuth::Credential(&credential), "t")
+        .heartbeat(
+            hb,
+            rbee_registry::BeatAuth::Credential(&credential),
+            None,
+            "t",
+        )
         .unwrap();
 }
 
