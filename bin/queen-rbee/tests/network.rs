@@ -1,6 +1,7 @@
-//! The queen's connection limits against a slow client: one address opening many connections
-//! that send half a request head and then nothing (slowloris) neither exhausts the queen nor
-//! stops the hives' heartbeats, and its connections are closed after the header timeout.
+//! The queen's network edge: one address opening many connections that send half a request head
+//! and then nothing (slowloris) neither exhausts the queen nor stops the hives' heartbeats, and
+//! its connections are closed after the header timeout; dev mode answers only loopback `Host`s
+//! (DNS rebinding) and JSON bodies must say so (no plain form posts).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
@@ -122,4 +123,51 @@ async fn slow_clients_are_capped_and_timed_out_and_heartbeats_go_on() {
         "an idle keep-alive connection outlived the header timeout"
     );
     drop(hive);
+}
+
+#[tokio::test]
+async fn dev_mode_serves_only_loopback_hosts_and_bodies_must_be_json() {
+    // Dev mode: no tokens, so a page that rebinds its DNS name to 127.0.0.1 would be served.
+    let dev = Daemon::queen(QueenOptions::default(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    let rebound = c
+        .get(dev.url("/v1/models"))
+        .header("host", "rebind.attacker.example:7833")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
+    let body: Value = rebound.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "FORBIDDEN");
+    for host in ["localhost:7833", "127.0.0.1"] {
+        let ok = c.get(dev.url("/v1/models")).header("host", host).send();
+        assert_eq!(ok.await.unwrap().status(), 200, "{host}");
+    }
+    // A form post (text/plain needs no preflight in a browser) is refused before parsing.
+    let queen = Daemon::queen(
+        QueenOptions::cluster(("alice", CLIENT), true, JOIN, HIVE),
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/inference",
+        "/v1/admin/workers",
+    ] {
+        let resp = c
+            .post(queen.url(path))
+            .bearer_auth(CLIENT)
+            .header("content-type", "text/plain")
+            .body(r#"{"model":"smollm2","prompt":"hi","messages":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 415, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "INVALID_CONTENT_TYPE", "{path}");
+    }
 }

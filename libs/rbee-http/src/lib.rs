@@ -247,13 +247,30 @@ pub fn parse_json_request<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<T, ApiError> {
-    if !is_json(headers) {
-        return Err(ApiError::new(
+    require_json(headers)?;
+    parse_json(body)
+}
+
+/// A JSON request's body as axum read it ([`read_body`]), refused with 415 without the JSON
+/// content type (a browser's cross-site form post cannot send that type without a preflight).
+pub fn read_json_body(
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    let body = read_body(body)?;
+    require_json(headers)?;
+    Ok(body)
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    if is_json(headers) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             codes::INVALID_CONTENT_TYPE,
             "expected `Content-Type: application/json`",
-        ));
+        ))
     }
-    parse_json(body)
 }
 
 /// `X-Deadline-Ms` as an instant and the milliseconds left (negative when already past).

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use rbee_api::codes;
@@ -159,9 +159,10 @@ pub(crate) async fn admin_spawn(
     State(q): State<Shared>,
     Extension(rid): Extension<RequestId>,
     Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match rbee_http::read_body(body) {
+    let body = match rbee_http::read_json_body(&headers, body) {
         Ok(b) => b,
         Err(e) => return api_error(e, &rid.0),
     };
@@ -267,9 +268,10 @@ pub(crate) async fn admin_pull(
     State(q): State<Shared>,
     Extension(rid): Extension<RequestId>,
     Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match rbee_http::read_body(body) {
+    let body = match rbee_http::read_json_body(&headers, body) {
         Ok(b) => b,
         Err(e) => return api_error(e, &rid.0),
     };

@@ -177,7 +177,7 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match rbee_http::read_body(body) {
+    let body = match rbee_http::read_json_body(&headers, body) {
         Ok(b) => b,
         Err(e) => return api_error(e, &rid.0),
     };

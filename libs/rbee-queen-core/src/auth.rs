@@ -45,6 +45,28 @@ pub(crate) async fn require_token(
         );
     }
     let tokens = q.tokens();
+    // Dev mode answers anyone who reaches the port, so a web page must not reach it through
+    // a DNS name rebound to 127.0.0.1: only loopback names are served there.
+    if tokens.clients.is_empty() && !loopback_host(req.headers()) {
+        let host = req
+            .headers()
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .chars()
+            .take(64)
+            .collect::<String>();
+        warn!(%path, %host, "dev mode: refused a request for a non-loopback Host");
+        return api_error(
+            ApiError::new(
+                codes::FORBIDDEN,
+                format!(
+                    "dev mode (no client tokens) serves only `Host: localhost`, `127.0.0.1` or `[::1]`, not `{host}`"
+                ),
+            ),
+            &rid.0,
+        );
+    }
     let presented = presented_bearer(req.headers()).map(str::to_owned);
     let name = if path == "/v1/hives/heartbeat" {
         // An issued hive credential is checked by the registry against the beat's hive id.
@@ -94,4 +116,58 @@ pub(crate) async fn require_token(
     }
     req.extensions_mut().insert(ClientName(name));
     next.run(req).await
+}
+
+/// Whether the request's `Host` names the loopback interface (`localhost`, `127.x.y.z`,
+/// `[::1]`, any port). A request without `Host` (HTTP/1.0) is not from a browser.
+fn loopback_host(headers: &axum::http::HeaderMap) -> bool {
+    let Some(host) = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return headers.get(axum::http::header::HOST).is_none();
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        let check = |h: &str| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(axum::http::header::HOST, h.parse().unwrap());
+            loopback_host(&headers)
+        };
+        for ok in [
+            "localhost",
+            "localhost:7833",
+            "127.0.0.1:7833",
+            "127.1.2.3",
+            "[::1]:7833",
+            "LOCALHOST",
+        ] {
+            assert!(check(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:7833",
+            "rebind.attacker.com",
+            "10.0.0.1:7833",
+            "[::2]:1",
+            "localhost.evil.com",
+        ] {
+            assert!(!check(bad), "{bad}");
+        }
+        assert!(loopback_host(&axum::http::HeaderMap::new()));
+    }
 }

@@ -313,7 +313,7 @@ pub(crate) async fn openai_route(
         EndpointKind::Chat => "/v1/chat/completions",
         EndpointKind::Completion => "/v1/completions",
     };
-    let body = match rbee_http::read_body(body) {
+    let body = match rbee_http::read_json_body(&headers, body) {
         Ok(b) => b,
         Err(e) => {
             let code = e.code;
@@ -438,7 +438,7 @@ pub(crate) async fn native_inference(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let accepted = Instant::now();
-    let body = match rbee_http::read_body(body) {
+    let body = match rbee_http::read_json_body(&headers, body) {
         Ok(b) => b,
         Err(e) => {
             let code = e.code;
