@@ -171,3 +171,71 @@ async fn dev_mode_serves_only_loopback_hosts_and_bodies_must_be_json() {
         assert_eq!(body["error"]["code"], "INVALID_CONTENT_TYPE", "{path}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_stream_is_cut_and_frees_the_worker() {
+    let mut opts = QueenOptions::cluster(("alice", CLIENT), true, JOIN, HIVE);
+    opts.config_tail
+        .push_str("\n[server]\nstream_stall_seconds = 2\n");
+    let queen = Daemon::queen(opts, "127.0.0.1:0").await.unwrap();
+    // One worker with one slot: a stream that held it would hold up the next request.
+    let hive = Daemon::hive(
+        HiveOptions::joined(&queen.base_url, "hive-s", HIVE, JOIN)
+            .env("WORKERS__MAX_WORKERS", "1")
+            .env("WORKERS__PARALLEL", "1"),
+    )
+    .await
+    .unwrap();
+    let c = reqwest::Client::new();
+    queen.wait_hives_up(&c, 1).await.unwrap();
+    // A long stream asked for on a connection that reads nothing (a small receive window, so
+    // the queen's side fills up soon).
+    let port = queen
+        .base_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    let body = r#"{"model":"smollm2","prompt":"1, 2, 3, 4, 5, 6, 7, 8, 9, 10,","max_tokens":3000,"temperature":0,"stream":true}"#;
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {CLIENT}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let t0 = Instant::now();
+    let series = "rbee_queen_streams_cut_total{reason=\"stalled_reader\"}";
+    rbee_test_harness::eventually(
+        Duration::from_secs(60),
+        "the stalled stream to be cut",
+        || async {
+            let cut = queen.metric(&c, series).await.unwrap();
+            (cut == 1.0).then_some(()).ok_or(cut)
+        },
+    )
+    .await
+    .unwrap();
+    println!("cut {:?} after the request", t0.elapsed());
+    // The worker is free again: the next request is served at once.
+    let resp = c
+        .post(queen.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT)
+        .json(&serde_json::json!({"model": "smollm2", "max_tokens": 2,
+                                  "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let inflight = queen
+        .metric(&c, "rbee_queen_inflight_requests")
+        .await
+        .unwrap();
+    assert_eq!(inflight, 0.0);
+    drop((stalled, hive));
+}

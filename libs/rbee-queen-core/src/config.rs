@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub max_connections: u32,
     /// Most connections open at once from one IP address.
     pub max_connections_per_peer: u32,
+    /// A streaming client that reads nothing for this long while frames wait is cut off, so
+    /// it cannot hold a worker's slot.
+    pub stream_stall_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             header_read_timeout_seconds: d.header_read_timeout.as_secs(),
             max_connections: d.max_connections as u32,
             max_connections_per_peer: d.max_connections_per_peer as u32,
+            stream_stall_seconds: 30,
         }
     }
 }
@@ -328,6 +332,9 @@ impl Validate for QueenConfig {
                 "server.header_read_timeout_seconds",
                 "must be 1..=3600",
             ));
+        }
+        if sv.stream_stall_seconds == 0 || sv.stream_stall_seconds > 3600 {
+            e.push(err("server.stream_stall_seconds", "must be 1..=3600"));
         }
         if sv.max_connections == 0 {
             e.push(err("server.max_connections", "must be at least 1"));

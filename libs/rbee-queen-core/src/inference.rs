@@ -21,7 +21,7 @@ use rbee_openai::{
     sse_data,
 };
 use serde_json::{Value, json};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::queen::Queen;
 use crate::relay;
@@ -373,32 +373,75 @@ pub(crate) async fn openai_route(
     .await
 }
 
-/// Worker events as OpenAI chunks. The lease and the accounting live as long as the stream:
-/// a client that leaves drops both, and the worker's generation is cancelled down the chain.
-pub(crate) fn openai_stream(up: relay::Upstream, chunks: ChunkStream, finish: Finish) -> Response {
+/// Worker events as OpenAI chunks (see [`relay_stream`]).
+pub(crate) fn openai_stream(
+    up: relay::Upstream,
+    mut chunks: ChunkStream,
+    finish: Finish,
+) -> Response {
+    relay_stream(up, finish, move |ev| {
+        let payloads = match ev {
+            Some(ev) => chunks.on_event(ev),
+            None => chunks.on_upstream_eof(),
+        };
+        let text: String = payloads.iter().map(|p| sse_data(p)).collect();
+        (text, chunks.is_finished())
+    })
+}
+
+/// Frames queued between the relay task and the client's connection.
+const RELAY_QUEUE: usize = 8;
+
+/// Relays worker events to the client as the frames `frame` makes of each (and of the end of
+/// the upstream, `None`; it says when the response is complete). A task reads the upstream
+/// and hands the frames over through a small queue, holding the lease and the accounting: a
+/// client that leaves, or that stops reading so that the queue stays full for
+/// `server.stream_stall_seconds`, ends the task, which drops the lease and the upstream
+/// response, and the worker's generation is cancelled down the chain.
+fn relay_stream(
+    up: relay::Upstream,
+    mut finish: Finish,
+    mut frame: impl FnMut(Option<&StreamEvent>) -> (String, bool) + Send + 'static,
+) -> Response {
     let relay::Upstream { events, lease, .. } = up;
-    let events = relay::cuttable(lease.queen(), events);
-    let state = (events, chunks, finish, lease);
-    let frames = futures_util::stream::unfold(
-        state,
-        |(mut events, mut chunks, mut finish, lease)| async move {
-            if chunks.is_finished() {
-                return None;
-            }
-            let payloads = match events.next().await {
-                Some(ev) => {
-                    finish.see(&ev);
-                    chunks.on_event(&ev)
-                }
-                None => chunks.on_upstream_eof(),
+    let q = lease.queen().clone();
+    let mut events = relay::cuttable(&q, events);
+    let stall = Duration::from_secs(q.config().server.stream_stall_seconds);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(RELAY_QUEUE);
+    tokio::spawn(async move {
+        let _lease = lease;
+        loop {
+            let ev = tokio::select! {
+                ev = events.next() => ev,
+                // The client left while the worker was quiet (a long prefill).
+                _ = tx.closed() => break,
             };
-            let text: String = payloads.iter().map(|p| sse_data(p)).collect();
-            Some((
-                Ok::<_, Infallible>(Bytes::from(text)),
-                (events, chunks, finish, lease),
-            ))
-        },
-    );
+            if let Some(ev) = &ev {
+                finish.see(ev);
+            }
+            let (text, done) = frame(ev.as_ref());
+            if !text.is_empty() {
+                match tokio::time::timeout(stall, tx.send(Bytes::from(text))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        warn!(request_id = %finish.trip.0, client = %finish.client, stall_s = stall.as_secs(), "the client stopped reading its stream; cut it to free the worker");
+                        q.metrics.streams_cut.inc(&["stalled_reader"]);
+                        finish.outcome = (200, "CLIENT_STALLED".into());
+                        break;
+                    }
+                }
+            }
+            if done || ev.is_none() {
+                break;
+            }
+        }
+        // The accounting (metrics, usage record) is written here, however the relay ended.
+        drop(finish);
+    });
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
     sse_response(Body::from_stream(frames))
 }
 
@@ -496,32 +539,17 @@ pub(crate) async fn native_inference(
         }
     };
     let finish = Finish::new(&q, route, &model, &client.0, &rid.0, &upstream, slot);
-    let relay::Upstream { events, lease, .. } = upstream;
-    let events = relay::cuttable(&q, events);
-    let state = (events, finish, lease, false);
-    let frames =
-        futures_util::stream::unfold(state, |(mut events, mut finish, lease, done)| async move {
-            if done {
-                return None;
+    relay_stream(upstream, finish, |ev| match ev {
+        Some(ev) => {
+            let terminal = matches!(ev, StreamEvent::End { .. } | StreamEvent::Error { .. });
+            let mut text = sse_data(&serde_json::to_string(ev).unwrap_or_default());
+            if terminal {
+                text.push_str(&sse_data(rbee_api::SSE_DONE));
             }
-            match events.next().await {
-                Some(ev) => {
-                    finish.see(&ev);
-                    let terminal =
-                        matches!(ev, StreamEvent::End { .. } | StreamEvent::Error { .. });
-                    let mut text = sse_data(&serde_json::to_string(&ev).unwrap_or_default());
-                    if terminal {
-                        text.push_str(&sse_data(rbee_api::SSE_DONE));
-                    }
-                    Some((
-                        Ok::<_, Infallible>(Bytes::from(text)),
-                        (events, finish, lease, terminal),
-                    ))
-                }
-                None => None,
-            }
-        });
-    sse_response(Body::from_stream(frames))
+            (text, terminal)
+        }
+        None => (String::new(), true),
+    })
 }
 
 pub(crate) async fn cancel(

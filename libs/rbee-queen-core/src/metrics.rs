@@ -14,6 +14,7 @@ pub struct QueenMetrics {
     pub queue_rejections: Counter,
     pub client_refusals: Counter,
     pub client_tokens: Counter,
+    pub streams_cut: Counter,
     pub decisions: Counter,
     pub spawns: Counter,
     pub tokens_in: Counter,
@@ -86,6 +87,11 @@ impl QueenMetrics {
                 "rbee_queen_client_tokens_total",
                 "Tokens (prompt + completion) of each client's ended requests, as counted against its limits.",
                 &["client"],
+            ),
+            streams_cut: r.counter(
+                "rbee_queen_streams_cut_total",
+                "Streams the queen ended early: stalled_reader (the client read nothing for server.stream_stall_seconds while frames waited; the worker is freed).",
+                &["reason"],
             ),
             decisions: r.counter(
                 "rbee_queen_scheduling_decisions_total",
