@@ -1469,3 +1469,33 @@ async fn heartbeats_reach_the_queen_and_the_hive_serves_on_without_it() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn a_half_sent_request_head_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let addr = hive.base_url.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /v1/workers HTTP/1.1\r\nHost: hive\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    // Meanwhile the hive serves others.
+    let resp = hive.get(&client(), "/v1/workers").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_secs(9), "closed after {took:?}");
+}

@@ -118,6 +118,7 @@ impl Hive {
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(rbee_http::server::CLIENT_POOL_IDLE)
             .build()
             .map_err(|e| HiveError::Http(e.to_string()))?;
         let worker_dir = std::env::current_exe()

@@ -77,11 +77,12 @@ pub async fn run(
     // Every exchange holds a guard, so the drain wakes when one ends.
     let exchanges = Drain::new();
     let app = rbee_http::drain::hold_drain(server::router(hive.clone()), exchanges.clone());
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    // The same server loop as the queen's: header timeout, connection caps, peer addresses.
+    let limits = rbee_http::server::ServerLimits::default();
+    let server = rbee_http::server::serve(listener, app, limits, async move {
         let _ = done_rx.await;
     });
-    let mut server = tokio::spawn(async move { server.await });
+    let mut server = tokio::spawn(server);
     hive.audit(
         "hive.start",
         serde_json::json!({"address": hive.address.to_string(), "hive_id": hive.hive_id(),

@@ -29,6 +29,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
 
+/// How long the daemons' own HTTP clients keep an idle connection for reuse: shorter than any
+/// header timeout a server here accepts (3 s at least), so a client never picks a pooled
+/// connection the server is closing at that moment.
+pub const CLIENT_POOL_IDLE: Duration = Duration::from_secs(2);
+
 /// Bytes buffered per connection (a request head must fit).
 const MAX_BUFFER: usize = 64 * 1024;
 

@@ -327,10 +327,10 @@ impl Validate for QueenConfig {
             }
         }
         let sv = &self.server;
-        if sv.header_read_timeout_seconds == 0 || sv.header_read_timeout_seconds > 3600 {
+        if sv.header_read_timeout_seconds < 3 || sv.header_read_timeout_seconds > 3600 {
             e.push(err(
                 "server.header_read_timeout_seconds",
-                "must be 1..=3600",
+                "must be 3..=3600",
             ));
         }
         if sv.stream_stall_seconds == 0 || sv.stream_stall_seconds > 3600 {

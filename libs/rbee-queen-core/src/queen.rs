@@ -130,6 +130,7 @@ impl Queen {
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(rbee_http::server::CLIENT_POOL_IDLE)
             .build()
             .map_err(|e| e.to_string())?;
         let limits = crate::sched::Limits::from_config(&cfg.scheduling);

@@ -171,7 +171,10 @@ pub async fn serve(
         });
     };
     let app = router(state.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    // The daemons' one server loop: header timeout and connection caps (only the hive calls a
+    // worker, but nothing else on the host may hold it open either).
+    let limits = rbee_http::server::ServerLimits::default();
+    let server = rbee_http::server::serve(listener, app, limits, drain);
     let hard_stop = {
         let shutdown = shutdown.clone();
         async move {
