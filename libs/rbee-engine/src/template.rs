@@ -3,11 +3,21 @@
 //! minijinja with the Python-compatible methods templates use (`.strip()`, `.startswith()`),
 //! plus `raise_exception`, which templates call to reject a conversation (the message becomes
 //! a client error). Models without a template get ChatML.
+//!
+//! Templates come with any GGUF from any hub repository, so rendering has a budget: at most
+//! [`TEMPLATE_FUEL`] instructions and [`TEMPLATE_MAX_OUTPUT`] bytes; a template that loops or
+//! balloons fails with a clear error instead of holding the worker.
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
 use serde::Serialize;
 
 use crate::EngineError;
+
+/// Instructions one rendering may run (a few thousand per message is typical).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Bytes one rendering may produce (a prompt longer than any context is useless).
+pub const TEMPLATE_MAX_OUTPUT: usize = 4 << 20;
 
 /// Used when the GGUF carries no template.
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -37,6 +47,7 @@ fn raise_exception(msg: String) -> Result<String, JinjaError> {
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, EngineError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
@@ -55,20 +66,51 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| EngineError::Template(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => &self.bos,
-            eos_token => &self.eos,
-        })
-        .map_err(|e| {
-            // The template's own complaint (raise_exception) is the useful part.
-            let detail = e
-                .detail()
-                .map(str::to_owned)
-                .unwrap_or_else(|| e.to_string());
-            EngineError::Template(detail)
-        })
+        let mut out = Capped(Vec::new());
+        let rendered = tmpl.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+            },
+            &mut out,
+        );
+        if let Err(e) = rendered {
+            let detail = match e.kind() {
+                ErrorKind::OutOfFuel => format!(
+                    "the model's chat template ran past its budget of {TEMPLATE_FUEL} instructions (a loop?)"
+                ),
+                ErrorKind::WriteFailure => format!(
+                    "the model's chat template produced more than {TEMPLATE_MAX_OUTPUT} bytes"
+                ),
+                // The template's own complaint (raise_exception) is the useful part.
+                _ => e
+                    .detail()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| e.to_string()),
+            };
+            return Err(EngineError::Template(detail));
+        }
+        String::from_utf8(out.0)
+            .map_err(|_| EngineError::Template("the chat template produced invalid UTF-8".into()))
+    }
+}
+
+/// A rendering's output, refused past [`TEMPLATE_MAX_OUTPUT`] bytes.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_MAX_OUTPUT {
+            return Err(std::io::Error::other("output budget exceeded"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -118,5 +160,31 @@ mod tests {
             }])
             .unwrap();
         assert_eq!(out, "x");
+    }
+
+    #[test]
+    fn a_template_that_loops_or_balloons_is_stopped_with_a_clear_error() {
+        let hi = [Message {
+            role: "user",
+            content: "Hi",
+        }];
+        let looping = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        let err = looping.render(&hi).unwrap_err().to_string();
+        assert!(err.contains("budget"), "{err}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+        let ballooning = ChatTemplate::new(
+            "{% for a in range(10000) %}{{ 'x' * 1000 }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = ballooning.render(&hi).unwrap_err().to_string();
+        assert!(err.contains("more than"), "{err}");
     }
 }

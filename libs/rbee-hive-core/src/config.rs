@@ -49,6 +49,9 @@ pub struct HiveConfig {
     pub shutdown: ShutdownConfig,
     pub hub: HubConfig,
     pub queen: QueenConfig,
+    /// HTTPS for the hive API (the default `advertise_url` becomes `https://<listen>`);
+    /// `ca_file` for calling the queen over https.
+    pub tls: rbee_http::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +176,7 @@ impl Default for HiveConfig {
             shutdown: ShutdownConfig::default(),
             hub: HubConfig::default(),
             queen: QueenConfig::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -295,6 +299,9 @@ fn valid_url(s: &str) -> bool {
 impl Validate for HiveConfig {
     fn validate(&self) -> Vec<FieldError> {
         let mut e = Vec::new();
+        for (field, problem) in self.tls.problems() {
+            e.push(err(field, problem));
+        }
         if !self.hive_id.is_empty() && !rbee_http::valid_request_id(&self.hive_id) {
             e.push(err(
                 "hive_id",

@@ -16,7 +16,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub async fn build(hive: &Hive) -> HiveHeartbeat {
     let cfg = hive.config();
     let url = if cfg.advertise_url.is_empty() {
-        format!("http://{}", hive.address)
+        let scheme = if hive.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", hive.address)
     } else {
         cfg.advertise_url.clone()
     };

@@ -53,6 +53,10 @@ pub struct Hive {
     /// What the queen issued when this hive joined (see [`crate::credential`]).
     queen_credential: RwLock<Option<crate::credential::QueenCredential>>,
     pub metrics: HiveMetrics,
+    /// The certificate served when `[tls]` is set (re-read on SIGHUP).
+    pub tls: Option<rbee_http::tls::ServerTls>,
+    /// With TLS, the plain loopback listener workers call back on (they hold no CA).
+    pub worker_callback: std::sync::OnceLock<SocketAddr>,
     audit: Option<rbee_audit::AuditWriter>,
     /// Unauthenticated failures, aggregated, in their own chain beside `audit_log`.
     audit_failures: Option<rbee_audit::FailureLog>,
@@ -115,12 +119,28 @@ impl Hive {
                 max,
             )?)
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(rbee_http::server::CLIENT_POOL_IDLE)
-            .build()
-            .map_err(|e| HiveError::Http(e.to_string()))?;
+            .pool_idle_timeout(rbee_http::server::CLIENT_POOL_IDLE);
+        if !cfg.tls.ca_file.is_empty() {
+            let certs = rbee_http::tls::certificates(Path::new(&cfg.tls.ca_file))
+                .map_err(|e| HiveError::Config(format!("tls.ca_file: {e}")))?;
+            for c in certs {
+                let c = reqwest::Certificate::from_der(&c)
+                    .map_err(|e| HiveError::Config(format!("tls.ca_file: {e}")))?;
+                http = http.add_root_certificate(c);
+            }
+        }
+        let http = http.build().map_err(|e| HiveError::Http(e.to_string()))?;
+        let tls = if cfg.tls.serves() {
+            Some(
+                rbee_http::tls::ServerTls::load(&cfg.tls)
+                    .map_err(|e| HiveError::Config(format!("tls: {e}")))?,
+            )
+        } else {
+            None
+        };
         let worker_dir = std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -131,6 +151,8 @@ impl Hive {
             tokens: RwLock::new(tokens),
             queen_credential: RwLock::new(None),
             metrics: HiveMetrics::new(),
+            tls,
+            worker_callback: std::sync::OnceLock::new(),
             audit,
             audit_failures,
             catalog,
@@ -336,8 +358,12 @@ impl Hive {
     }
 
     /// Where a worker's ready call goes: this hive, over the address it listens on
-    /// (loopback when it listens on every interface).
+    /// (loopback when it listens on every interface), or with TLS over its plain loopback
+    /// listener for workers.
     pub fn ready_url(&self, worker_id: &str) -> String {
+        if let Some(addr) = self.worker_callback.get() {
+            return format!("http://{addr}/v1/workers/{worker_id}/ready");
+        }
         let mut addr = self.address;
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());

@@ -73,15 +73,25 @@ pub async fn run(
     tokio::spawn(hive.clone().supervise_loop());
     tokio::spawn(heartbeat::run(hive.clone()));
     tokio::spawn(hive.clone().hash_loop());
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     // Every exchange holds a guard, so the drain wakes when one ends.
     let exchanges = Drain::new();
     let app = rbee_http::drain::hold_drain(server::router(hive.clone()), exchanges.clone());
     // The same server loop as the queen's: header timeout, connection caps, peer addresses.
     let limits = rbee_http::server::ServerLimits::default();
-    let server = rbee_http::server::serve(listener, app, limits, async move {
-        let _ = done_rx.await;
-    });
+    let done = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|d| *d).await.map(|_| ());
+    };
+    if hive.tls.is_some() {
+        // Workers call back over loopback without TLS (they hold no CA for the hive's
+        // certificate): a second, loopback-only listener with the same routes and tokens.
+        let callback = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let _ = hive.worker_callback.set(callback.local_addr()?);
+        let plain =
+            rbee_http::server::serve(callback, app.clone(), limits, None, done(done_rx.clone()));
+        tokio::spawn(plain);
+    }
+    let server = rbee_http::server::serve(listener, app, limits, hive.tls.clone(), done(done_rx));
     let mut server = tokio::spawn(server);
     hive.audit(
         "hive.start",
@@ -105,7 +115,7 @@ pub async fn run(
     }
     rbee_systemd::notify("STOPPING=1\nSTATUS=stopping workers");
     let took = hive.shutdown(&exchanges).await;
-    let _ = done_tx.send(());
+    let _ = done_tx.send(true);
     // Event streams (worker events, download progress) never end by themselves.
     if tokio::time::timeout(Duration::from_secs(2), server)
         .await

@@ -257,6 +257,15 @@ impl Reloader {
 /// Re-reads configuration and tokens, applies what can change live, logs the rest.
 /// A bad new configuration changes nothing.
 pub fn reload(hive: &Hive, r: &Reloader) {
+    // A renewed certificate is served whatever else the reload does.
+    if let Some(tls) = &hive.tls {
+        match tls.reload() {
+            Ok(()) => info!("SIGHUP: TLS certificate and key re-read"),
+            Err(e) => {
+                warn!(error = %e, "SIGHUP: TLS certificate not reloaded; serving the previous one")
+            }
+        }
+    }
     let outcome = apply(hive, r);
     match outcome {
         Ok(()) => hive.metrics.config_reloads.inc(&["ok"]),
@@ -291,6 +300,7 @@ fn apply(hive: &Hive, r: &Reloader) -> Result<(), String> {
     applied.listen = old.listen;
     applied.hive_id = old.hive_id.clone();
     applied.advertise_url = old.advertise_url.clone();
+    applied.tls = old.tls.clone();
     applied.model_dirs = old.model_dirs.clone();
     applied.audit_log = old.audit_log.clone();
     applied.audit_max_bytes = old.audit_max_bytes;

@@ -13,6 +13,7 @@
 
 pub mod drain;
 pub mod server;
+pub mod tls;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

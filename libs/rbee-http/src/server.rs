@@ -26,6 +26,8 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+
+use crate::tls::ServerTls;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
 
@@ -126,12 +128,14 @@ impl Drop for Admitted {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes, then closes the listener and waits
-/// for the open connections to end.
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` completes, then closes the
+/// listener and waits for the open connections to end. The TLS handshake must also finish
+/// within the header timeout.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServerLimits,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let open = Arc::new(Open::default());
@@ -169,27 +173,21 @@ pub async fn serve(
                 req
             },
         ));
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let acceptor = tls.as_ref().map(ServerTls::acceptor);
         tokio::spawn(async move {
             let _admitted = admitted;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                // hyper buffers up to this much of a response a client does not read (400 KB
-                // by default); less lets a stalled reader show sooner. Request heads must fit.
-                .max_buf_size(MAX_BUFFER)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let stopping = async move {
-                // The guard `wait_for` returns must not live across the await below.
-                let _ = stop.wait_for(|s| *s).await.map(|_| ());
-            };
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopping => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match acceptor {
+                None => serve_connection(TokioIo::new(stream), svc, limits, stop).await,
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(TokioIo::new(tls), svc, limits, stop).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
                 }
             }
         });
@@ -198,4 +196,40 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     open.all_closed().await;
     Ok(())
+}
+
+/// One HTTP/1 connection, until it ends or the server stops (then gracefully).
+async fn serve_connection<I, S>(
+    io: I,
+    svc: S,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as http_body::Body>::Data: Send,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper buffers up to this much of a response a client does not read (400 KB by
+        // default); less lets a stalled reader show sooner. Request heads must fit.
+        .max_buf_size(MAX_BUFFER)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let stopping = async move {
+        // The guard `wait_for` returns must not live across the await below.
+        let _ = stop.wait_for(|s| *s).await.map(|_| ());
+    };
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopping => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }

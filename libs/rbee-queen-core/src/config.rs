@@ -44,6 +44,8 @@ pub struct QueenConfig {
     pub scheduling: SchedulingConfig,
     pub join: JoinConfig,
     pub server: ServerConfig,
+    /// HTTPS for the client, admin and heartbeat API; `ca_file` for calling hives over https.
+    pub tls: rbee_http::tls::TlsConfig,
 }
 
 /// Connection limits of the client and admin API (read at start).
@@ -203,6 +205,7 @@ impl Default for QueenConfig {
             scheduling: SchedulingConfig::default(),
             join: JoinConfig::default(),
             server: ServerConfig::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -344,6 +347,9 @@ impl Validate for QueenConfig {
                 "server.max_connections_per_peer",
                 "must be 1..=server.max_connections",
             ));
+        }
+        for (field, problem) in self.tls.problems() {
+            e.push(err(field, problem));
         }
         if self.join.max_hives == 0 || self.join.max_hives > 10_000 {
             e.push(err("join.max_hives", "must be 1..=10000"));

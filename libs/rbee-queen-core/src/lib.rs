@@ -65,7 +65,8 @@ pub async fn run(
     let app = rbee_http::drain::hold_drain(api::router(queen.clone()), exchanges.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let limits = queen.config().server.limits();
-    let server = rbee_http::server::serve(listener, app, limits, async move {
+    let tls = queen.tls.clone();
+    let server = rbee_http::server::serve(listener, app, limits, tls, async move {
         let _ = shutdown_rx.await;
     });
     let mut server = tokio::spawn(server);

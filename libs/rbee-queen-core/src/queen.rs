@@ -69,6 +69,8 @@ pub struct Queen {
     pub registry: Registry,
     pub metrics: QueenMetrics,
     pub http: reqwest::Client,
+    /// The certificate served when `[tls]` is set (re-read on SIGHUP).
+    pub tls: Option<rbee_http::tls::ServerTls>,
     /// The one owner of scheduling state.
     sched: Mutex<Scheduler>,
     /// Requests waiting for a worker: where their answer goes.
@@ -127,12 +129,25 @@ impl Queen {
         };
         // Hives are reached directly: an HTTP(S)_PROXY in the environment must not see the
         // prompts and tokens the queen sends them.
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(rbee_http::server::CLIENT_POOL_IDLE)
-            .build()
-            .map_err(|e| e.to_string())?;
+            .pool_idle_timeout(rbee_http::server::CLIENT_POOL_IDLE);
+        if !cfg.tls.ca_file.is_empty() {
+            let certs = rbee_http::tls::certificates(std::path::Path::new(&cfg.tls.ca_file))
+                .map_err(|e| format!("tls.ca_file: {e}"))?;
+            for c in certs {
+                let c =
+                    reqwest::Certificate::from_der(&c).map_err(|e| format!("tls.ca_file: {e}"))?;
+                http = http.add_root_certificate(c);
+            }
+        }
+        let http = http.build().map_err(|e| e.to_string())?;
+        let tls = if cfg.tls.serves() {
+            Some(rbee_http::tls::ServerTls::load(&cfg.tls).map_err(|e| format!("tls: {e}"))?)
+        } else {
+            None
+        };
         let limits = crate::sched::Limits::from_config(&cfg.scheduling);
         let queen = Arc::new_cyclic(|this| Self {
             this: this.clone(),
@@ -141,6 +156,7 @@ impl Queen {
             registry,
             metrics: QueenMetrics::new(),
             http,
+            tls,
             sched: Mutex::new(Scheduler::new(limits)),
             waiters: Mutex::new(HashMap::new()),
             queued: Mutex::new(HashMap::new()),

@@ -25,6 +25,7 @@ const NEEDS_RESTART: &[&str] = &[
     "log_level",
     "log_format",
     "server",
+    "tls",
 ];
 
 /// A configuration the queen will not run with; the message names the setting.
@@ -204,8 +205,17 @@ impl rbee_lifecycle::Reload for Reloader {
 
 /// One reload (see [`Reloader`]).
 pub fn reload(queen: &Queen, loader: &Loader, env: &EnvTokens) {
-    // Whatever else the reload does, the usage log follows logrotate.
+    // Whatever else the reload does, the usage log follows logrotate and a renewed
+    // certificate is served.
     queen.reopen_usage();
+    if let Some(tls) = &queen.tls {
+        match tls.reload() {
+            Ok(()) => info!("SIGHUP: TLS certificate and key re-read"),
+            Err(e) => {
+                warn!(error = %e, "SIGHUP: TLS certificate not reloaded; serving the previous one")
+            }
+        }
+    }
     let outcome = loader
         .load::<QueenConfig>()
         .map_err(|e| e.to_string())

@@ -174,7 +174,7 @@ pub async fn serve(
     // The daemons' one server loop: header timeout and connection caps (only the hive calls a
     // worker, but nothing else on the host may hold it open either).
     let limits = rbee_http::server::ServerLimits::default();
-    let server = rbee_http::server::serve(listener, app, limits, drain);
+    let server = rbee_http::server::serve(listener, app, limits, None, drain);
     let hard_stop = {
         let shutdown = shutdown.clone();
         async move {
