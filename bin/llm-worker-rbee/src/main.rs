@@ -14,8 +14,9 @@ use clap::Parser;
 use rbee_auth::Token;
 use rbee_engine::{DeviceSpec, LoadOptions};
 use rbee_lifecycle::config_error;
+use rbee_worker::confine::Confinement;
 use rbee_worker::{SharedToken, Shutdown, TokenReload, WorkerConfig};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Environment variable through which the hive hands over the per-worker token (never argv).
 const TOKEN_ENV: &str = "RBEE_WORKER_TOKEN";
@@ -62,6 +63,11 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "RBEE_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Apply the worker's confinement, try to read PATH, say whether it was refused, and exit
+    /// (0: refused, the confinement holds; 1: readable; 2: it failed otherwise). Checks that
+    /// this kernel confines workers, e.g. against the hive's token file.
+    #[arg(long, value_name = "PATH")]
+    check_confinement: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +81,24 @@ fn main() -> ExitCode {
     };
     if let Err(e) = check_config(&args, token.as_ref()) {
         return config_error(e);
+    }
+    // Before any thread exists (Landlock binds this thread and those it starts) and before
+    // the model is parsed.
+    let allowed = rbee_worker::confine::Allowed {
+        model: args.model.clone(),
+        token_file: args.token_file.clone(),
+    };
+    let confinement = rbee_worker::confine::confine(&allowed, args.device == DeviceSpec::Cpu);
+    match &confinement {
+        Confinement::Files => info!(
+            "confined: reads only the model and its token file; no writes, no exec, no new privileges"
+        ),
+        Confinement::NoNewPrivsOnly(why) => {
+            warn!(reason = %why, "file access not confined (no new privileges only)")
+        }
+    }
+    if let Some(path) = &args.check_confinement {
+        return rbee_worker::confine::check(path);
     }
     if let Some(n) = args.threads {
         // SAFETY: set before any other thread exists (no runtime, no engine yet); candle and

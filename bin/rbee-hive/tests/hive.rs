@@ -1499,3 +1499,66 @@ async fn a_half_sent_request_head_is_closed_after_the_header_timeout() {
     let took = t0.elapsed();
     assert!(took >= Duration::from_secs(9), "closed after {took:?}");
 }
+
+#[tokio::test]
+async fn a_worker_cannot_read_the_hives_token_file() {
+    let hive = Daemon::hive(HiveOptions::default().token(TOKEN))
+        .await
+        .unwrap();
+    let c = client();
+    let worker = hive.ready_worker(&c).await.unwrap();
+    // The worker the hive spawned can gain no privileges, and it still serves.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", worker_pid(&worker))).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let id = worker["id"].as_str().unwrap();
+    let resp = hive
+        .post(
+            &c,
+            &format!("/v1/workers/{id}/inference"),
+            &json!({"prompt": "1, 2, 3,", "max_tokens": 2}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The same confinement, asked to read the hive's token file (the worker binary the hive
+    // runs, with the model it was given): refused.
+    let token_file = hive.dir.join("secrets/token");
+    assert!(
+        std::fs::read_to_string(&token_file)
+            .unwrap()
+            .contains(TOKEN)
+    );
+    let out = Command::new(workspace_binary("llm-worker-rbee"))
+        .arg("--model")
+        .arg(rbee_test_harness::test_model())
+        .arg("--check-confinement")
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let logged = String::from_utf8_lossy(&out.stderr);
+    if landlock_abi() < 1 {
+        // A kernel without Landlock: the worker must say its file access is open, not
+        // pretend.
+        assert!(logged.contains("file access not confined"), "{logged}");
+        eprintln!("this kernel has no Landlock: checked that the worker says so");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "{said}{logged}");
+    assert!(said.contains("refused"), "{said}");
+}
+
+/// The Landlock ABI version this kernel offers (0 or less: none).
+fn landlock_abi() -> i64 {
+    const CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns a number.
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            CREATE_RULESET_VERSION,
+        )
+    }
+}

@@ -5,6 +5,7 @@
 //! one generation at a time as an SSE stream until shutdown. The binary only parses flags,
 //! sets up logging and signals ([`TokenReload`] on SIGHUP), and calls [`serve`].
 
+pub mod confine;
 mod metrics;
 pub mod reload;
 mod server;
