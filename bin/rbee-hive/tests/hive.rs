@@ -1562,3 +1562,39 @@ fn landlock_abi() -> i64 {
         )
     }
 }
+
+#[tokio::test]
+async fn a_failed_workers_record_is_dropped_after_failed_keep_seconds() {
+    let dir = temp_dir("gc-worker");
+    let script = dir.join("fails.sh");
+    std::fs::write(&script, "#!/bin/sh\necho 'cannot load' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hive = Daemon::hive(HiveOptions {
+        worker_binary: Some(script),
+        ..HiveOptions::default()
+            .env("RESTART__MAX_ATTEMPTS", 1)
+            .env("WORKERS__FAILED_KEEP_SECONDS", 2)
+    })
+    .await
+    .unwrap();
+    let c = client();
+    let id = hive.spawn_worker(&c, MODEL_REF).await.unwrap();
+    let failed = hive
+        .wait_worker(&c, &id, Duration::from_secs(15), |v| v["state"] == "failed")
+        .await
+        .unwrap();
+    assert_eq!(failed["stderr_tail"][0], "cannot load");
+    // Kept for its report a while, then gone from the registry.
+    let path = format!("/v1/workers/{id}");
+    eventually(
+        Duration::from_secs(15),
+        "the failed record dropped",
+        || async {
+            let status = hive.get(&c, &path).send().await.unwrap().status();
+            (status == 404).then_some(()).ok_or(status)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(hive.stderr().contains("dropped the failed worker's record"));
+}

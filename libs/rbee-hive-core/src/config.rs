@@ -90,6 +90,9 @@ pub struct WorkersConfig {
     /// Seconds a worker lets in-flight streams finish after it is asked to stop through the
     /// API (passed as its `--grace-seconds`); at most `shutdown.ask_seconds + term_seconds`.
     pub grace_seconds: u64,
+    /// A failed worker's record (with its crash report) is dropped this long after its last
+    /// exit; at most 32 are kept in any case. Reloadable.
+    pub failed_keep_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +201,7 @@ impl Default for WorkersConfig {
             parallel: 0,
             kv_tokens: 0,
             grace_seconds: 10,
+            failed_keep_seconds: 3600,
         }
     }
 }
@@ -265,6 +269,7 @@ pub const RELOADABLE: &[&str] = &[
     "metrics_require_token",
     "workers.max_workers",
     "workers.keep_alive_seconds",
+    "workers.failed_keep_seconds",
     "workers.health_interval_seconds",
     "workers.health_probe_idle_seconds",
     "workers.load_timeout_seconds",

@@ -23,6 +23,10 @@ impl Hive {
             }
             self.flush_failures_due();
             let cfg = self.config();
+            let keep = Duration::from_secs(cfg.workers.failed_keep_seconds);
+            for id in self.gc_failed(rbee_http::unix_ms(), keep) {
+                info!(worker_id = %id, "dropped the failed worker's record");
+            }
             if cfg.workers.keep_alive_seconds > 0 {
                 let keep = Duration::from_secs(cfg.workers.keep_alive_seconds);
                 for w in self.all() {

@@ -45,6 +45,9 @@ pub struct Tokens {
     pub hub: Option<String>,
 }
 
+/// Failed workers' records kept at most (see [`Hive::gc_failed`]).
+pub const MAX_FAILED_RECORDS: usize = 32;
+
 pub struct Hive {
     /// A watch channel, so each worker's lifecycle task reads the current configuration.
     cfg: watch::Sender<HiveConfig>,
@@ -336,6 +339,31 @@ impl Hive {
         ] {
             g.remove(&[id]);
         }
+    }
+
+    /// Drops failed workers' records older than `keep` (by their last exit) and all but the
+    /// newest [`MAX_FAILED_RECORDS`], so a model that keeps failing cannot grow the registry
+    /// or the per-worker metric series. Returns the ids removed.
+    pub(crate) fn gc_failed(&self, now_ms: i64, keep: Duration) -> Vec<String> {
+        let mut failed: Vec<(i64, String)> = self
+            .all()
+            .iter()
+            .filter(|w| w.is_done() && w.state() == WorkerState::Failed)
+            .map(|w| {
+                let at = w.view().last_exit.map_or(0, |e| e.at_unix_ms);
+                (at, w.id().to_owned())
+            })
+            .collect();
+        failed.sort_by(|a, b| b.cmp(a));
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let mut removed = Vec::new();
+        for (i, (at, id)) in failed.into_iter().enumerate() {
+            let old = now_ms.saturating_sub(at) > keep_ms;
+            if (old || i >= MAX_FAILED_RECORDS) && self.remove_finished(&id).is_some() {
+                removed.push(id);
+            }
+        }
+        removed
     }
 
     /// Removes a failed worker's record (its process is already gone).

@@ -3,10 +3,17 @@
 //! signals to the group, the stop sequence, and how an exit is described.
 //!
 //! Only a worker's lifecycle task holds a [`Process`], so nothing else signals its child.
+//!
+//! No signal can reach a process that reused the worker's pid: signals go through a pidfd
+//! (to the group, Linux 6.9+; to the worker alone, else with the group by pid while the worker
+//! is unreaped, which keeps its pid taken), and none is sent after the worker is reaped. The
+//! exit is seen on the pidfd first, so helpers left in its group are killed while its pid
+//! still names the group, and only then is it reaped.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::future::Future;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,6 +93,10 @@ pub struct Launch {
 pub struct Process {
     child: Child,
     pid: u32,
+    /// Readable once the worker exits, before it is reaped (Linux 5.3+).
+    pidfd: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
+    /// Reaped: its pid and group id may name other processes now.
+    reaped: bool,
 }
 
 /// Starts the process: cleared environment plus an allow-list, its own process group, and
@@ -126,7 +137,20 @@ pub fn spawn(launch: Launch, tail: &StderrTail) -> Result<Process, String> {
             Some(tail.clone()),
         ));
     }
-    Ok(Process { child, pid })
+    let pidfd = pidfd_open(pid).and_then(|fd| {
+        // SAFETY: an OwnedFd is open and returns the same descriptor until it is dropped with
+        // the AsyncFd that owns it.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .ok()
+    });
+    Ok(Process {
+        child,
+        pid,
+        pidfd,
+        reaped: false,
+    })
 }
 
 impl Process {
@@ -134,13 +158,39 @@ impl Process {
         self.pid
     }
 
-    /// Waits for the process to exit (cancel-safe).
+    /// Waits for the process to exit, kills what it left in its group, and reaps it
+    /// (cancel-safe).
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+        if !self.reaped
+            && let Some(fd) = &self.pidfd
+        {
+            if let Ok(mut ready) = fd.readable().await {
+                ready.retain_ready();
+            }
+            // Exited, not reaped: its pid still names its group.
+            self.signal(libc::SIGKILL);
+        }
+        let st = self.child.wait().await;
+        if st.is_ok() {
+            self.reaped = true;
+        }
+        st
     }
 
-    /// Sends `sig` to the process group (the process leads its own group).
+    /// Sends `sig` to the process group (the process leads its own group); nothing once the
+    /// process is reaped.
     pub fn signal(&self, sig: i32) {
+        if self.reaped {
+            return;
+        }
+        if let Some(fd) = &self.pidfd {
+            if pidfd_signal(fd.get_ref(), sig, PIDFD_SIGNAL_PROCESS_GROUP) {
+                return;
+            }
+            // Before Linux 6.9 no group flag: the worker through its pidfd, then the group by
+            // id, which its unreaped pid keeps from being reused.
+            pidfd_signal(fd.get_ref(), sig, 0);
+        }
         signal_group(self.pid, sig);
     }
 
@@ -150,9 +200,13 @@ impl Process {
         self.wait().await
     }
 
-    /// Reaps helper processes the worker may have left in its group after it exited.
+    /// Without a pidfd (Linux before 5.3), kills helper processes the worker may have left in
+    /// its group after it was reaped (its group id could name another group by then: the
+    /// small risk pidfds remove). With one, [`Process::wait`] already did it safely.
     pub fn reap_group(&self) {
-        self.signal(libc::SIGKILL);
+        if self.pidfd.is_none() {
+            signal_group(self.pid, libc::SIGKILL);
+        }
     }
 
     /// The stop sequence: `ask` (the worker's own stop request) for `ask_for`, then SIGTERM
@@ -204,6 +258,34 @@ pub fn describe_exit(st: &std::io::Result<ExitStatus>) -> String {
         Ok(s) => s.to_string(),
         Err(e) => format!("wait failed: {e}"),
     }
+}
+
+/// `pidfd_send_signal` flag: the whole process group of the pidfd's process (Linux 6.9+).
+const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether the signal was sent.
+fn pidfd_signal(fd: &OwnedFd, sig: i32, flags: libc::c_uint) -> bool {
+    // SAFETY: pidfd_send_signal with a valid descriptor and a null siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            flags,
+        )
+    };
+    r == 0
 }
 
 fn signal_group(pid: u32, sig: i32) {
@@ -280,5 +362,42 @@ mod tests {
         tail.push(&"é".repeat(STDERR_LINE_MAX));
         let last = tail.lines().pop().unwrap_or_default();
         assert!(last.len() <= STDERR_LINE_MAX && last.chars().all(|c| c == 'é'));
+    }
+
+    #[tokio::test]
+    async fn helpers_left_in_the_group_are_killed_before_the_worker_is_reaped() {
+        let dir = std::env::temp_dir().join(format!("rbee-process-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let helper_pid = dir.join("helper.pid");
+        let launch = Launch {
+            binary: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                format!("sleep 60 & echo $! > {}; exit 3", helper_pid.display()).into(),
+            ],
+            env: Vec::new(),
+            worker_id: "w-test".into(),
+        };
+        let mut p = spawn(launch, &StderrTail::default()).unwrap();
+        assert!(p.pidfd.is_some(), "this kernel has pidfds");
+        let st = p.wait().await.unwrap();
+        assert_eq!(st.code(), Some(3));
+        let helper: i32 = std::fs::read_to_string(&helper_pid)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The helper was killed while the worker's pid still named the group (it is reaped
+        // by init, so allow it a moment to go).
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            let stat = std::fs::read_to_string(format!("/proc/{helper}/stat")).unwrap_or_default();
+            stat.is_empty() || stat.contains(") Z ")
+        });
+        assert!(gone, "the helper outlived the worker");
+        assert!(p.reaped);
+        // Reaped: signals go nowhere (a reused pid is never hit).
+        p.signal(libc::SIGKILL);
+        p.reap_group();
     }
 }
