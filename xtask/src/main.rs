@@ -16,6 +16,7 @@
 //!   queen + hive, interleaved; TTFT and decode speed per path, with the ratios to direct.
 //! - `bench load [--rounds N] [--max-tokens M] [--levels ...]`: 1 to 16 concurrent streaming
 //!   OpenAI clients through queen + hive, beside llama-server at the same `--parallel`.
+//! - `fuzz [--seconds N] [TARGET ...]`: the cargo-fuzz targets in `fuzz/`, N seconds each.
 //!
 //! One module per task; this file only dispatches.
 
@@ -24,6 +25,7 @@ mod cargo;
 mod cli;
 mod demo;
 mod dist;
+mod fuzz;
 mod load;
 mod model;
 mod stack;
@@ -49,7 +51,9 @@ const USAGE: &str = "usage: cargo xtask <command>
                                     TTFT and decode: direct to a worker, via hive, via queen
   bench load [--rounds N] [--max-tokens M] [--levels 1,2,4,8,16]
                                     concurrent streaming clients through queen + hive,
-                                    beside llama-server when available";
+                                    beside llama-server when available
+  fuzz [--seconds N] [gguf|template|sse ...]
+                                    fuzz what rbee parses (N s per target, default 60)";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             Some("load") => load::bench_load(&rest[1..]),
             _ => bail!("{USAGE}"),
         },
+        "fuzz" => fuzz::fuzz(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

@@ -1,6 +1,8 @@
 //! TLS end to end: a client reaches the queen over https, the queen reaches the hive over https
-//! (trusting the CA in its `tls.ca_file`), the hive beats to the queen over https; plain HTTP on
-//! the TLS port gets nothing; a renewed certificate is served after SIGHUP without a restart.
+//! (trusting the CA in its `tls.ca_file`), the hive beats to the queen over https; each side
+//! shows the other a client certificate its `client_ca_file` signed, and a heartbeat or a hive
+//! call without one is refused; plain HTTP on the TLS port gets nothing; a renewed certificate
+//! is served after SIGHUP without a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -61,10 +63,13 @@ async fn clients_queen_and_hive_talk_over_tls_and_a_renewed_certificate_is_serve
     std::fs::copy(&cert, &queen_cert).unwrap();
     rbee_test_harness::write_secret(&queen_key, &std::fs::read_to_string(&key).unwrap());
     opts.config_tail.push_str(&format!(
-        "\n[tls]\ncert_file = {}\nkey_file = {}\nca_file = {}\n",
+        "\n[tls]\ncert_file = {}\nkey_file = {}\nca_file = {}\nclient_ca_file = {}\nclient_cert_file = {}\nclient_key_file = {}\n",
         p(&queen_cert),
         p(&queen_key),
-        p(&ca)
+        p(&ca),
+        p(&ca),
+        p(&cert),
+        p(&key)
     ));
     let queen = Daemon::queen(opts, "127.0.0.1:0").await.unwrap();
     let queen_url = https(&queen);
@@ -72,7 +77,10 @@ async fn clients_queen_and_hive_talk_over_tls_and_a_renewed_certificate_is_serve
         HiveOptions::joined(&queen_url, "hive-tls", HIVE, JOIN)
             .env("TLS__CERT_FILE", cert.display())
             .env("TLS__KEY_FILE", key.display())
-            .env("TLS__CA_FILE", ca.display()),
+            .env("TLS__CA_FILE", ca.display())
+            .env("TLS__CLIENT_CA_FILE", ca.display())
+            .env("TLS__CLIENT_CERT_FILE", cert.display())
+            .env("TLS__CLIENT_KEY_FILE", key.display()),
     )
     .await
     .unwrap();
@@ -130,6 +138,22 @@ async fn clients_queen_and_hive_talk_over_tls_and_a_renewed_certificate_is_serve
             .unwrap()
             .is_empty()
     );
+    // Without a client certificate: a heartbeat is refused (even with the join token), and
+    // the hive takes no call at all.
+    let fake = c
+        .post(format!("{queen_url}/v1/hives/heartbeat"))
+        .bearer_auth(JOIN)
+        .json(&json!({"hive_id": "fake", "url": "https://127.0.0.1:9", "version": "0.1.0"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fake.status(), 401);
+    let direct = c
+        .get(format!("{}/v1/workers", https(&hive)))
+        .bearer_auth(HIVE)
+        .send()
+        .await;
+    assert!(direct.is_err(), "{direct:?}");
     // Plain HTTP on the TLS port gets no answer.
     let plain = reqwest::Client::new()
         .get(queen.url("/health"))

@@ -1510,6 +1510,13 @@ async fn a_worker_cannot_read_the_hives_token_file() {
     // The worker the hive spawned can gain no privileges, and it still serves.
     let status = std::fs::read_to_string(format!("/proc/{}/status", worker_pid(&worker))).unwrap();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // No core dumps (its memory holds tokens and prompts).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", worker_pid(&worker))).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
     let id = worker["id"].as_str().unwrap();
     let resp = hive
         .post(

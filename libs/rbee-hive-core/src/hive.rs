@@ -135,10 +135,21 @@ impl Hive {
                 http = http.add_root_certificate(c);
             }
         }
+        let identity = cfg
+            .tls
+            .client_identity_pem()
+            .map_err(|e| HiveError::Config(format!("tls.client_cert_file: {e}")))?;
+        if let Some(pem) = identity {
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| HiveError::Config(format!("tls.client_cert_file: {e}")))?;
+            http = http.identity(id);
+        }
         let http = http.build().map_err(|e| HiveError::Http(e.to_string()))?;
         let tls = if cfg.tls.serves() {
             Some(
-                rbee_http::tls::ServerTls::load(&cfg.tls)
+                // Only the queen calls a hive: with `client_ca_file`, every caller shows a
+                // certificate it signed (workers call back on the plain loopback listener).
+                rbee_http::tls::ServerTls::load(&cfg.tls, rbee_http::tls::ClientAuth::Required)
                     .map_err(|e| HiveError::Config(format!("tls: {e}")))?,
             )
         } else {

@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-use crate::tls::ServerTls;
+use crate::tls::{ClientCertificate, ServerTls};
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
 
@@ -166,23 +166,33 @@ pub async fn serve(
         if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
             tracing::debug!(error = %e, "could not set the send buffer size");
         }
-        let svc = TowerToHyperService::new(app.clone().map_request(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
-                req
-            },
-        ));
+        // Each request learns its peer's address and, over TLS, whether it showed a client
+        // certificate the daemon's client CA signed.
+        let app = app.clone();
+        let service = move |client_cert: Option<ClientCertificate>| {
+            TowerToHyperService::new(app.map_request(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+                    if let Some(c) = client_cert {
+                        req.extensions_mut().insert(c);
+                    }
+                    req
+                },
+            ))
+        };
         let stop = stop_rx.clone();
         let acceptor = tls.as_ref().map(ServerTls::acceptor);
         tokio::spawn(async move {
             let _admitted = admitted;
             match acceptor {
-                None => serve_connection(TokioIo::new(stream), svc, limits, stop).await,
+                None => serve_connection(TokioIo::new(stream), service(None), limits, stop).await,
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(limits.header_read_timeout, handshake).await {
                         Ok(Ok(tls)) => {
+                            let cert = tls.get_ref().1.peer_certificates().is_some();
+                            let svc = service(Some(ClientCertificate(cert)));
                             serve_connection(TokioIo::new(tls), svc, limits, stop).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),

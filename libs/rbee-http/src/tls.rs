@@ -19,6 +19,13 @@ pub struct TlsConfig {
     /// PEM CA certificates trusted, besides the system's, when this daemon calls the other one
     /// over `https://` (the queen its hives, a hive its queen). Read at start.
     pub ca_file: String,
+    /// PEM CA whose client certificates this daemon verifies (the queen: hives' heartbeats
+    /// must present one; the hive: every caller must). Empty: none asked for. Needs TLS.
+    pub client_ca_file: String,
+    /// PEM certificate (and `client_key_file`, its key, 0600) this daemon presents when it
+    /// calls the other one over `https://`.
+    pub client_cert_file: String,
+    pub client_key_file: String,
 }
 
 impl TlsConfig {
@@ -27,13 +34,48 @@ impl TlsConfig {
         !self.cert_file.is_empty()
     }
 
-    /// Field errors: both files or neither.
+    /// Field errors: both files of a pair or neither; a client CA only with TLS.
     pub fn problems(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out = Vec::new();
         match (self.cert_file.is_empty(), self.key_file.is_empty()) {
-            (true, false) => vec![("tls.cert_file", "is required with tls.key_file")],
-            (false, true) => vec![("tls.key_file", "is required with tls.cert_file")],
-            _ => Vec::new(),
+            (true, false) => out.push(("tls.cert_file", "is required with tls.key_file")),
+            (false, true) => out.push(("tls.key_file", "is required with tls.cert_file")),
+            _ => {}
         }
+        match (
+            self.client_cert_file.is_empty(),
+            self.client_key_file.is_empty(),
+        ) {
+            (true, false) => out.push((
+                "tls.client_cert_file",
+                "is required with tls.client_key_file",
+            )),
+            (false, true) => out.push((
+                "tls.client_key_file",
+                "is required with tls.client_cert_file",
+            )),
+            _ => {}
+        }
+        if !self.client_ca_file.is_empty() && self.cert_file.is_empty() {
+            out.push((
+                "tls.client_ca_file",
+                "needs tls.cert_file (client certificates come over TLS)",
+            ));
+        }
+        out
+    }
+
+    /// The client identity (certificate and key in one PEM) this daemon presents, if any.
+    pub fn client_identity_pem(&self) -> Result<Option<Vec<u8>>, TlsError> {
+        if self.client_cert_file.is_empty() {
+            return Ok(None);
+        }
+        let key = Path::new(&self.client_key_file);
+        check_key_mode(key)?;
+        let mut pem = read(Path::new(&self.client_cert_file))?;
+        pem.push(b'\n');
+        pem.extend(read(key)?);
+        Ok(Some(pem))
     }
 }
 
@@ -51,8 +93,24 @@ pub enum TlsError {
     NoKey { path: PathBuf, reason: String },
     #[error("{}: the key file may be read by others (mode {mode:o}); chmod 600 it", path.display())]
     KeyMode { path: PathBuf, mode: u32 },
+    #[error("{}: not a usable client CA: {reason}", path.display())]
+    ClientCa { path: PathBuf, reason: String },
     #[error("the certificate and key do not make a TLS server: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// Whether a connection's client presented a certificate the daemon's `client_ca_file` signed
+/// (a request extension set by the server loop on TLS connections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertificate(pub bool);
+
+/// Who must present a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every connection (the handshake fails without one).
+    Required,
+    /// Those that have one present it; the daemon checks [`ClientCertificate`] where needed.
+    Optional,
 }
 
 /// A daemon's TLS server side: the current certificate, swapped by [`ServerTls::reload`].
@@ -60,25 +118,30 @@ pub enum TlsError {
 pub struct ServerTls {
     cert_file: PathBuf,
     key_file: PathBuf,
+    client_ca: Option<(PathBuf, ClientAuth)>,
     current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
 }
 
 impl ServerTls {
-    /// Loads the certificate chain and key named by `cfg` (which must serve TLS).
-    pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
+    /// Loads the certificate chain and key named by `cfg` (which must serve TLS), and its
+    /// `client_ca_file` with `auth` when set.
+    pub fn load(cfg: &TlsConfig, auth: ClientAuth) -> Result<ServerTls, TlsError> {
         let cert_file = PathBuf::from(&cfg.cert_file);
         let key_file = PathBuf::from(&cfg.key_file);
-        let config = server_config(&cert_file, &key_file)?;
+        let client_ca =
+            (!cfg.client_ca_file.is_empty()).then(|| (PathBuf::from(&cfg.client_ca_file), auth));
+        let config = server_config(&cert_file, &key_file, client_ca.as_ref())?;
         Ok(ServerTls {
             cert_file,
             key_file,
+            client_ca,
             current: Arc::new(RwLock::new(Arc::new(config))),
         })
     }
 
     /// Re-reads the files; on failure the running certificate stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.cert_file, &self.key_file)?;
+        let config = server_config(&self.cert_file, &self.key_file, self.client_ca.as_ref())?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
         Ok(())
     }
@@ -113,33 +176,61 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErro
     Ok(certs)
 }
 
-fn server_config(cert_file: &Path, key_file: &Path) -> Result<rustls::ServerConfig, TlsError> {
-    let certs = certificates(cert_file)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(key_file)
-            .map_err(|source| TlsError::Read {
-                path: key_file.to_owned(),
-                source,
-            })?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(TlsError::KeyMode {
-                path: key_file.to_owned(),
-                mode: mode & 0o777,
-            });
-        }
+fn check_key_mode(key_file: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(key_file)
+        .map_err(|source| TlsError::Read {
+            path: key_file.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyMode {
+            path: key_file.to_owned(),
+            mode: mode & 0o777,
+        });
     }
+    Ok(())
+}
+
+fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&(PathBuf, ClientAuth)>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let certs = certificates(cert_file)?;
+    check_key_mode(key_file)?;
     let key = PrivateKeyDer::from_pem_slice(&read(key_file)?).map_err(|e| TlsError::NoKey {
         path: key_file.to_owned(),
         reason: e.to_string(),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some((ca_file, auth)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certificates(ca_file)? {
+                roots.add(c)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = match auth {
+                ClientAuth::Required => verifier,
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+            };
+            let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
+                path: ca_file.clone(),
+                reason: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }

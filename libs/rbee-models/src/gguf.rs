@@ -63,7 +63,17 @@ impl GgufSummary {
             .metadata()
             .map_err(|e| ModelError::io("cannot inspect", path, e))?
             .len();
-        let content = Content::read(&mut file).map_err(|e| ModelError::InvalidGguf {
+        Self::read_from(&mut file, file_bytes, path)
+    }
+
+    /// Reads the header and metadata from `reader` (a file of `file_bytes` bytes; `path`
+    /// names it in errors). Any bytes may come in: errors, never a panic.
+    pub fn read_from<R: std::io::Read + std::io::Seek>(
+        reader: &mut R,
+        file_bytes: u64,
+        path: &Path,
+    ) -> Result<GgufSummary, ModelError> {
+        let content = Content::read(reader).map_err(|e| ModelError::InvalidGguf {
             path: path.to_path_buf(),
             // candle appends a backtrace when RUST_BACKTRACE is set: keep the message only.
             reason: e.to_string().lines().next().unwrap_or_default().to_owned(),

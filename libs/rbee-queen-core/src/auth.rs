@@ -10,6 +10,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use rbee_api::codes;
+use rbee_http::tls::ClientCertificate;
 use rbee_http::{ApiError, RequestId, presented_bearer};
 use serde_json::json;
 use tracing::warn;
@@ -68,6 +69,24 @@ pub(crate) async fn require_token(
         );
     }
     let presented = presented_bearer(req.headers()).map(str::to_owned);
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    // With `tls.client_ca_file`, a heartbeat must come over a connection that showed a
+    // certificate that CA signed, whatever token it carries.
+    if path == "/v1/hives/heartbeat"
+        && !q.config().tls.client_ca_file.is_empty()
+        && req.extensions().get::<ClientCertificate>() != Some(&ClientCertificate(true))
+    {
+        warn!(%path, "heartbeat without a client certificate");
+        q.auth_failure(
+            peer,
+            "client_certificate",
+            json!({"path": path, "request_id": rid.0}),
+        );
+        return api_error(ApiError::unauthorized(), &rid.0);
+    }
     let name = if path == "/v1/hives/heartbeat" {
         // An issued hive credential is checked by the registry against the beat's hive id.
         let credential = presented
@@ -88,10 +107,6 @@ pub(crate) async fn require_token(
             (Some(_), true) => "join_token",
             (Some(_), false) => "wrong_token",
         };
-        let peer = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
         warn!(%path, reason, "authentication failed");
         q.auth_failure(peer, reason, json!({"path": path, "request_id": rid.0}));
         return api_error(ApiError::unauthorized(), &rid.0);

@@ -142,9 +142,21 @@ impl Queen {
                 http = http.add_root_certificate(c);
             }
         }
+        if let Some(pem) = cfg
+            .tls
+            .client_identity_pem()
+            .map_err(|e| format!("tls.client_cert_file: {e}"))?
+        {
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("tls.client_cert_file: {e}"))?;
+            http = http.identity(id);
+        }
         let http = http.build().map_err(|e| e.to_string())?;
         let tls = if cfg.tls.serves() {
-            Some(rbee_http::tls::ServerTls::load(&cfg.tls).map_err(|e| format!("tls: {e}"))?)
+            // Clients of the API have no certificates; heartbeats must show one when
+            // `client_ca_file` is set (checked in `auth.rs`).
+            let auth = rbee_http::tls::ClientAuth::Optional;
+            Some(rbee_http::tls::ServerTls::load(&cfg.tls, auth).map_err(|e| format!("tls: {e}"))?)
         } else {
             None
         };

@@ -9,6 +9,8 @@
 //!   token, join token and credential files, other processes' `/proc` entries and everything
 //!   else are refused. GPU workers keep `no_new_privs` only (drivers load libraries and open
 //!   device files lazily).
+//! - Resource limits: no core dumps (`RLIMIT_CORE` 0: memory holds tokens and prompts); with
+//!   the file system closed also `RLIMIT_FSIZE` 0 (no file may be written at all).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,6 +39,10 @@ pub struct Allowed {
 /// Confines this process (and the threads it starts later). `files`: limit file access too
 /// (CPU workers).
 pub fn confine(allowed: &Allowed, files: bool) -> Confinement {
+    set_limit(libc::RLIMIT_CORE, 0);
+    if files {
+        set_limit(libc::RLIMIT_FSIZE, 0);
+    }
     if !files {
         set_no_new_privs();
         return Confinement::NoNewPrivsOnly(
@@ -97,6 +103,17 @@ pub fn check(path: &Path) -> ExitCode {
             );
             ExitCode::from(2)
         }
+    }
+}
+
+fn set_limit(resource: libc::__rlimit_resource_t, value: libc::rlim_t) {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: setrlimit reads the struct we pass; lowering a limit needs no privilege.
+    unsafe {
+        libc::setrlimit(resource, &limit);
     }
 }
 
