@@ -16,7 +16,11 @@ out = {}
 
 t0 = time.time()
 r = client.chat.completions.create(
-    model="smollm2", messages=case["messages"], max_tokens=case["max_tokens"], temperature=0
+    model="smollm2",
+    messages=case["messages"],
+    max_tokens=case["max_tokens"],
+    temperature=0,
+    user="end-user-7",
 )
 out["cold_s"] = time.time() - t0
 out["chat"] = {
@@ -24,6 +28,8 @@ out["chat"] = {
     "finish_reason": r.choices[0].finish_reason,
     "usage": r.usage.model_dump(),
     "object": r.object,
+    # OpenAI's schema requires the field (null); the SDK keeps what the server sent.
+    "has_refusal": "refusal" in r.choices[0].message.model_dump(exclude_unset=True),
 }
 
 t0 = time.time()
@@ -65,6 +71,12 @@ except openai.BadRequestError as e:
     out["bad_temperature"] = {"status": e.status_code, "code": e.code, "message": e.message}
 
 out["models"] = [m.id for m in client.models.list().data]
+out["model"] = client.models.retrieve("smollm2").id
+try:
+    client.models.retrieve("no-such-model")
+    out["unknown_model_card"] = "no error"
+except openai.NotFoundError as e:
+    out["unknown_model_card"] = e.status_code
 
 bad = openai.OpenAI(base_url=base, api_key="wrong-token-0123456789abcdef", max_retries=0)
 try:

@@ -78,6 +78,9 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     // Greedy answers equal llama.cpp's, streaming or not.
     assert_eq!(v["chat"]["text"], case.text.as_str());
     assert_eq!(v["chat"]["object"], "chat.completion");
+    assert_eq!(v["chat"]["has_refusal"], true, "{}", v["chat"]);
+    assert_eq!(v["model"], "smollm2");
+    assert_eq!(v["unknown_model_card"], 404);
     assert_eq!(v["chat"]["finish_reason"], case.finish_reason.as_str());
     assert_eq!(
         v["chat"]["usage"]["completion_tokens"],
@@ -165,6 +168,8 @@ async fn the_openai_sdk_works_through_queen_hive_and_worker() {
     let ok: Vec<&Value> = records.iter().filter(|r| r["outcome"] == "ok").collect();
     assert!(ok.len() >= 3, "{records:?}");
     assert_eq!(ok[0]["client"], "alice");
+    assert_eq!(ok[0]["user"], "end-user-7");
+    assert_eq!(ok[1]["user"], Value::Null);
     assert_eq!(ok[0]["hive"], "hive-a");
     assert_eq!(ok[0]["spawned_worker"], true);
     assert_eq!(ok[1]["spawned_worker"], false);

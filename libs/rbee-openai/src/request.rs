@@ -179,7 +179,7 @@ pub struct ChatCompletionRequest {
     /// Only null (audio output).
     #[serde(default)]
     pub audio: Option<Value>,
-    /// Ignored.
+    /// The client's own end user: kept in the queen's usage record (first 256 characters).
     #[serde(default)]
     pub user: Option<String>,
     /// rbee extension.
@@ -256,7 +256,7 @@ pub struct CompletionRequest {
     /// Only empty.
     #[serde(default)]
     pub logit_bias: Option<Value>,
-    /// Ignored.
+    /// The client's own end user: kept in the queen's usage record (first 256 characters).
     #[serde(default)]
     pub user: Option<String>,
     /// rbee extension.

@@ -79,6 +79,9 @@ impl Usage {
 pub struct AssistantMessage {
     pub role: String,
     pub content: String,
+    /// Always null (OpenAI's schema requires the field): rbee's models do not refuse in a
+    /// separate channel.
+    pub refusal: Option<String>,
 }
 
 /// `choices[]` of a non-streaming chat completion.

@@ -346,6 +346,7 @@ impl Aggregator {
                 message: AssistantMessage {
                     role: "assistant".to_owned(),
                     content,
+                    refusal: None,
                 },
                 logprobs: None,
                 finish_reason: finish_reason(end.stop).to_owned(),

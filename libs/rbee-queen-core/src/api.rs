@@ -48,6 +48,7 @@ fn routes() -> Vec<Route<Shared>> {
         ),
         r("POST", "/v1/completions", false, post(completions)),
         r("GET", "/v1/models", false, get(models)),
+        r("GET", "/v1/models/{id}", false, get(model)),
         r("POST", "/v1/inference", false, post(native_inference)),
         r(
             "DELETE",
@@ -168,6 +169,29 @@ async fn models(State(q): State<Shared>) -> Response {
         })
         .collect();
     Json(ModelList::new(cards)).into_response()
+}
+
+/// One model card, by the id `GET /v1/models` lists (OpenAI's retrieve-model route).
+async fn model(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let created = unix_secs();
+    match q.model_cards().into_iter().find(|(name, _, _)| *name == id) {
+        Some((id, state, hives)) => {
+            Json(ModelCard::new(id, created).with_rbee(json!({"state": state, "hives": hives})))
+                .into_response()
+        }
+        None => crate::respond::error(
+            ApiError::new(
+                rbee_api::codes::MODEL_NOT_SERVED,
+                "no such model here; GET /v1/models lists what is",
+            ),
+            Some("model"),
+            &rid.0,
+        ),
+    }
 }
 
 async fn heartbeat(

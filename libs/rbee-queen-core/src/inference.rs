@@ -114,6 +114,8 @@ pub(crate) struct Finish {
     usage: Option<(u32, u32)>,
     /// Token events relayed (what a stream cut before its end used, as far as we know).
     tokens_seen: u32,
+    /// The OpenAI `user` the client sent (its own end user), for the usage record.
+    user: Option<String>,
     /// request id, model reference, hive, worker, whether the worker was spawned for it.
     trip: (String, String, String, String, bool),
     _slot: crate::queen::ClientSlot,
@@ -150,6 +152,7 @@ impl Finish {
             outcome: (200, String::new()),
             usage: None,
             tokens_seen: 0,
+            user: None,
         }
     }
 
@@ -231,6 +234,7 @@ impl Drop for Finish {
             "ts_unix_ms": rbee_http::unix_ms(),
             "request_id": rid,
             "client": self.client,
+            "user": self.user,
             "route": self.route,
             "model": self.model,
             "model_ref": model_ref,
@@ -273,6 +277,14 @@ pub(crate) struct OpenAiCall {
     inference: InferenceRequest,
     stream: bool,
     include_usage: bool,
+    user: Option<String>,
+}
+
+/// The `user` field as the usage record keeps it: at most 256 characters.
+fn end_user(user: &Option<String>) -> Option<String> {
+    user.as_ref()
+        .filter(|u| !u.is_empty())
+        .map(|u| u.chars().take(256).collect())
 }
 
 pub(crate) fn parse_openai(kind: EndpointKind, body: &[u8]) -> Result<OpenAiCall, OpenAiError> {
@@ -283,6 +295,7 @@ pub(crate) fn parse_openai(kind: EndpointKind, body: &[u8]) -> Result<OpenAiCall
                 inference: r.to_inference()?,
                 stream: r.is_stream(),
                 include_usage: r.include_usage(),
+                user: end_user(&r.user),
                 model: r.model,
             })
         }
@@ -292,6 +305,7 @@ pub(crate) fn parse_openai(kind: EndpointKind, body: &[u8]) -> Result<OpenAiCall
                 inference: r.to_inference()?,
                 stream: r.is_stream(),
                 include_usage: r.include_usage(),
+                user: end_user(&r.user),
                 model: r.model,
             })
         }
@@ -348,7 +362,8 @@ pub(crate) async fn openai_route(
             return *resp;
         }
     };
-    let finish = Finish::new(&q, route, &call.model, &client.0, &rid.0, &upstream, slot);
+    let mut finish = Finish::new(&q, route, &call.model, &client.0, &rid.0, &upstream, slot);
+    finish.user = call.user.clone();
     let id = match kind {
         EndpointKind::Chat => rbee_openai::chat_completion_id(&rid.0),
         EndpointKind::Completion => rbee_openai::completion_id(&rid.0),

@@ -193,6 +193,15 @@ fn operation(g: &mut SchemaGenerator, method: &str, path: &str) -> Operation {
                 Content::Json(schema::<ModelList>(g)),
             )
         },
+        ("GET", "/v1/models/{id}") => Operation {
+            openai_errors: true,
+            ..op(
+                "One model card by its id (as `GET /v1/models` lists it); 404 MODEL_NOT_SERVED",
+                "openai",
+                None,
+                Content::Json(schema::<rbee_openai::ModelCard>(g)),
+            )
+        },
         ("POST", "/v1/inference") => op(
             "Native inference: the worker's own event stream",
             "inference",
