@@ -166,6 +166,23 @@ async fn fixed_seed_sampling_repeats_and_seeds_differ() {
 }
 
 #[tokio::test]
+async fn a_frequency_penalty_stops_the_model_repeating_itself() {
+    let w = worker().await;
+    // Greedy counting repeats ", " after every number; a strong penalty on what was generated
+    // makes the model leave the pattern.
+    let body = |penalty: f64| {
+        json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 24, "temperature": 0,
+               "frequency_penalty": penalty})
+    };
+    let plain = joined_text(&infer(&w, body(0.0)).await);
+    let penalized = joined_text(&infer(&w, body(2.0)).await);
+    println!("plain: {plain:?}\npenalized: {penalized:?}");
+    let commas = |t: &str| t.matches(',').count();
+    assert!(commas(&plain) >= 6, "{plain:?}");
+    assert!(commas(&penalized) < commas(&plain), "{penalized:?} vs {plain:?}");
+}
+
+#[tokio::test]
 async fn max_tokens_and_stop_sequences() {
     let w = worker().await;
     let q = json!([{"role": "user", "content": "What is 2+2?"}]);
@@ -263,6 +280,16 @@ async fn every_invalid_input_is_a_400_naming_the_field() {
             json!({"prompt": "x", "max_tokens": 0}),
             "INVALID_PARAMETER",
             "max_tokens",
+        ),
+        (
+            json!({"prompt": "x", "presence_penalty": 2.5}),
+            "INVALID_PARAMETER",
+            "presence_penalty",
+        ),
+        (
+            json!({"prompt": "x", "frequency_penalty": -3}),
+            "INVALID_PARAMETER",
+            "frequency_penalty",
         ),
         (
             json!({"prompt": "x", "max_tokens": 100000}),

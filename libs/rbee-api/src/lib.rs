@@ -176,6 +176,12 @@ pub struct InferenceRequest {
     pub repetition_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_window: Option<u32>,
+    /// OpenAI's presence penalty over the generated tokens, [-2, 2].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    /// OpenAI's frequency penalty over the generated tokens, [-2, 2].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -20,6 +20,10 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many of the most recent tokens (prompt included) the penalty looks at.
     pub repetition_window: usize,
+    /// OpenAI's: subtracted from the logit of every token generated so far, once. In [-2, 2].
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated. In [-2, 2].
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -32,6 +36,8 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             repetition_window: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -45,6 +51,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch buffers reused across steps to keep the hot loop allocation-free.
     candidates: Vec<(u32, f32)>,
+    /// How often each token was generated (only with a presence or frequency penalty).
+    generated: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -53,11 +61,28 @@ impl Sampler {
             rng: StdRng::seed_from_u64(params.seed),
             params,
             candidates: Vec::new(),
+            generated: std::collections::HashMap::new(),
         }
     }
 
-    /// Picks the next token. `history` is every token so far (prompt and generated).
+    /// Picks the next token. `history` is every token so far (prompt and generated); the
+    /// presence and frequency penalties count what this sampler picked.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence == 0.0 && frequency == 0.0 {
+            return self.pick(logits, history);
+        }
+        for (&t, &n) in &self.generated {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= presence + frequency * n as f32;
+            }
+        }
+        let next = self.pick(logits, history);
+        *self.generated.entry(next).or_insert(0) += 1;
+        next
+    }
+
+    fn pick(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 && p.repetition_window > 0 {
             apply_repetition_penalty(logits, history, p.repetition_penalty, p.repetition_window);
@@ -388,5 +413,28 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [f32::NAN, 0.0, f32::NEG_INFINITY], &[]), 1);
         }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_push_generated_tokens_down() {
+        // Greedy: token 1 leads by 1.0 at every step.
+        let logits = [0.0f32, 3.0, 2.0, 1.5];
+        let picks = |presence: f32, frequency: f32| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..params(0.0)
+            });
+            (0..4)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<u32>>()
+        };
+        assert_eq!(picks(0.0, 0.0), [1, 1, 1, 1]);
+        // Once generated, a token is 1.6 lower: 2, then 3, then 1 again (1.4 beats 0.4, -0.1).
+        assert_eq!(picks(1.6, 0.0), [1, 2, 3, 1]);
+        // Frequency grows with each pick: 1 at 3.0, then 2.0 (ties go to the lower id)...
+        assert_eq!(picks(0.0, 1.0), [1, 1, 2, 3]);
+        // Negative values favour repeats.
+        assert_eq!(picks(-2.0, 0.0), [1, 1, 1, 1]);
     }
 }

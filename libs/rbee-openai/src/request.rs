@@ -143,10 +143,10 @@ pub struct ChatCompletionRequest {
     /// Any JSON integer; negative seeds map to their two's-complement `u64`.
     #[serde(default)]
     pub seed: Option<Number>,
-    /// Only 0.
+    /// [-2, 2]: lowers every token generated so far, once (checked by the worker).
     #[serde(default)]
     pub presence_penalty: Option<f64>,
-    /// Only 0.
+    /// [-2, 2]: lowers a token once per time it was generated (checked by the worker).
     #[serde(default)]
     pub frequency_penalty: Option<f64>,
     /// Only empty.
@@ -247,10 +247,10 @@ pub struct CompletionRequest {
     /// Only 1.
     #[serde(default)]
     pub best_of: Option<u32>,
-    /// Only 0.
+    /// [-2, 2]: lowers every token generated so far, once (checked by the worker).
     #[serde(default)]
     pub presence_penalty: Option<f64>,
-    /// Only 0.
+    /// [-2, 2]: lowers a token once per time it was generated (checked by the worker).
     #[serde(default)]
     pub frequency_penalty: Option<f64>,
     /// Only empty.
@@ -299,8 +299,6 @@ impl ChatCompletionRequest {
             .map(|(i, m)| convert_message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
         only_one("n", self.n)?;
-        zero_only("presence_penalty", self.presence_penalty)?;
-        zero_only("frequency_penalty", self.frequency_penalty)?;
         empty_only("logit_bias", self.logit_bias.as_ref())?;
         if self.logprobs == Some(true) {
             return Err(OpenAiError::unsupported(
@@ -346,6 +344,8 @@ impl ChatCompletionRequest {
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
             repetition_window: self.repetition_window,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             seed: seed(self.seed.as_ref())?,
             stop: self.stop.as_ref().and_then(Stop::to_vec),
         })
@@ -423,8 +423,6 @@ impl CompletionRequest {
                 "`suffix` (insertion) is not supported by rbee",
             ));
         }
-        zero_only("presence_penalty", self.presence_penalty)?;
-        zero_only("frequency_penalty", self.frequency_penalty)?;
         empty_only("logit_bias", self.logit_bias.as_ref())?;
         Ok(InferenceRequest {
             prompt: Some(prompt),
@@ -436,6 +434,8 @@ impl CompletionRequest {
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
             repetition_window: self.repetition_window,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             seed: seed(self.seed.as_ref())?,
             stop: self.stop.as_ref().and_then(Stop::to_vec),
         })
@@ -548,19 +548,6 @@ fn only_one(param: &str, v: Option<u32>) -> Result<(), OpenAiError> {
         Some(n) if n != 1 => Err(OpenAiError::unsupported(
             param,
             format!("`{param}` must be 1 (rbee generates one choice per request); given: {n}"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn zero_only(param: &str, v: Option<f64>) -> Result<(), OpenAiError> {
-    match v {
-        Some(x) if x != 0.0 => Err(OpenAiError::unsupported(
-            param,
-            format!(
-                "`{param}` is not supported by rbee; only 0 (or leaving it out) is accepted; \
-                 given: {x} (rbee's `repetition_penalty` is the closest alternative)"
-            ),
         )),
         _ => Ok(()),
     }

@@ -260,12 +260,28 @@ fn seeds_are_any_integer() {
 }
 
 #[test]
+fn presence_and_frequency_penalties_go_to_the_worker() {
+    let inf = chat(
+        json!({"model":"m","messages":[{"role":"user","content":"hi"}],
+        "presence_penalty":0.5,"frequency_penalty":-1}),
+    )
+    .to_inference()
+    .unwrap();
+    assert_eq!(
+        (inf.presence_penalty, inf.frequency_penalty),
+        (Some(0.5), Some(-1.0))
+    );
+    let inf = completion(json!({"model":"m","prompt":"p","frequency_penalty":0.1}))
+        .to_inference()
+        .unwrap();
+    assert_eq!(inf.frequency_penalty, Some(0.1));
+}
+
+#[test]
 fn every_chat_rejection_names_its_param() {
     let cases: Vec<(&str, Value, &str)> = vec![
         ("n", json!(2), "must be 1"),
         ("n", json!(0), "must be 1"),
-        ("presence_penalty", json!(0.5), "presence_penalty"),
-        ("frequency_penalty", json!(-1), "frequency_penalty"),
         ("logit_bias", json!({"50256": -100}), "logit_bias"),
         ("logprobs", json!(true), "logprobs"),
         ("top_logprobs", json!(3), "top_logprobs"),
@@ -387,7 +403,8 @@ fn completion_prompt_forms_and_default_max_tokens() {
     .unwrap();
     assert_eq!(
         serde_json::to_value(inf).unwrap(),
-        json!({"prompt":"p","max_tokens":100,"temperature":0.0,"top_p":0.9,"top_k":5,"seed":3,"stop":["."]})
+        json!({"prompt":"p","max_tokens":100,"temperature":0.0,"top_p":0.9,"top_k":5,"seed":3,"stop":["."],
+               "presence_penalty":0.0,"frequency_penalty":0.0})
     );
 
     assert_refused(
@@ -426,8 +443,6 @@ fn every_completion_rejection_names_its_param() {
         ("suffix", json!("tail"), "suffix"),
         ("best_of", json!(3), "must be 1"),
         ("n", json!(2), "must be 1"),
-        ("presence_penalty", json!(1), "presence_penalty"),
-        ("frequency_penalty", json!(0.1), "frequency_penalty"),
         ("logit_bias", json!({"1": 5}), "logit_bias"),
         ("model", json!(" "), "model"),
     ];

@@ -153,6 +153,23 @@ pub fn validate(
             ),
         ));
     }
+    let mut penalties = [0.0f32; 2];
+    for (i, (field, v)) in [
+        ("presence_penalty", req.presence_penalty),
+        ("frequency_penalty", req.frequency_penalty),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = v.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(invalid(
+                field,
+                format!("`{field}` must be in [-2, 2]; given: {v}"),
+            ));
+        }
+        penalties[i] = v as f32;
+    }
     let stop = req.stop.unwrap_or_default();
     if stop.len() > MAX_STOP_SEQUENCES {
         return Err(invalid(
@@ -187,6 +204,8 @@ pub fn validate(
             min_p: min_p as f32,
             repetition_penalty: repetition_penalty as f32,
             repetition_window,
+            presence_penalty: penalties[0],
+            frequency_penalty: penalties[1],
             seed: req.seed.unwrap_or(random_seed),
         },
         stop,
