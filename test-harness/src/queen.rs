@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use serde_json::Value;
 
-use crate::{Daemon, eventually, temp_dir, toml_path, toml_str, write_secret};
+use crate::{Daemon, MODEL_FILE, eventually, temp_dir, toml_path, toml_str, write_secret};
 
 /// How to start a `queen-rbee` for a test.
 #[derive(Debug, Clone, Default)]
@@ -97,6 +97,24 @@ impl Daemon {
             cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         })
         .await
+    }
+
+    /// Waits (10 s at most) until `depth` requests wait in a queen's queue for the test model.
+    pub async fn wait_queue_depth(
+        &self,
+        client: &reqwest::Client,
+        depth: u32,
+    ) -> anyhow::Result<()> {
+        let series = format!("rbee_queen_queue_depth{{model=\"file:{MODEL_FILE}\"}}");
+        let what = format!("{depth} requests waiting");
+        eventually(Duration::from_secs(10), &what, || async {
+            match self.metric(client, &series).await {
+                Ok(now) if now == f64::from(depth) => Ok(Ok(())),
+                Ok(now) => Err(now),
+                Err(e) => Ok(Err(e)),
+            }
+        })
+        .await?
     }
 
     /// Waits (up to 30 s) until a queen's `/health` counts `hives` hives that are up.

@@ -179,7 +179,10 @@ async fn a_frequency_penalty_stops_the_model_repeating_itself() {
     println!("plain: {plain:?}\npenalized: {penalized:?}");
     let commas = |t: &str| t.matches(',').count();
     assert!(commas(&plain) >= 6, "{plain:?}");
-    assert!(commas(&penalized) < commas(&plain), "{penalized:?} vs {plain:?}");
+    assert!(
+        commas(&penalized) < commas(&plain),
+        "{penalized:?} vs {plain:?}"
+    );
 }
 
 #[tokio::test]

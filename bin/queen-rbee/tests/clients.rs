@@ -254,7 +254,7 @@ async fn one_clients_burst_does_not_hold_back_another_clients_request() {
             order.lock().unwrap().push(name);
             (status, t0.elapsed())
         }));
-        wait_queue_depth(&c, &queen, i as u32 + 1).await;
+        queen.wait_queue_depth(&c, i as u32 + 1).await.unwrap();
     }
     let rest = holder.collect().await.unwrap();
     assert!(end_event(&rest).is_some(), "{rest:?}");
@@ -281,16 +281,4 @@ async fn one_clients_burst_does_not_hold_back_another_clients_request() {
     let (status, _, code, _) = refusal(bad).await;
     assert_eq!((status, code.as_str()), (400, "INVALID_PARAMETER"));
     drop(hive);
-}
-
-/// Waits (10 s at most) until `depth` requests wait for a worker of the test model.
-async fn wait_queue_depth(c: &reqwest::Client, queen: &Daemon, depth: u32) {
-    let series = format!("rbee_queen_queue_depth{{model=\"file:{MODEL_FILE}\"}}");
-    let what = format!("{depth} requests waiting");
-    eventually(Duration::from_secs(10), &what, || async {
-        let now = queen.metric(c, &series).await.unwrap();
-        (now == f64::from(depth)).then_some(()).ok_or(now)
-    })
-    .await
-    .unwrap();
 }

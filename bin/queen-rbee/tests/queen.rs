@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use rbee_test_harness::{
-    Daemon, HiveOptions, MODEL_FILE, QueenOptions, SseData, SseReader, end_event, eventually,
-    joined_text, reference,
+    Daemon, HiveOptions, QueenOptions, SseData, SseReader, end_event, eventually, joined_text,
+    reference,
 };
 use serde_json::{Value, json};
 
@@ -977,7 +977,7 @@ async fn a_request_waiting_for_a_worker_can_be_cancelled() {
         })
     };
     // Cancel it once it waits in the queue.
-    wait_queue_depth(&c, &queen, 1).await;
+    queen.wait_queue_depth(&c, 1).await.unwrap();
     let del = c
         .delete(queen.url("/v1/inference/queued-1"))
         .bearer_auth(CLIENT)
@@ -1043,7 +1043,7 @@ async fn waiting_requests_are_served_in_arrival_order() {
         }));
         // The next arrives only once this one waits in the queue, all while the worker is
         // still held.
-        wait_queue_depth(&c, &queen, i + 1).await;
+        queen.wait_queue_depth(&c, i + 1).await.unwrap();
     }
     let rest = holder.collect().await.unwrap();
     assert!(end_event(&rest).is_some(), "{rest:?}");
@@ -1058,18 +1058,6 @@ async fn waiting_requests_are_served_in_arrival_order() {
 async fn admin_get(c: &reqwest::Client, queen: &Daemon, path: &str) -> Value {
     let r = c.get(queen.url(path)).bearer_auth(CLIENT).send();
     r.await.unwrap().json().await.unwrap()
-}
-
-/// Waits (10 s at most) until `depth` requests wait for a worker of the test model.
-async fn wait_queue_depth(c: &reqwest::Client, queen: &Daemon, depth: u32) {
-    let series = format!("rbee_queen_queue_depth{{model=\"file:{MODEL_FILE}\"}}");
-    let what = format!("{depth} requests waiting");
-    eventually(Duration::from_secs(10), &what, || async {
-        let now = queen.metric(c, &series).await.unwrap();
-        (now == f64::from(depth)).then_some(()).ok_or(now)
-    })
-    .await
-    .unwrap();
 }
 
 #[tokio::test]

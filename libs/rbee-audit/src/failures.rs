@@ -152,10 +152,11 @@ impl FailureLog {
         })
     }
 
-    /// A failure from `source` for `reason`; returns how many records were dropped (the
-    /// writer's queue was full).
-    pub fn failure(&self, source: &str, reason: &str, details: Value) -> u32 {
-        let records = self.lock().failure(source, reason, Instant::now());
+    /// A failure from `peer` (`unknown` when the address is not known) for `reason`; returns
+    /// how many records were dropped (the writer's queue was full).
+    pub fn failure(&self, peer: Option<std::net::IpAddr>, reason: &str, details: Value) -> u32 {
+        let source = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let records = self.lock().failure(&source, reason, Instant::now());
         self.write(records, details)
     }
 

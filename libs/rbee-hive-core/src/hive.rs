@@ -263,8 +263,7 @@ impl Hive {
     ) {
         self.metrics.auth_failures.inc(&[]);
         if let Some(log) = &self.audit_failures {
-            let source = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
-            let dropped = log.failure(&source, reason, details);
+            let dropped = log.failure(peer, reason, details);
             self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
         }
     }

@@ -200,19 +200,18 @@ impl Queen {
         }
     }
 
-    /// Writes pending audit and usage records (at shutdown).
     /// An unauthenticated request refused (401) from `peer` for `reason`: counted, and
     /// audited in the failures log, aggregated per source and reason a minute (the first at
     /// once with `details`, the rest as one `auth.failures` summary).
     pub fn auth_failure(&self, peer: Option<std::net::IpAddr>, reason: &str, details: Value) {
         self.metrics.auth_failures.inc(&[]);
         if let Some(log) = &self.audit_failures {
-            let source = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
-            let dropped = log.failure(&source, reason, details);
+            let dropped = log.failure(peer, reason, details);
             self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
         }
     }
 
+    /// Writes pending audit and usage records (at shutdown).
     pub fn flush(&self) {
         if let Some(a) = &self.audit {
             a.flush(Duration::from_secs(2));
