@@ -421,7 +421,7 @@ fn relay_stream(
     let relay::Upstream { events, lease, .. } = up;
     let q = lease.queen().clone();
     let mut events = relay::cuttable(&q, events);
-    let stall = Duration::from_secs(q.config().server.stream_stall_seconds);
+    let stall = q.stream_stall;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(RELAY_QUEUE);
     tokio::spawn(async move {
         let _lease = lease;

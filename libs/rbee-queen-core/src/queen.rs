@@ -71,6 +71,8 @@ pub struct Queen {
     pub http: reqwest::Client,
     /// The certificate served when `[tls]` is set (re-read on SIGHUP).
     pub tls: Option<rbee_http::tls::ServerTls>,
+    /// `server.stream_stall_seconds`, read at start like the rest of `[server]`.
+    pub stream_stall: Duration,
     /// The one owner of scheduling state.
     sched: Mutex<Scheduler>,
     /// Requests waiting for a worker: where their answer goes.
@@ -161,6 +163,7 @@ impl Queen {
             None
         };
         let limits = crate::sched::Limits::from_config(&cfg.scheduling);
+        let stream_stall = Duration::from_secs(cfg.server.stream_stall_seconds);
         let queen = Arc::new_cyclic(|this| Self {
             this: this.clone(),
             cfg: RwLock::new(cfg),
@@ -169,6 +172,7 @@ impl Queen {
             metrics: QueenMetrics::new(),
             http,
             tls,
+            stream_stall,
             sched: Mutex::new(Scheduler::new(limits)),
             waiters: Mutex::new(HashMap::new()),
             queued: Mutex::new(HashMap::new()),
