@@ -186,6 +186,19 @@ async fn a_frequency_penalty_stops_the_model_repeating_itself() {
 }
 
 #[tokio::test]
+async fn logit_bias_moves_the_greedy_choice() {
+    let w = worker().await;
+    let body = |bias: Value| json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 8, "temperature": 0, "logit_bias": bias});
+    let plain = infer(&w, body(json!({}))).await;
+    assert_eq!(end_event(&plain).unwrap()["stop_reason"], "max_tokens");
+    // Token 0 is SmolLM2's end-of-text: favoured by 100, the first step ends the answer.
+    let ended = infer(&w, body(json!({"0": 100}))).await;
+    let end = end_event(&ended).unwrap();
+    assert_eq!(end["stop_reason"], "eos", "{ended:?}");
+    assert_eq!(joined_text(&ended), "");
+}
+
+#[tokio::test]
 async fn max_tokens_and_stop_sequences() {
     let w = worker().await;
     let q = json!([{"role": "user", "content": "What is 2+2?"}]);
@@ -283,6 +296,16 @@ async fn every_invalid_input_is_a_400_naming_the_field() {
             json!({"prompt": "x", "max_tokens": 0}),
             "INVALID_PARAMETER",
             "max_tokens",
+        ),
+        (
+            json!({"prompt": "x", "logit_bias": {"99999999": 1}}),
+            "INVALID_PARAMETER",
+            "logit_bias",
+        ),
+        (
+            json!({"prompt": "x", "logit_bias": {"5": 101}}),
+            "INVALID_PARAMETER",
+            "logit_bias",
         ),
         (
             json!({"prompt": "x", "presence_penalty": 2.5}),

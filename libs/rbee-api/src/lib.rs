@@ -182,6 +182,10 @@ pub struct InferenceRequest {
     /// OpenAI's frequency penalty over the generated tokens, [-2, 2].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f64>,
+    /// Added to token logits before sampling: token id (as a string, OpenAI's form) → bias in
+    /// [-100, 100]; at most 300 entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

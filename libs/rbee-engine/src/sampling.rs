@@ -24,6 +24,8 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// OpenAI's: subtracted from a token's logit once per time it was generated. In [-2, 2].
     pub frequency_penalty: f32,
+    /// Added to these tokens' logits before anything else (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -38,6 +40,7 @@ impl Default for SamplingParams {
             repetition_window: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -68,6 +71,11 @@ impl Sampler {
     /// Picks the next token. `history` is every token so far (prompt and generated); the
     /// presence and frequency penalties count what this sampler picked.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
         if presence == 0.0 && frequency == 0.0 {
             return self.pick(logits, history);
@@ -436,5 +444,22 @@ mod tests {
         assert_eq!(picks(0.0, 1.0), [1, 1, 2, 3]);
         // Negative values favour repeats.
         assert_eq!(picks(-2.0, 0.0), [1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_favours_tokens() {
+        let logits = [0.0f32, 3.0, 2.0, 1.5];
+        let pick = |bias: Vec<(u32, f32)>| {
+            let mut s = Sampler::new(SamplingParams {
+                logit_bias: bias,
+                ..params(0.0)
+            });
+            s.sample(&mut logits.clone(), &[])
+        };
+        assert_eq!(pick(vec![]), 1);
+        assert_eq!(pick(vec![(1, -100.0)]), 2);
+        assert_eq!(pick(vec![(0, 100.0)]), 0);
+        // An id beyond the vocabulary is ignored (the worker refuses it before).
+        assert_eq!(pick(vec![(99, 100.0)]), 1);
     }
 }

@@ -149,7 +149,7 @@ pub struct ChatCompletionRequest {
     /// [-2, 2]: lowers a token once per time it was generated (checked by the worker).
     #[serde(default)]
     pub frequency_penalty: Option<f64>,
-    /// Only empty.
+    /// Token id (this model's, as a string) → bias in [-100, 100] (checked by the worker).
     #[serde(default)]
     pub logit_bias: Option<Value>,
     /// Only `false`.
@@ -253,7 +253,7 @@ pub struct CompletionRequest {
     /// [-2, 2]: lowers a token once per time it was generated (checked by the worker).
     #[serde(default)]
     pub frequency_penalty: Option<f64>,
-    /// Only empty.
+    /// Token id (this model's, as a string) → bias in [-100, 100] (checked by the worker).
     #[serde(default)]
     pub logit_bias: Option<Value>,
     /// The client's own end user: kept in the queen's usage record (first 256 characters).
@@ -299,7 +299,6 @@ impl ChatCompletionRequest {
             .map(|(i, m)| convert_message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
         only_one("n", self.n)?;
-        empty_only("logit_bias", self.logit_bias.as_ref())?;
         if self.logprobs == Some(true) {
             return Err(OpenAiError::unsupported(
                 "logprobs",
@@ -346,6 +345,7 @@ impl ChatCompletionRequest {
             repetition_window: self.repetition_window,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
+            logit_bias: logit_bias(self.logit_bias.as_ref())?,
             seed: seed(self.seed.as_ref())?,
             stop: self.stop.as_ref().and_then(Stop::to_vec),
         })
@@ -423,7 +423,6 @@ impl CompletionRequest {
                 "`suffix` (insertion) is not supported by rbee",
             ));
         }
-        empty_only("logit_bias", self.logit_bias.as_ref())?;
         Ok(InferenceRequest {
             prompt: Some(prompt),
             messages: None,
@@ -436,6 +435,7 @@ impl CompletionRequest {
             repetition_window: self.repetition_window,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
+            logit_bias: logit_bias(self.logit_bias.as_ref())?,
             seed: seed(self.seed.as_ref())?,
             stop: self.stop.as_ref().and_then(Stop::to_vec),
         })
@@ -561,6 +561,29 @@ fn non_empty(v: &Value) -> bool {
         Value::Object(o) => !o.is_empty(),
         _ => true,
     }
+}
+
+/// `logit_bias` as the worker takes it: an object of numbers (an empty one is none).
+fn logit_bias(
+    v: Option<&Value>,
+) -> Result<Option<std::collections::BTreeMap<String, f64>>, OpenAiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad = || {
+        OpenAiError::unsupported(
+            "logit_bias",
+            "`logit_bias` must be an object of token ids to numbers, e.g. {\"1234\": -100}",
+        )
+    };
+    let map = v.as_object().ok_or_else(bad)?;
+    if map.is_empty() {
+        return Ok(None);
+    }
+    map.iter()
+        .map(|(k, v)| v.as_f64().map(|b| (k.clone(), b)).ok_or_else(bad))
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 fn empty_only(param: &str, v: Option<&Value>) -> Result<(), OpenAiError> {

@@ -278,11 +278,31 @@ fn presence_and_frequency_penalties_go_to_the_worker() {
 }
 
 #[test]
+fn logit_bias_goes_to_the_worker_and_an_empty_one_is_none() {
+    let inf = chat(
+        json!({"model":"m","messages":[{"role":"user","content":"hi"}],
+        "logit_bias":{"50256":-100,"7":2.5}}),
+    )
+    .to_inference()
+    .unwrap();
+    let bias = inf.logit_bias.unwrap();
+    assert_eq!(
+        bias.into_iter().collect::<Vec<_>>(),
+        [("50256".to_owned(), -100.0), ("7".to_owned(), 2.5)]
+    );
+    let inf = completion(json!({"model":"m","prompt":"p","logit_bias":{}}))
+        .to_inference()
+        .unwrap();
+    assert_eq!(inf.logit_bias, None);
+}
+
+#[test]
 fn every_chat_rejection_names_its_param() {
     let cases: Vec<(&str, Value, &str)> = vec![
         ("n", json!(2), "must be 1"),
         ("n", json!(0), "must be 1"),
-        ("logit_bias", json!({"50256": -100}), "logit_bias"),
+        ("logit_bias", json!({"50256": "ban"}), "logit_bias"),
+        ("logit_bias", json!([50256]), "logit_bias"),
         ("logprobs", json!(true), "logprobs"),
         ("top_logprobs", json!(3), "top_logprobs"),
         (
@@ -443,7 +463,7 @@ fn every_completion_rejection_names_its_param() {
         ("suffix", json!("tail"), "suffix"),
         ("best_of", json!(3), "must be 1"),
         ("n", json!(2), "must be 1"),
-        ("logit_bias", json!({"1": 5}), "logit_bias"),
+        ("logit_bias", json!({"1": null}), "logit_bias"),
         ("model", json!(" "), "model"),
     ];
     for (param, value, needle) in cases {

@@ -479,8 +479,8 @@ async fn start_inference(
             ApiError::new(codes::MODEL_LOADING, "the model is still loading").retry_after(2),
         );
     };
-    let ctx = engine.info().context_length;
-    let valid = validate(req, ctx, rand::random::<u64>())
+    let (ctx, vocab) = (engine.info().context_length, engine.info().vocab_size);
+    let valid = validate(req, ctx, vocab, rand::random::<u64>())
         .map_err(|e| ApiError::new(codes::INVALID_PARAMETER, e.message))?;
 
     let permit = st.slots.clone().try_acquire_owned().map_err(|_| {

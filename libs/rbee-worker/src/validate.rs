@@ -38,6 +38,7 @@ pub struct ValidRequest {
 pub fn validate(
     req: InferenceRequest,
     context_length: usize,
+    vocab_size: usize,
     random_seed: u64,
 ) -> Result<ValidRequest, ValidationError> {
     let prompt = match (req.prompt, req.messages) {
@@ -170,6 +171,7 @@ pub fn validate(
         }
         penalties[i] = v as f32;
     }
+    let logit_bias = logit_bias(req.logit_bias.unwrap_or_default(), vocab_size)?;
     let stop = req.stop.unwrap_or_default();
     if stop.len() > MAX_STOP_SEQUENCES {
         return Err(invalid(
@@ -206,10 +208,54 @@ pub fn validate(
             repetition_window,
             presence_penalty: penalties[0],
             frequency_penalty: penalties[1],
+            logit_bias,
             seed: req.seed.unwrap_or(random_seed),
         },
         stop,
     })
+}
+
+/// Most `logit_bias` entries (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+
+/// `logit_bias`: token ids of this model's vocabulary → biases in [-100, 100].
+fn logit_bias(
+    bias: std::collections::BTreeMap<String, f64>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ValidationError> {
+    if bias.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(
+            "logit_bias",
+            format!(
+                "`logit_bias` may hold at most {MAX_LOGIT_BIAS} tokens; given: {}",
+                bias.len()
+            ),
+        ));
+    }
+    bias.into_iter()
+        .map(|(k, v)| {
+            let id = k
+                .parse::<u32>()
+                .ok()
+                .filter(|id| (*id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    invalid(
+                        "logit_bias",
+                        format!(
+                            "`logit_bias` keys are token ids of this model, 0..{vocab_size}; given: {:?}",
+                            k.chars().take(32).collect::<String>()
+                        ),
+                    )
+                })?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(invalid(
+                    "logit_bias",
+                    format!("`logit_bias` values must be in [-100, 100]; given: {v} for token {id}"),
+                ));
+            }
+            Ok((id, v as f32))
+        })
+        .collect()
 }
 
 /// Settles `max_tokens` against the prompt: prompt + max_tokens must fit the context, never
@@ -257,6 +303,7 @@ mod tests {
     use rbee_api::ChatMessage;
 
     const CTX: usize = 8192;
+    const VOCAB: usize = 49152;
 
     fn prompt(p: &str) -> InferenceRequest {
         InferenceRequest {
@@ -266,12 +313,12 @@ mod tests {
     }
 
     fn err(req: InferenceRequest) -> ValidationError {
-        validate(req, CTX, 1).unwrap_err()
+        validate(req, CTX, VOCAB, 1).unwrap_err()
     }
 
     #[test]
     fn a_plain_prompt_gets_defaults() {
-        let v = validate(prompt("hi"), CTX, 99).unwrap();
+        let v = validate(prompt("hi"), CTX, VOCAB, 99).unwrap();
         assert_eq!(v.prompt, Prompt::Text("hi".into()));
         assert_eq!(v.sampling.temperature, 1.0);
         assert_eq!(v.sampling.seed, 99);
