@@ -45,9 +45,6 @@ pub struct Tokens {
     pub hub: Option<String>,
 }
 
-/// Failed workers' records kept at most (see [`Hive::gc_failed`]).
-pub const MAX_FAILED_RECORDS: usize = 32;
-
 pub struct Hive {
     /// A watch channel, so each worker's lifecycle task reads the current configuration.
     cfg: watch::Sender<HiveConfig>,
@@ -253,29 +250,6 @@ impl Hive {
         }
     }
 
-    /// A request refused for its token (401) from `peer` for `reason`: counted, and audited
-    /// in the failures log, aggregated per source and reason a minute.
-    pub fn auth_failure(
-        &self,
-        peer: Option<std::net::IpAddr>,
-        reason: &str,
-        details: serde_json::Value,
-    ) {
-        self.metrics.auth_failures.inc(&[]);
-        if let Some(log) = &self.audit_failures {
-            let dropped = log.failure(peer, reason, details);
-            self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
-        }
-    }
-
-    /// Writes the summaries of the failure windows that ended.
-    pub fn flush_failures_due(&self) {
-        if let Some(log) = &self.audit_failures {
-            let dropped = log.flush_due();
-            self.metrics.audit_dropped.inc_by(&[], f64::from(dropped));
-        }
-    }
-
     /// Waits (up to 2 s) until every queued audit record is on disk.
     pub fn flush_audit(&self) {
         if let Some(a) = &self.audit {
@@ -349,31 +323,6 @@ impl Hive {
         ] {
             g.remove(&[id]);
         }
-    }
-
-    /// Drops failed workers' records older than `keep` (by their last exit) and all but the
-    /// newest [`MAX_FAILED_RECORDS`], so a model that keeps failing cannot grow the registry
-    /// or the per-worker metric series. Returns the ids removed.
-    pub(crate) fn gc_failed(&self, now_ms: i64, keep: Duration) -> Vec<String> {
-        let mut failed: Vec<(i64, String)> = self
-            .all()
-            .iter()
-            .filter(|w| w.is_done() && w.state() == WorkerState::Failed)
-            .map(|w| {
-                let at = w.view().last_exit.map_or(0, |e| e.at_unix_ms);
-                (at, w.id().to_owned())
-            })
-            .collect();
-        failed.sort_by(|a, b| b.cmp(a));
-        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
-        let mut removed = Vec::new();
-        for (i, (at, id)) in failed.into_iter().enumerate() {
-            let old = now_ms.saturating_sub(at) > keep_ms;
-            if (old || i >= MAX_FAILED_RECORDS) && self.remove_finished(&id).is_some() {
-                removed.push(id);
-            }
-        }
-        removed
     }
 
     /// Removes a failed worker's record (its process is already gone).
@@ -819,6 +768,9 @@ pub fn parse_device(s: &str) -> Result<String, HiveError> {
         _ => Err(bad()),
     }
 }
+
+mod upkeep;
+pub use upkeep::MAX_FAILED_RECORDS;
 
 #[cfg(test)]
 mod tests {
