@@ -770,7 +770,6 @@ pub fn parse_device(s: &str) -> Result<String, HiveError> {
 }
 
 mod upkeep;
-pub use upkeep::MAX_FAILED_RECORDS;
 
 #[cfg(test)]
 mod tests {

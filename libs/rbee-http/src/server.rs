@@ -1,7 +1,7 @@
-//! The queen's HTTP server loop: a router on hyper's HTTP/1 connections, with
-//! the limits `axum::serve` does not set. Without them one slow client could hold the queen's
-//! connections open forever (a request head sent a byte a minute) until it runs out of file
-//! descriptors, and then heartbeats fail and every hive is marked down.
+//! The HTTP server loop of all three daemons: a router on hyper's HTTP/1 connections (over TLS
+//! when given), with the limits `axum::serve` does not set. Without them one slow client could
+//! hold a daemon's connections open forever (a request head sent a byte a minute) until it runs
+//! out of file descriptors; on the queen, heartbeats then fail and every hive is marked down.
 //!
 //! - A request head must arrive within [`ServerLimits::header_read_timeout`], counted from the
 //!   connection's start and, on a kept-alive connection, from the end of the previous exchange,
