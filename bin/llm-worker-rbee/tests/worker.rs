@@ -116,6 +116,7 @@ async fn greedy_chat_answers_equal_the_engines_over_http() {
                 ..SamplingParams::default()
             },
             stop: vec![],
+            logprobs: None,
         };
         let (expected, summary) = engine.generate(&Prompt::Chat(messages), params).unwrap();
         assert_eq!(

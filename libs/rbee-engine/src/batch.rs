@@ -27,6 +27,7 @@ use crate::engine::{
     EngineLoad, GenEvent, GenerationJob, GenerationSummary, StepObserver, StepReport, StopReason,
 };
 use crate::kv::SeqKv;
+use crate::logprobs::{StepLogprobs, TokenLogprob};
 use crate::model::{BatchItem, LlamaModel};
 use crate::sampling::Sampler;
 use crate::stop::{StopMatcher, StopScan};
@@ -88,6 +89,8 @@ struct Seq {
     admitted: Instant,
     first_token_at: Option<Instant>,
     listening: bool,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Seq {
@@ -101,8 +104,20 @@ impl Seq {
     }
 
     /// Samples the next token from `logits`; Some when the sequence is done.
-    fn on_logits(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Option<StopReason> {
+    fn on_logits(
+        &mut self,
+        logits: &mut [f32],
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<StopReason>, EngineError> {
         let index = self.summary.completion_tokens;
+        let step_logprobs = self
+            .job
+            .params
+            .logprobs
+            .map(|k| StepLogprobs::new(logits, k));
+        if let Some(c) = &mut self.job.constraint {
+            c.apply(logits)?;
+        }
         let next = self.sampler.sample(logits, &self.history);
         if self.first_token_at.is_none() {
             let now = Instant::now();
@@ -114,30 +129,50 @@ impl Seq {
         }
         self.summary.completion_tokens += 1;
         if tokenizer.is_end_of_generation(next) {
-            return Some(StopReason::Eos);
+            return Ok(Some(StopReason::Eos));
         }
+        if let Some(s) = step_logprobs {
+            self.logprobs.push(s.finish(next, tokenizer));
+        }
+        let grammar_done = match &mut self.job.constraint {
+            Some(c) => c.commit(next)?,
+            None => false,
+        };
         self.history.push(next);
         let piece = self.utf8.push(tokenizer.token_bytes(next));
         match self.stops.push(&piece) {
             StopScan::Emit(text) => {
                 if !text.is_empty() {
-                    self.listening &= (self.job.sink)(GenEvent::Text { index, text });
+                    self.listening &= self.send_text(index, text);
                 }
             }
             StopScan::Stopped(text) => {
                 if !text.is_empty() {
-                    (self.job.sink)(GenEvent::Text { index, text });
+                    self.send_text(index, text);
                 }
-                return Some(StopReason::StopSequence);
+                return Ok(Some(StopReason::StopSequence));
             }
         }
         if !self.listening {
-            return Some(StopReason::Cancelled);
+            return Ok(Some(StopReason::Cancelled));
+        }
+        if grammar_done {
+            return Ok(Some(StopReason::Eos));
         }
         if index + 1 >= self.job.params.max_tokens {
-            return Some(StopReason::MaxTokens);
+            return Ok(Some(StopReason::MaxTokens));
         }
-        None
+        Ok(None)
+    }
+
+    /// Sends text with the log-probabilities of the tokens it completes.
+    fn send_text(&mut self, index: usize, text: String) -> bool {
+        let logprobs = std::mem::take(&mut self.logprobs);
+        (self.job.sink)(GenEvent::Text {
+            index,
+            text,
+            logprobs,
+        })
     }
 
     /// Flushes held-back text and reports the end. Returns what the prefix cache may keep.
@@ -156,8 +191,8 @@ impl Seq {
                     reason = StopReason::StopSequence;
                 }
             }
-            if !tail.is_empty() && self.listening {
-                (self.job.sink)(GenEvent::Text { index, text: tail });
+            if (!tail.is_empty() || !self.logprobs.is_empty()) && self.listening {
+                self.send_text(index, tail);
             }
         }
         if let Some(first) = self.first_token_at {
@@ -399,6 +434,7 @@ impl<'m> Batcher<'m> {
             admitted: Instant::now(),
             first_token_at: None,
             listening: true,
+            logprobs: Vec::new(),
             job,
         };
         if seq.job.params.max_tokens == 0 || seq.history.is_empty() {
@@ -480,16 +516,23 @@ impl<'m> Batcher<'m> {
         }
         let mut done = Vec::new();
         for ((i, _), logits) in members.iter().zip(outputs) {
-            if let Some(mut logits) = logits
-                && let Some(reason) = self.running[*i].on_logits(&mut logits, self.tokenizer)
-            {
-                done.push((*i, reason));
+            if let Some(mut logits) = logits {
+                match self.running[*i].on_logits(&mut logits, self.tokenizer) {
+                    Ok(None) => {}
+                    Ok(Some(reason)) => done.push((*i, Ok(reason))),
+                    Err(e) => done.push((*i, Err(e))),
+                }
             }
         }
-        for (i, reason) in done.into_iter().rev() {
+        for (i, outcome) in done.into_iter().rev() {
             let seq = self.running.remove(i);
-            let kept = seq.finish(reason);
-            self.keep(kept);
+            match outcome {
+                Ok(reason) => {
+                    let kept = seq.finish(reason);
+                    self.keep(kept);
+                }
+                Err(e) => seq.fail(e),
+            }
         }
     }
 }

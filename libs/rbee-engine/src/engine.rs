@@ -3,13 +3,15 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Instant;
 
 use candle_core::Device;
 
 use crate::EngineError;
 use crate::batch::{BatchConfig, Batcher, LoadCounters};
+use crate::constraint::{Grammar, GrammarCompiler, TokenConstraint};
+use crate::logprobs::TokenLogprob;
 use crate::model::LlamaModel;
 use crate::sampling::SamplingParams;
 use crate::template::{CHATML, ChatTemplate, Message};
@@ -141,6 +143,9 @@ pub struct GenerationParams {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability with this many alternatives (`Some(0)`:
+    /// the token's own only).
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,10 +180,12 @@ pub struct GenerationSummary {
 pub enum GenEvent {
     /// The first sampled token exists (text may still be held back by stop matching).
     FirstToken,
-    /// New text, completed by generated token `index`.
+    /// New text, completed by generated token `index`, with the log-probabilities of the
+    /// tokens it comes from when they were asked for.
     Text {
         index: usize,
         text: String,
+        logprobs: Vec<TokenLogprob>,
     },
     Finished(GenerationSummary),
     Failed(EngineError),
@@ -190,6 +197,8 @@ pub type EventSink = Box<dyn FnMut(GenEvent) -> bool + Send>;
 pub struct GenerationJob {
     pub prompt_tokens: Vec<u32>,
     pub params: GenerationParams,
+    /// A grammar every generated token must follow ([`Engine::compile_grammar`]).
+    pub constraint: Option<TokenConstraint>,
     pub cancel: Arc<AtomicBool>,
     pub deadline: Option<Instant>,
     pub accepted_at: Instant,
@@ -233,6 +242,8 @@ struct Shared {
     template: ChatTemplate,
     info: ModelInfo,
     load: Arc<LoadCounters>,
+    /// Built on the first constrained request (tens of milliseconds for a 50k vocabulary).
+    grammars: OnceLock<Result<GrammarCompiler, String>>,
 }
 
 /// Handle to a loaded model and its inference thread. Cheap to clone.
@@ -309,6 +320,7 @@ impl Engine {
             template,
             info,
             load: load.clone(),
+            grammars: OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel::<GenerationJob>();
         let thread_shared = shared.clone();
@@ -359,6 +371,19 @@ impl Engine {
         self.shared.tokenizer.encode(&text)
     }
 
+    /// A constraint for one job's tokens, or why the grammar is refused. CPU work (a JSON schema
+    /// compiles in milliseconds): call off the async runtime.
+    pub fn compile_grammar(&self, grammar: &Grammar) -> Result<TokenConstraint, EngineError> {
+        match self
+            .shared
+            .grammars
+            .get_or_init(|| GrammarCompiler::new(&self.shared.tokenizer).map_err(|e| e.to_string()))
+        {
+            Ok(compiler) => compiler.compile(grammar),
+            Err(e) => Err(EngineError::Grammar(e.clone())),
+        }
+    }
+
     /// Slots, running and waiting sequences, KV pool use.
     pub fn load_state(&self) -> EngineLoad {
         self.shared.load.snapshot()
@@ -379,6 +404,7 @@ impl Engine {
         self.submit(GenerationJob {
             prompt_tokens: self.prepare(prompt)?,
             params,
+            constraint: None,
             cancel: Arc::new(AtomicBool::new(false)),
             deadline: None,
             accepted_at: Instant::now(),

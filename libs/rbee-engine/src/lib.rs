@@ -8,9 +8,11 @@
 //! Nothing here runs on an async runtime.
 
 mod batch;
+mod constraint;
 mod detok;
 mod engine;
 mod kv;
+mod logprobs;
 mod model;
 mod qmatmul;
 mod sampling;
@@ -18,6 +20,7 @@ mod stop;
 mod template;
 mod tokenizer;
 
+pub use constraint::{Grammar, GrammarCompiler, TokenConstraint};
 pub use detok::Utf8Stream;
 pub use engine::{
     DeviceSpec, Engine, EngineLoad, GenEvent, GenerationJob, GenerationParams, GenerationSummary,
@@ -25,6 +28,7 @@ pub use engine::{
     default_parallel,
 };
 pub use kv::SeqKv;
+pub use logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, TokenProb};
 pub use model::{BatchItem, LlamaModel, ModelConfig};
 pub use qmatmul::Q41Matrix;
 pub use sampling::{Sampler, SamplingParams, apply_repetition_penalty, argmax};
@@ -45,6 +49,8 @@ pub enum EngineError {
     Device(String),
     #[error("context length exceeded: {needed} positions needed, the limit is {limit}")]
     ContextOverflow { needed: usize, limit: usize },
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[error("the inference thread has stopped")]
     Stopped,
     #[error("candle: {0}")]

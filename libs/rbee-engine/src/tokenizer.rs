@@ -276,6 +276,36 @@ impl Tokenizer {
             .map_err(|e| tok_err(format!("serializing tokenizer.json: {e}")))
     }
 
+    /// Every token as bytes for a grammar engine's trie: control tokens as `\xFF<name>`, which
+    /// no text produces.
+    pub fn trie_words(&self) -> Vec<Vec<u8>> {
+        (0..self.bytes.len() as u32)
+            .map(|id| {
+                let b = self.token_bytes(id);
+                if !b.is_empty() {
+                    return b.to_vec();
+                }
+                let name = self
+                    .inner
+                    .id_to_token(id)
+                    .unwrap_or_else(|| format!("<[{id}]>"));
+                let mut w = vec![0xFF];
+                w.extend_from_slice(name.as_bytes());
+                w
+            })
+            .collect()
+    }
+
+    /// The tokens that end a generation.
+    pub fn end_of_generation_ids(&self) -> Vec<u32> {
+        self.end_of_generation.iter().copied().collect()
+    }
+
+    /// The model's end-of-sequence token, when it declares one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.contains(&id)
     }

@@ -30,6 +30,7 @@ fn params(max_tokens: usize, temperature: f32, seed: u64) -> GenerationParams {
             ..SamplingParams::default()
         },
         stop: vec![],
+        logprobs: None,
     }
 }
 

@@ -42,6 +42,7 @@ fn greedy(max_tokens: usize) -> GenerationParams {
             ..SamplingParams::default()
         },
         stop: vec![],
+        logprobs: None,
     }
 }
 

@@ -544,7 +544,9 @@ async fn start_inference(
             max_tokens,
             sampling: valid.sampling,
             stop: valid.stop,
+            logprobs: None,
         },
+        constraint: None,
         cancel: cancel.clone(),
         deadline,
         accepted_at,
@@ -732,7 +734,7 @@ fn event_stream(
                     };
                     let ev = match next {
                         Some(GenEvent::FirstToken) => continue,
-                        Some(GenEvent::Text { index, text }) => StreamEvent::Token {
+                        Some(GenEvent::Text { index, text, .. }) => StreamEvent::Token {
                             index: index as u32,
                             text,
                         },

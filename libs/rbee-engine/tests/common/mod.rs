@@ -21,6 +21,7 @@ pub fn submit(
         .submit(GenerationJob {
             prompt_tokens: tokens,
             params,
+            constraint: None,
             cancel: Arc::new(AtomicBool::new(cancel)),
             deadline,
             accepted_at: Instant::now(),
