@@ -100,6 +100,7 @@ fn ensure_system_packages() -> anyhow::Result<()> {
 const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "openai"),
     ("openapi_spec_validator", "openapi-spec-validator"),
+    ("jsonschema", "jsonschema"),
 ];
 
 fn ensure_python_packages() -> anyhow::Result<()> {

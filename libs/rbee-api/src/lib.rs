@@ -146,11 +146,106 @@ impl ErrorBody {
 }
 
 /// One chat message. Content is plain text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     pub content: String,
+    /// An assistant's earlier tool calls, in OpenAI's shape
+    /// (`{"id","type":"function","function":{"name","arguments"}}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// On a `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// On a `tool` message: the function that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A function the model may call (OpenAI's `{"type":"function","function":{…}}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDef,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted for OpenAI compatibility; arguments are always constrained when a call is
+    /// forced (`tool_choice` `required` or a named function).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// A call the model made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON text.
+    pub arguments: String,
+}
+
+/// Whether and which tools the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// The model decides (text or calls).
+    Auto,
+    /// No calls: tools are not shown to the model.
+    None,
+    /// At least one call, arguments constrained by each function's schema.
+    Required,
+    /// Exactly this function, arguments constrained by its schema.
+    Function(String),
+}
+
+/// A grammar the answer must follow (constrained decoding).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Grammar {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid under `schema`.
+    JsonSchema { schema: serde_json::Value },
+    /// A grammar in llguidance's Lark syntax (it may embed `%json { … }`).
+    Lark { grammar: String },
+    /// A regular expression the whole answer matches.
+    Regex { pattern: String },
+}
+
+/// One generated token's log-probability, in OpenAI's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position, best first (as many as asked for).
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 /// `POST /v1/inference` on a worker. Exactly one of `prompt` and `messages` is given; every
@@ -190,6 +285,25 @@ pub struct InferenceRequest {
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Vec<String>>,
+    /// Report each token's log-probability with this many alternatives (0–20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    /// Answers generated from the one prompt (1–16), as parallel sequences while slots are
+    /// free; their events carry `choice`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// The answer must follow this grammar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<Grammar>,
+    /// Functions the model may call (chat only); calls come back as a `tool_calls` event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Tool>>,
+    /// `auto` when tools are given and this is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether several calls may come in one answer (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// Why a generation ended.
@@ -242,10 +356,30 @@ pub enum StreamEvent {
         /// Index of the generated token that completed this text (0-based).
         index: u32,
         text: String,
+        /// Which answer (with `n` > 1).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        choice: u32,
+        /// The log-probabilities of the tokens this text comes from (when asked for).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The tool calls of one answer, parsed from its output (sent before its end).
+    ToolCalls {
+        #[serde(default, skip_serializing_if = "is_zero")]
+        choice: u32,
+        calls: Vec<ToolCall>,
+    },
+    /// One answer of several (`n` > 1) is over; `end` follows the last.
+    ChoiceEnd {
+        choice: u32,
+        stop_reason: StopReason,
+        completion_tokens: u32,
     },
     End {
+        /// The first answer's (with `n` > 1, `choice_end` has each one's).
         stop_reason: StopReason,
         prompt_tokens: u32,
+        /// All answers together.
         completion_tokens: u32,
         /// Prompt tokens whose attention state was reused from an earlier request.
         #[serde(default)]
@@ -256,6 +390,10 @@ pub enum StreamEvent {
         code: ErrorCode,
         message: String,
     },
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A GPU as a hive reports it.
@@ -360,6 +498,8 @@ mod tests {
         let e = StreamEvent::Token {
             index: 3,
             text: "hi".into(),
+            choice: 0,
+            logprobs: vec![],
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),

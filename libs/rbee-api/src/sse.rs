@@ -172,6 +172,8 @@ mod tests {
             StreamEvent::Token {
                 index: 0,
                 text: "hi\n\ndata: x".into(),
+                choice: 0,
+                logprobs: vec![],
             },
             StreamEvent::End {
                 stop_reason: StopReason::Eos,

@@ -14,7 +14,7 @@ use crate::constraint::{Grammar, GrammarCompiler, TokenConstraint};
 use crate::logprobs::TokenLogprob;
 use crate::model::LlamaModel;
 use crate::sampling::SamplingParams;
-use crate::template::{CHATML, ChatTemplate, Message};
+use crate::template::{CHATML, ChatTemplate, Message, ToolFormat, Turn};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +136,11 @@ pub struct ModelInfo {
 pub enum Prompt {
     Text(String),
     Chat(Vec<(String, String)>),
+    /// Turns with tool calls and results, and the tools shown to the model.
+    Conversation {
+        turns: Vec<Turn>,
+        tools: Option<Vec<serde_json::Value>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -352,6 +357,12 @@ impl Engine {
         &self.shared.info
     }
 
+    /// Whether the model's chat template shows tools itself, and how the model writes calls.
+    pub fn tool_support(&self) -> (bool, ToolFormat) {
+        let t = &self.shared.template;
+        (t.native_tools(), t.tool_format())
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.shared.tokenizer
     }
@@ -366,6 +377,9 @@ impl Engine {
                     .map(|(role, content)| Message { role, content })
                     .collect();
                 self.shared.template.render(&msgs)?
+            }
+            Prompt::Conversation { turns, tools } => {
+                self.shared.template.render_turns(turns, tools.as_deref())?
             }
         };
         self.shared.tokenizer.encode(&text)

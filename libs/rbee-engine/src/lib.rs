@@ -33,7 +33,7 @@ pub use model::{BatchItem, LlamaModel, ModelConfig};
 pub use qmatmul::Q41Matrix;
 pub use sampling::{Sampler, SamplingParams, apply_repetition_penalty, argmax};
 pub use stop::{StopMatcher, StopScan};
-pub use template::{CHATML, ChatTemplate, Message};
+pub use template::{CHATML, ChatTemplate, Message, ToolFormat, Turn};
 pub use tokenizer::Tokenizer;
 
 /// Everything the engine can fail with.

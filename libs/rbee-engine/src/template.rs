@@ -28,10 +28,40 @@ pub struct Message<'a> {
     pub content: &'a str,
 }
 
+/// A chat message with what tool calling adds, as Hugging Face templates read it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+    /// An assistant's calls: `{"id","type":"function","function":{"name","arguments"}}`, the
+    /// arguments as an object (what templates print with `tojson`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// How a model family writes tool calls, read from its chat template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name":…,"arguments":…}</tool_call>` (Hermes, Qwen 2.5/3, SmolLM3, and
+    /// rbee's own prompt for templates that know no tools).
+    Hermes,
+    /// A bare `{"name":…,"parameters":…}` object (Llama 3.1+).
+    Llama3,
+    /// `[TOOL_CALLS][{"name":…,"arguments":…}]` (Mistral).
+    Mistral,
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// The template renders a `tools` variable itself.
+    native_tools: bool,
+    tool_format: ToolFormat,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -53,15 +83,50 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| EngineError::Template(format!("chat template does not parse: {e}")))?;
+        let tool_format = if source.contains("[TOOL_CALLS]") {
+            ToolFormat::Mistral
+        } else if source.contains("<|python_tag|>") || source.contains("ipython") {
+            ToolFormat::Llama3
+        } else {
+            ToolFormat::Hermes
+        };
         Ok(Self {
             env,
             bos: bos.to_owned(),
             eos: eos.to_owned(),
+            native_tools: source.contains("tools"),
+            tool_format,
         })
+    }
+
+    /// Whether the template shows tools to the model itself (else the caller describes them).
+    pub fn native_tools(&self) -> bool {
+        self.native_tools
+    }
+
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     /// Renders the conversation with the assistant's turn opened.
     pub fn render(&self, messages: &[Message<'_>]) -> Result<String, EngineError> {
+        self.render_with(messages, None)
+    }
+
+    /// Renders turns, with `tools` (OpenAI's tool objects) given to the template.
+    pub fn render_turns(
+        &self,
+        turns: &[Turn],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, EngineError> {
+        self.render_with(turns, tools)
+    }
+
+    fn render_with<M: Serialize>(
+        &self,
+        messages: &[M],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, EngineError> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -70,6 +135,7 @@ impl ChatTemplate {
         let rendered = tmpl.render_captured_to(
             context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => &self.bos,
                 eos_token => &self.eos,
@@ -148,6 +214,33 @@ mod tests {
             }])
             .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn tools_reach_templates_that_read_them() {
+        let t = ChatTemplate::new(
+            "{% if tools %}{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}\
+             {% for m in messages %}{{ m.role }}:{{ m.content }}\
+             {% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}{% endif %};{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(t.native_tools());
+        assert_eq!(t.tool_format(), ToolFormat::Hermes);
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "f"}})];
+        let turns = [Turn {
+            role: "assistant".into(),
+            tool_calls: Some(vec![serde_json::json!(
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+            )]),
+            ..Turn::default()
+        }];
+        let out = t.render_turns(&turns, Some(&tools)).unwrap();
+        assert_eq!(out, r#"f;assistant:{"a":1};"#);
+        assert!(!ChatTemplate::new(CHATML, "", "").unwrap().native_tools());
+        let mistral = ChatTemplate::new("{{ '[TOOL_CALLS]' }}{{ tools }}", "", "").unwrap();
+        assert_eq!(mistral.tool_format(), ToolFormat::Mistral);
     }
 
     #[test]

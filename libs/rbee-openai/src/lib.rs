@@ -1,6 +1,7 @@
 //! OpenAI-compatible wire types for the queen, as pure functions and types (no HTTP, no I/O).
 //!
-//! The queen's `/v1/chat/completions` and `/v1/completions` handlers:
+//! The queen's `/v1/chat/completions` and `/v1/completions` handlers (and `/v1/responses`, with
+//! [`ResponsesRequest`] and [`ResponsesStream`] in place of the chat types):
 //!
 //! 1. parse the body with [`ChatCompletionRequest::from_json`] / [`CompletionRequest::from_json`]
 //!    (or any serde JSON extractor) and turn it into the worker's request with `to_inference()`;
@@ -21,6 +22,7 @@
 pub mod error;
 pub mod request;
 pub mod response;
+pub mod responses;
 pub mod stream;
 
 pub use error::{
@@ -36,4 +38,5 @@ pub use response::{
     Completion, CompletionChoice, CompletionChunk, Delta, EndpointKind, ModelCard, ModelList,
     PromptTokensDetails, Usage, chat_completion_id, completion_id, finish_reason,
 };
+pub use responses::{ResponseEcho, ResponseObject, ResponsesRequest, ResponsesStream, response_id};
 pub use stream::{Aggregator, ChunkStream, TRUNCATED_STREAM_MESSAGE, sse_data};

@@ -8,7 +8,7 @@
 //! client never gets a silently different answer. Ranges of sampling values (temperature in
 //! [0, 2], …) are the worker's to check; only OpenAI-specific rules are checked here.
 
-use rbee_api::{ChatMessage, InferenceRequest};
+use rbee_api::{ChatMessage, FunctionCall, Grammar, InferenceRequest, Tool, ToolCall, ToolChoice};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Number, Value};
@@ -17,6 +17,9 @@ use crate::error::OpenAiError;
 
 /// `max_tokens` of a legacy completion that gives none, as OpenAI defines it.
 pub const COMPLETION_DEFAULT_MAX_TOKENS: u32 = 16;
+
+/// Most alternatives per token a legacy completion may ask for (OpenAI's limit).
+pub const MAX_COMPLETION_LOGPROBS: u64 = 5;
 
 /// Separator put between the text parts of one message's content array.
 pub const CONTENT_PART_SEPARATOR: &str = "\n";
@@ -99,18 +102,21 @@ pub struct ContentPart {
 /// One entry of `messages`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 pub struct RequestMessage {
-    /// `system`, `user`, `assistant`, or `developer` (served as `system`); `tool` and
-    /// `function` are refused.
+    /// `system`, `user`, `assistant`, `tool`, or `developer` (served as `system`); `function`
+    /// (the deprecated form of `tool`) is refused.
     pub role: String,
     /// Optional only for `assistant` messages (OpenAI allows `null` there).
     #[serde(default)]
     pub content: Option<MessageContent>,
-    /// Ignored.
+    /// Kept on `tool` messages (the function that answered); ignored on others.
     #[serde(default)]
     pub name: Option<String>,
-    /// Refused when non-empty: rbee does no tool calling.
+    /// An assistant's earlier calls: `[{"id","type":"function","function":{"name","arguments"}}]`.
     #[serde(default)]
     pub tool_calls: Option<Value>,
+    /// On a `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
     /// Refused when non-null.
     #[serde(default)]
     pub function_call: Option<Value>,
@@ -130,7 +136,7 @@ pub struct ChatCompletionRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
-    /// Only 1.
+    /// Answers to generate, 1–16 (checked by the worker).
     #[serde(default)]
     pub n: Option<u32>,
     #[serde(default)]
@@ -152,21 +158,27 @@ pub struct ChatCompletionRequest {
     /// Token id (this model's, as a string) → bias in [-100, 100] (checked by the worker).
     #[serde(default)]
     pub logit_bias: Option<Value>,
-    /// Only `false`.
+    /// Each token's log-probability in `choices[].logprobs.content`.
     #[serde(default)]
     pub logprobs: Option<bool>,
-    /// Only 0.
+    /// 0–20 alternatives per token; needs `logprobs: true`.
     #[serde(default)]
     pub top_logprobs: Option<u32>,
-    /// Only `{"type":"text"}`.
+    /// `{"type":"text"}`, `{"type":"json_object"}` or
+    /// `{"type":"json_schema","json_schema":{"name","schema","strict"}}`: the answer follows it.
     #[serde(default)]
     pub response_format: Option<Value>,
-    /// Only empty.
+    /// Function tools: `[{"type":"function","function":{"name","description","parameters"}}]`.
     #[serde(default)]
     pub tools: Option<Value>,
-    /// Only `"none"` or `"auto"` (which, without tools, are the same thing).
+    /// `"auto"` (default with tools), `"none"`, `"required"`, or
+    /// `{"type":"function","function":{"name"}}`; the last two constrain the arguments to the
+    /// function's schema.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// Whether an answer may hold several calls (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// Only empty (the deprecated form of `tools`).
     #[serde(default)]
     pub functions: Option<Value>,
@@ -224,7 +236,7 @@ pub struct CompletionRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
-    /// Only 1.
+    /// Answers to generate, 1–16 (checked by the worker).
     #[serde(default)]
     pub n: Option<u32>,
     #[serde(default)]
@@ -238,15 +250,18 @@ pub struct CompletionRequest {
     /// Only `false`.
     #[serde(default)]
     pub echo: Option<bool>,
-    /// Only null.
+    /// 0–5: each token's log-probability with this many alternatives.
     #[serde(default)]
     pub logprobs: Option<Value>,
     /// Only null or empty.
     #[serde(default)]
     pub suffix: Option<String>,
-    /// Only 1.
+    /// Only 1 or `n` (rbee returns every answer it generates).
     #[serde(default)]
     pub best_of: Option<u32>,
+    /// As on chat (an extension other servers share): the text follows it.
+    #[serde(default)]
+    pub response_format: Option<Value>,
     /// [-2, 2]: lowers every token generated so far, once (checked by the worker).
     #[serde(default)]
     pub presence_penalty: Option<f64>,
@@ -298,22 +313,19 @@ impl ChatCompletionRequest {
             .enumerate()
             .map(|(i, m)| convert_message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
-        only_one("n", self.n)?;
-        if self.logprobs == Some(true) {
-            return Err(OpenAiError::unsupported(
-                "logprobs",
-                "`logprobs` is not supported by rbee; leave it out or set it to false",
-            ));
-        }
-        if let Some(n) = self.top_logprobs.filter(|n| *n != 0) {
-            return Err(OpenAiError::unsupported(
-                "top_logprobs",
-                format!("`top_logprobs` is not supported by rbee; given: {n}"),
-            ));
-        }
-        check_response_format(self.response_format.as_ref())?;
-        empty_only("tools", self.tools.as_ref())?;
-        no_tool_choice("tool_choice", self.tool_choice.as_ref())?;
+        let logprobs = match (self.logprobs, self.top_logprobs) {
+            (Some(true), k) => Some(k.unwrap_or(0)),
+            (_, Some(k)) if k > 0 => {
+                return Err(OpenAiError::invalid(
+                    "top_logprobs",
+                    format!("`top_logprobs` needs `logprobs: true`; given: {k}"),
+                ));
+            }
+            _ => None,
+        };
+        let grammar = response_format(self.response_format.as_ref())?;
+        let tools = tools(self.tools.as_ref())?;
+        let tool_choice = tool_choice(self.tool_choice.as_ref())?;
         empty_only("functions", self.functions.as_ref())?;
         no_tool_choice("function_call", self.function_call.as_ref())?;
         if let Some(m) = &self.modalities
@@ -348,6 +360,12 @@ impl ChatCompletionRequest {
             logit_bias: logit_bias(self.logit_bias.as_ref())?,
             seed: seed(self.seed.as_ref())?,
             stop: self.stop.as_ref().and_then(Stop::to_vec),
+            logprobs,
+            n: self.n,
+            grammar,
+            tools,
+            tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
         })
     }
 }
@@ -403,20 +421,37 @@ impl CompletionRequest {
                 ));
             }
         };
-        only_one("n", self.n)?;
-        only_one("best_of", self.best_of)?;
+        if let Some(b) = self.best_of
+            && b != self.n.unwrap_or(1)
+        {
+            return Err(OpenAiError::unsupported(
+                "best_of",
+                format!(
+                    "`best_of` must equal `n` (rbee returns every answer it generates); given: {b}"
+                ),
+            ));
+        }
         if self.echo == Some(true) {
             return Err(OpenAiError::unsupported(
                 "echo",
                 "`echo` is not supported by rbee; leave it out or set it to false",
             ));
         }
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(OpenAiError::unsupported(
-                "logprobs",
-                "`logprobs` is not supported by rbee; leave it out or set it to null",
-            ));
-        }
+        let logprobs = match self.logprobs.as_ref().filter(|v| !v.is_null()) {
+            None => None,
+            Some(v) => match v.as_u64() {
+                Some(k) if k <= MAX_COMPLETION_LOGPROBS => Some(k as u32),
+                _ => {
+                    return Err(OpenAiError::invalid(
+                        "logprobs",
+                        format!(
+                            "`logprobs` must be an integer in [0, {MAX_COMPLETION_LOGPROBS}]; given: {}",
+                            truncate(&v.to_string())
+                        ),
+                    ));
+                }
+            },
+        };
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(OpenAiError::unsupported(
                 "suffix",
@@ -438,6 +473,12 @@ impl CompletionRequest {
             logit_bias: logit_bias(self.logit_bias.as_ref())?,
             seed: seed(self.seed.as_ref())?,
             stop: self.stop.as_ref().and_then(Stop::to_vec),
+            logprobs,
+            n: self.n,
+            grammar: response_format(self.response_format.as_ref())?,
+            tools: None,
+            tool_choice: None,
+            parallel_tool_calls: None,
         })
     }
 }
@@ -455,14 +496,14 @@ fn check_model(model: &str) -> Result<(), OpenAiError> {
 
 fn convert_message(i: usize, m: &RequestMessage) -> Result<ChatMessage, OpenAiError> {
     let role = match m.role.as_str() {
-        "system" | "user" | "assistant" => m.role.clone(),
+        "system" | "user" | "assistant" | "tool" => m.role.clone(),
         "developer" => "system".to_owned(),
-        "tool" | "function" => {
+        "function" => {
             return Err(OpenAiError::unsupported(
                 format!("messages[{i}].role"),
                 format!(
-                    "`messages[{i}].role` {:?} is not supported: rbee does no tool calling",
-                    m.role
+                    "`messages[{i}].role` \"function\" (deprecated) is not supported: send \
+                     tool results as \"tool\" messages"
                 ),
             ));
         }
@@ -470,19 +511,23 @@ fn convert_message(i: usize, m: &RequestMessage) -> Result<ChatMessage, OpenAiEr
             return Err(OpenAiError::invalid(
                 format!("messages[{i}].role"),
                 format!(
-                    "`messages[{i}].role` must be one of system, user, assistant, developer; \
-                     given: {:?}",
+                    "`messages[{i}].role` must be one of system, user, assistant, tool, \
+                     developer; given: {:?}",
                     truncate(other)
                 ),
             ));
         }
     };
-    if m.tool_calls.as_ref().is_some_and(non_empty) {
-        return Err(OpenAiError::unsupported(
-            format!("messages[{i}].tool_calls"),
-            format!("`messages[{i}].tool_calls` is not supported: rbee does no tool calling"),
-        ));
-    }
+    let tool_calls = match m.tool_calls.as_ref().filter(|v| non_empty(v)) {
+        None => None,
+        Some(_) if role != "assistant" => {
+            return Err(OpenAiError::invalid(
+                format!("messages[{i}].tool_calls"),
+                format!("`messages[{i}].tool_calls` belongs on assistant messages"),
+            ));
+        }
+        Some(v) => Some(history_calls(i, v)?),
+    };
     if m.function_call.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(OpenAiError::unsupported(
             format!("messages[{i}].function_call"),
@@ -506,7 +551,151 @@ fn convert_message(i: usize, m: &RequestMessage) -> Result<ChatMessage, OpenAiEr
             texts.join(CONTENT_PART_SEPARATOR)
         }
     };
-    Ok(ChatMessage { role, content })
+    let tool_call_id = m.tool_call_id.clone().filter(|_| role == "tool");
+    let name = m.name.clone().filter(|_| role == "tool");
+    Ok(ChatMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+        name,
+    })
+}
+
+/// An assistant's earlier calls; `arguments` may be a JSON text (OpenAI's form) or an object.
+fn history_calls(i: usize, v: &Value) -> Result<Vec<ToolCall>, OpenAiError> {
+    let param = format!("messages[{i}].tool_calls");
+    let bad = |what: &str| {
+        OpenAiError::invalid(
+            param.clone(),
+            format!(
+                "`{param}` must be an array of {{\"id\",\"type\":\"function\",\"function\":{{\"name\",\"arguments\"}}}}: {what}"
+            ),
+        )
+    };
+    let calls = v.as_array().ok_or_else(|| bad("not an array"))?;
+    calls
+        .iter()
+        .map(|c| {
+            let f = c
+                .get("function")
+                .ok_or_else(|| bad("a call lacks `function`"))?;
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("a call lacks `function.name`"))?;
+            let arguments = match f.get("arguments") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => "{}".to_owned(),
+            };
+            Ok(ToolCall {
+                id: c
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                kind: "function".to_owned(),
+                function: FunctionCall {
+                    name: name.to_owned(),
+                    arguments,
+                },
+            })
+        })
+        .collect()
+}
+
+/// `tools` as the worker takes them: function tools only.
+fn tools(v: Option<&Value>) -> Result<Option<Vec<Tool>>, OpenAiError> {
+    let Some(v) = v.filter(|v| non_empty(v)) else {
+        return Ok(None);
+    };
+    let list = v
+        .as_array()
+        .ok_or_else(|| OpenAiError::invalid("tools", "`tools` must be an array of tools"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let kind = t.get("type").and_then(Value::as_str).unwrap_or_default();
+        if kind != "function" {
+            return Err(OpenAiError::unsupported(
+                format!("tools[{i}].type"),
+                format!(
+                    "`tools[{i}].type` {:?} is not supported by rbee; only \"function\" tools are",
+                    truncate(kind)
+                ),
+            ));
+        }
+        let tool: Tool = serde_json::from_value(t.clone()).map_err(|e| {
+            OpenAiError::invalid(format!("tools[{i}]"), format!("`tools[{i}]`: {e}"))
+        })?;
+        out.push(tool);
+    }
+    Ok(Some(out))
+}
+
+fn tool_choice(v: Option<&Value>) -> Result<Option<ToolChoice>, OpenAiError> {
+    let bad = || {
+        OpenAiError::invalid(
+            "tool_choice",
+            "`tool_choice` must be \"auto\", \"none\", \"required\" or \
+             {\"type\":\"function\",\"function\":{\"name\":…}}",
+        )
+    };
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Ok(Some(ToolChoice::Auto)),
+            "none" => Ok(Some(ToolChoice::None)),
+            "required" => Ok(Some(ToolChoice::Required)),
+            _ => Err(bad()),
+        },
+        Some(o) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(bad)?;
+            Ok(Some(ToolChoice::Function(name.to_owned())))
+        }
+    }
+}
+
+/// `response_format` as a grammar: `json_object` any object, `json_schema` its `schema`.
+fn response_format(v: Option<&Value>) -> Result<Option<Grammar>, OpenAiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonObject)),
+        Some("json_schema") => {
+            let spec = v.get("json_schema").ok_or_else(|| {
+                OpenAiError::invalid(
+                    "response_format.json_schema",
+                    "`response_format.json_schema` is required with type \"json_schema\"",
+                )
+            })?;
+            let schema = match spec.get("schema") {
+                None | Some(Value::Null) => Value::Object(serde_json::Map::new()),
+                Some(s) if s.is_object() || s.is_boolean() => s.clone(),
+                Some(_) => {
+                    return Err(OpenAiError::invalid(
+                        "response_format.json_schema.schema",
+                        "`response_format.json_schema.schema` must be a JSON schema object",
+                    ));
+                }
+            };
+            Ok(Some(Grammar::JsonSchema { schema }))
+        }
+        other => Err(OpenAiError::invalid(
+            "response_format",
+            format!(
+                "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"; given: {}",
+                other.map_or_else(|| "none".to_owned(), |k| format!("{:?}", truncate(k)))
+            ),
+        )),
+    }
 }
 
 fn part_text(i: usize, j: usize, p: &ContentPart) -> Result<&str, OpenAiError> {
@@ -541,16 +730,6 @@ fn part_text(i: usize, j: usize, p: &ContentPart) -> Result<&str, OpenAiError> {
             p.kind
         ),
     ))
-}
-
-fn only_one(param: &str, v: Option<u32>) -> Result<(), OpenAiError> {
-    match v {
-        Some(n) if n != 1 => Err(OpenAiError::unsupported(
-            param,
-            format!("`{param}` must be 1 (rbee generates one choice per request); given: {n}"),
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// True for anything but `null`, `[]` and `{}`.
@@ -605,26 +784,6 @@ fn no_tool_choice(param: &str, v: Option<&Value>) -> Result<(), OpenAiError> {
             format!("`{param}` is not supported by rbee (no tool calling); leave it out"),
         )),
     }
-}
-
-fn check_response_format(v: Option<&Value>) -> Result<(), OpenAiError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Ok(());
-    };
-    let kind = v.get("type").and_then(Value::as_str);
-    if kind == Some("text") {
-        return Ok(());
-    }
-    Err(OpenAiError::unsupported(
-        "response_format",
-        format!(
-            "`response_format` {} is not supported by rbee; only {{\"type\":\"text\"}} is",
-            kind.map_or_else(
-                || "without a string `type`".to_owned(),
-                |k| format!("{k:?}")
-            )
-        ),
-    ))
 }
 
 fn seed(v: Option<&Number>) -> Result<Option<u64>, OpenAiError> {

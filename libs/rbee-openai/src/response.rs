@@ -5,7 +5,7 @@
 //! `stop_sequence`, `cancelled`, `deadline`), next to OpenAI's coarser `finish_reason`; the SDKs
 //! keep unknown fields.
 
-use rbee_api::StopReason;
+use rbee_api::{StopReason, TokenLogprob, ToolCall};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -74,29 +74,79 @@ impl Usage {
     }
 }
 
+/// OpenAI's `finish_reason` for an answer: `"tool_calls"` when it made calls, else
+/// [`finish_reason`].
+pub fn choice_finish_reason(stop: StopReason, called_tools: bool) -> &'static str {
+    if called_tools && stop == StopReason::Eos {
+        "tool_calls"
+    } else {
+        finish_reason(stop)
+    }
+}
+
 /// `choices[].message` of a chat completion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AssistantMessage {
     pub role: String,
-    pub content: String,
+    /// Null when the answer is only tool calls.
+    pub content: Option<String>,
     /// Always null (OpenAI's schema requires the field): rbee's models do not refuse in a
     /// separate channel.
     pub refusal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// `choices[].logprobs` of a chat completion or chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+    /// Always null (see [`AssistantMessage::refusal`]).
+    pub refusal: Option<Vec<TokenLogprob>>,
+}
+
+/// `choices[].logprobs` of a legacy completion: parallel arrays, one entry per token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Token → log-probability of the most likely tokens at each position.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Offset in characters of each token in the text (of this chunk, when streaming).
+    pub text_offset: Vec<u32>,
+}
+
+impl CompletionLogprobs {
+    /// Appends tokens whose text starts `offset` characters into the choice's text.
+    pub fn extend(&mut self, tokens: &[TokenLogprob], mut offset: u32) {
+        for t in tokens {
+            self.tokens.push(t.token.clone());
+            self.token_logprobs.push(t.logprob);
+            self.top_logprobs.push(
+                t.top_logprobs
+                    .iter()
+                    .map(|a| (a.token.clone(), a.logprob))
+                    .collect(),
+            );
+            self.text_offset.push(offset);
+            offset = offset.saturating_add(t.token.chars().count() as u32);
+        }
+    }
 }
 
 /// `choices[]` of a non-streaming chat completion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// Always null: rbee returns no log probabilities.
-    pub logprobs: Option<Value>,
+    /// Null unless `logprobs: true`.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: String,
     pub rbee_stop_reason: String,
 }
 
 /// A non-streaming chat completion, `object: "chat.completion"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatCompletion {
     pub id: String,
     pub object: String,
@@ -108,19 +158,19 @@ pub struct ChatCompletion {
 
 /// `choices[]` of a legacy completion, streamed or not. `finish_reason` is null on every chunk
 /// but the last.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompletionChoice {
     pub text: String,
     pub index: u32,
-    /// Always null: rbee returns no log probabilities.
-    pub logprobs: Option<Value>,
+    /// Null unless `logprobs` was asked for.
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbee_stop_reason: Option<String>,
 }
 
 /// A non-streaming legacy completion, `object: "text_completion"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Completion {
     pub id: String,
     pub object: String,
@@ -137,15 +187,28 @@ pub struct Delta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// One tool call in a chunk: rbee sends each call whole, in one delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ToolCallDelta {
+    /// The call's position among the answer's calls.
+    pub index: u32,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: rbee_api::FunctionCall,
 }
 
 /// `choices[]` of a chat chunk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    /// Always null: rbee returns no log probabilities.
-    pub logprobs: Option<Value>,
+    /// Null unless `logprobs: true`.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbee_stop_reason: Option<String>,
@@ -154,7 +217,7 @@ pub struct ChatChunkChoice {
 /// One streamed chunk: `object` is `"chat.completion.chunk"` with [`ChatChunkChoice`]s or
 /// `"text_completion"` with [`CompletionChoice`]s. `usage` is present only on the usage chunk
 /// (whose `choices` is empty).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Chunk<C> {
     pub id: String,
     pub object: String,

@@ -19,6 +19,7 @@ fn msg(role: &str, content: &str) -> ChatMessage {
     ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..ChatMessage::default()
     }
 }
 
@@ -183,13 +184,30 @@ fn image_and_audio_parts_are_refused_by_position() {
 }
 
 #[test]
-fn tool_and_unknown_roles_are_refused() {
-    let err = chat_err(json!({"model":"m","messages":[
+fn tool_messages_and_calls_go_to_the_worker_and_unknown_roles_are_refused() {
+    let inf = chat(json!({"model":"m","messages":[
         {"role":"user","content":"x"},
-        {"role":"tool","content":"42","tool_call_id":"call_1"}
-    ]}));
-    assert_refused(err, "messages[1].role", "tool");
-
+        {"role":"assistant","content":null,
+         "tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},
+        {"role":"tool","content":"42","tool_call_id":"c1"}
+    ],
+    "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],
+    "tool_choice":{"type":"function","function":{"name":"f"}},"parallel_tool_calls":false}))
+    .to_inference()
+    .unwrap();
+    let msgs = inf.messages.unwrap();
+    let call = &msgs[1].tool_calls.as_ref().unwrap()[0];
+    assert_eq!(
+        (call.id.as_str(), call.function.arguments.as_str()),
+        ("c1", r#"{"a":1}"#)
+    );
+    assert_eq!(msgs[2].tool_call_id.as_deref(), Some("c1"));
+    assert_eq!(inf.tools.unwrap()[0].function.name, "f");
+    assert_eq!(
+        inf.tool_choice,
+        Some(rbee_api::ToolChoice::Function("f".into()))
+    );
+    assert_eq!(inf.parallel_tool_calls, Some(false));
     let err =
         chat_err(json!({"model":"m","messages":[{"role":"function","content":"42","name":"f"}]}));
     assert_refused(err, "messages[0].role", "function");
@@ -198,11 +216,9 @@ fn tool_and_unknown_roles_are_refused() {
     assert_refused(err.clone(), "messages[0].role", "robot");
     assert!(matches!(err, OpenAiError::InvalidParameter { .. }));
 
-    let err = chat_err(
-        json!({"model":"m","messages":[{"role":"assistant","content":null,
-        "tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}]}),
-    );
-    assert_refused(err, "messages[0].tool_calls", "tool calling");
+    let err = chat_err(json!({"model":"m","messages":[{"role":"user","content":"x",
+        "tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}]}));
+    assert_refused(err, "messages[0].tool_calls", "assistant");
 
     let err = chat_err(json!({"model":"m","messages":[{"role":"user"}]}));
     assert_refused(err, "messages[0].content", "required");
@@ -299,33 +315,13 @@ fn logit_bias_goes_to_the_worker_and_an_empty_one_is_none() {
 #[test]
 fn every_chat_rejection_names_its_param() {
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("n", json!(2), "must be 1"),
-        ("n", json!(0), "must be 1"),
         ("logit_bias", json!({"50256": "ban"}), "logit_bias"),
         ("logit_bias", json!([50256]), "logit_bias"),
-        ("logprobs", json!(true), "logprobs"),
-        ("top_logprobs", json!(3), "top_logprobs"),
-        (
-            "response_format",
-            json!({"type":"json_object"}),
-            "json_object",
-        ),
-        (
-            "response_format",
-            json!({"type":"json_schema","json_schema":{"name":"x","schema":{}}}),
-            "json_schema",
-        ),
-        (
-            "tools",
-            json!([{"type":"function","function":{"name":"f","parameters":{}}}]),
-            "tools",
-        ),
-        ("tool_choice", json!("required"), "tool_choice"),
-        (
-            "tool_choice",
-            json!({"type":"function","function":{"name":"f"}}),
-            "tool_choice",
-        ),
+        ("top_logprobs", json!(3), "logprobs: true"),
+        ("response_format", json!({"type":"yaml"}), "json_schema"),
+        ("tools", json!({"f": 1}), "array"),
+        ("tool_choice", json!("always"), "required"),
+        ("tool_choice", json!({"type":"function"}), "function"),
         (
             "functions",
             json!([{"name":"f","parameters":{}}]),
@@ -338,6 +334,31 @@ fn every_chat_rejection_names_its_param() {
     ];
     for (param, value, needle) in cases {
         let err = chat_err(with(base_chat(), param, value.clone()));
+        assert_refused(err, param, needle);
+    }
+    // Nested parameters are named by their path.
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "response_format",
+            json!({"type":"json_schema"}),
+            "response_format.json_schema",
+            "required",
+        ),
+        (
+            "tools",
+            json!([{"type":"custom","custom":{}}]),
+            "tools[0].type",
+            "function",
+        ),
+        (
+            "tools",
+            json!([{"type":"function","function":{}}]),
+            "tools[0]",
+            "name",
+        ),
+    ];
+    for (key, value, param, needle) in cases {
+        let err = chat_err(with(base_chat(), key, value));
         assert_refused(err, param, needle);
     }
 }
@@ -424,7 +445,7 @@ fn completion_prompt_forms_and_default_max_tokens() {
     assert_eq!(
         serde_json::to_value(inf).unwrap(),
         json!({"prompt":"p","max_tokens":100,"temperature":0.0,"top_p":0.9,"top_k":5,"seed":3,"stop":["."],
-               "presence_penalty":0.0,"frequency_penalty":0.0})
+               "presence_penalty":0.0,"frequency_penalty":0.0,"n":1})
     );
 
     assert_refused(
@@ -458,11 +479,10 @@ fn every_completion_rejection_names_its_param() {
     let base = json!({"model":"m","prompt":"p"});
     let cases: Vec<(&str, Value, &str)> = vec![
         ("echo", json!(true), "echo"),
-        ("logprobs", json!(5), "logprobs"),
-        ("logprobs", json!(0), "logprobs"),
+        ("logprobs", json!(6), "[0, 5]"),
+        ("logprobs", json!(true), "integer"),
         ("suffix", json!("tail"), "suffix"),
-        ("best_of", json!(3), "must be 1"),
-        ("n", json!(2), "must be 1"),
+        ("best_of", json!(3), "must equal `n`"),
         ("logit_bias", json!({"1": null}), "logit_bias"),
         ("model", json!(" "), "model"),
     ];
@@ -470,6 +490,45 @@ fn every_completion_rejection_names_its_param() {
         let err = completion_err(with(base.clone(), param, value));
         assert_refused(err, param, needle);
     }
+}
+
+#[test]
+fn structured_output_logprobs_and_n_go_to_the_worker() {
+    let inf = chat(
+        json!({"model":"m","messages":[{"role":"user","content":"x"}],
+        "response_format":{"type":"json_schema","json_schema":{"name":"p","strict":true,
+            "schema":{"type":"object","properties":{"a":{"type":"integer"}}}}},
+        "logprobs":true,"top_logprobs":3,"n":3}),
+    )
+    .to_inference()
+    .unwrap();
+    assert_eq!(
+        inf.grammar,
+        Some(rbee_api::Grammar::JsonSchema {
+            schema: json!({"type":"object","properties":{"a":{"type":"integer"}}})
+        })
+    );
+    assert_eq!((inf.logprobs, inf.n), (Some(3), Some(3)));
+    let inf = chat(with(
+        base_chat(),
+        "response_format",
+        json!({"type":"json_object"}),
+    ))
+    .to_inference()
+    .unwrap();
+    assert_eq!(inf.grammar, Some(rbee_api::Grammar::JsonObject));
+    let inf = chat(with(base_chat(), "logprobs", json!(true)))
+        .to_inference()
+        .unwrap();
+    assert_eq!(inf.logprobs, Some(0));
+    let inf = completion(
+        json!({"model":"m","prompt":"p","logprobs":2,"n":2,"best_of":2,
+        "response_format":{"type":"json_object"}}),
+    )
+    .to_inference()
+    .unwrap();
+    assert_eq!((inf.logprobs, inf.n), (Some(2), Some(2)));
+    assert_eq!(inf.grammar, Some(rbee_api::Grammar::JsonObject));
 }
 
 #[test]
@@ -481,13 +540,13 @@ fn completion_stream_options() {
 
 #[test]
 fn refusals_render_as_openai_error_bodies() {
-    let err = chat_err(with(base_chat(), "n", json!(3)));
+    let err = chat_err(with(base_chat(), "top_logprobs", json!(3)));
     assert_eq!(
         err.to_body("req-9"),
         json!({"error":{
-            "message":"`n` must be 1 (rbee generates one choice per request); given: 3",
+            "message":"`top_logprobs` needs `logprobs: true`; given: 3",
             "type":"invalid_request_error",
-            "param":"n",
+            "param":"top_logprobs",
             "code":"INVALID_PARAMETER",
             "request_id":"req-9"
         }})

@@ -21,6 +21,8 @@ fn token(index: u32, text: &str) -> StreamEvent {
     StreamEvent::Token {
         index,
         text: text.into(),
+        choice: 0,
+        logprobs: vec![],
     }
 }
 
@@ -227,7 +229,7 @@ fn completion_stream() {
             json!("[DONE]"),
         ]
     );
-    let first = s.token_chunk("x");
+    let first = s.token_chunk(0, "x", &[]);
     let c: CompletionChunk = serde_json::from_str(&first).unwrap();
     assert_eq!(c.choices[0].text, "x");
 }

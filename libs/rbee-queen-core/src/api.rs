@@ -26,7 +26,9 @@ use crate::admin::{
 };
 pub use crate::auth::ClientName;
 use crate::auth::require_token;
-use crate::inference::{cancel, chat_completions, completions, native_inference, unix_secs};
+use crate::inference::{
+    cancel, chat_completions, completions, native_inference, responses, unix_secs,
+};
 use crate::respond::api_error;
 
 fn routes() -> Vec<Route<Shared>> {
@@ -47,6 +49,7 @@ fn routes() -> Vec<Route<Shared>> {
             post(chat_completions),
         ),
         r("POST", "/v1/completions", false, post(completions)),
+        r("POST", "/v1/responses", false, post(responses)),
         r("GET", "/v1/models", false, get(models)),
         r("GET", "/v1/models/{id}", false, get(model)),
         r("POST", "/v1/inference", false, post(native_inference)),

@@ -1,4 +1,4 @@
-//! The inference routes: OpenAI chat and completions (streamed as chunks or aggregated), the
+//! The inference routes: OpenAI chat, completions and responses (streamed or aggregated), the
 //! native SSE route, cancel; and the accounting when a response ends however it ends.
 
 use std::convert::Infallible;
@@ -18,7 +18,7 @@ use rbee_api::{
 use rbee_http::{ApiError, RequestId};
 use rbee_openai::{
     Aggregator, ChatCompletionRequest, ChunkStream, CompletionRequest, EndpointKind, OpenAiError,
-    sse_data,
+    ResponseEcho, ResponsesRequest, ResponsesStream, sse_data,
 };
 use serde_json::{Value, json};
 use tracing::{info, warn};
@@ -258,7 +258,17 @@ pub(crate) async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    openai_route(q, rid, client, headers, body, EndpointKind::Chat).await
+    openai_route(q, rid, client, headers, body, Api::Chat).await
+}
+
+pub(crate) async fn responses(
+    State(q): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    Extension(client): Extension<ClientName>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    openai_route(q, rid, client, headers, body, Api::Responses).await
 }
 
 pub(crate) async fn completions(
@@ -268,7 +278,25 @@ pub(crate) async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    openai_route(q, rid, client, headers, body, EndpointKind::Completion).await
+    openai_route(q, rid, client, headers, body, Api::Completion).await
+}
+
+/// Which OpenAI route a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Api {
+    Chat,
+    Completion,
+    Responses,
+}
+
+impl Api {
+    fn route(self) -> &'static str {
+        match self {
+            Api::Chat => "/v1/chat/completions",
+            Api::Completion => "/v1/completions",
+            Api::Responses => "/v1/responses",
+        }
+    }
 }
 
 /// What both OpenAI request kinds come down to.
@@ -278,6 +306,8 @@ pub(crate) struct OpenAiCall {
     stream: bool,
     include_usage: bool,
     user: Option<String>,
+    /// What a Responses answer repeats of its request.
+    echo: Option<ResponseEcho>,
 }
 
 /// The `user` field as the usage record keeps it: at most 256 characters.
@@ -287,9 +317,9 @@ fn end_user(user: &Option<String>) -> Option<String> {
         .map(|u| u.chars().take(256).collect())
 }
 
-pub(crate) fn parse_openai(kind: EndpointKind, body: &[u8]) -> Result<OpenAiCall, OpenAiError> {
+pub(crate) fn parse_openai(kind: Api, body: &[u8]) -> Result<OpenAiCall, OpenAiError> {
     match kind {
-        EndpointKind::Chat => {
+        Api::Chat => {
             let r = ChatCompletionRequest::from_json(body)?;
             Ok(OpenAiCall {
                 inference: r.to_inference()?,
@@ -297,15 +327,28 @@ pub(crate) fn parse_openai(kind: EndpointKind, body: &[u8]) -> Result<OpenAiCall
                 include_usage: r.include_usage(),
                 user: end_user(&r.user),
                 model: r.model,
+                echo: None,
             })
         }
-        EndpointKind::Completion => {
+        Api::Completion => {
             let r = CompletionRequest::from_json(body)?;
             Ok(OpenAiCall {
                 inference: r.to_inference()?,
                 stream: r.is_stream(),
                 include_usage: r.include_usage(),
                 user: end_user(&r.user),
+                model: r.model,
+                echo: None,
+            })
+        }
+        Api::Responses => {
+            let r = ResponsesRequest::from_json(body)?;
+            Ok(OpenAiCall {
+                inference: r.to_inference()?,
+                stream: r.is_stream(),
+                include_usage: false,
+                user: end_user(&r.user),
+                echo: Some(ResponseEcho::of(&r)),
                 model: r.model,
             })
         }
@@ -320,13 +363,10 @@ pub(crate) async fn openai_route(
     client: ClientName,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-    kind: EndpointKind,
+    kind: Api,
 ) -> Response {
     let accepted = Instant::now();
-    let route = match kind {
-        EndpointKind::Chat => "/v1/chat/completions",
-        EndpointKind::Completion => "/v1/completions",
-    };
+    let route = kind.route();
     let body = match rbee_http::read_json_body(&headers, body) {
         Ok(b) => b,
         Err(e) => {
@@ -364,18 +404,45 @@ pub(crate) async fn openai_route(
     };
     let mut finish = Finish::new(&q, route, &call.model, &client.0, &rid.0, &upstream, slot);
     finish.user = call.user.clone();
-    let id = match kind {
-        EndpointKind::Chat => rbee_openai::chat_completion_id(&rid.0),
-        EndpointKind::Completion => rbee_openai::completion_id(&rid.0),
+    let model = call.model;
+    let logprobs = call.inference.logprobs.is_some();
+    let choices = call.inference.n.unwrap_or(1) as usize;
+    let (endpoint, id) = match kind {
+        Api::Chat => (EndpointKind::Chat, rbee_openai::chat_completion_id(&rid.0)),
+        Api::Completion => (EndpointKind::Completion, rbee_openai::completion_id(&rid.0)),
+        Api::Responses => {
+            let echo = call
+                .echo
+                .unwrap_or_else(|| ResponseEcho::of(&ResponsesRequest::default()));
+            let id = rbee_openai::response_id(&rid.0);
+            if call.stream {
+                let mut events = ResponsesStream::new(&id, unix_secs(), &model, &echo);
+                return relay_stream(upstream, finish, move |ev| {
+                    let text = match ev {
+                        Some(ev) => events.on_event(ev),
+                        None => events.on_upstream_eof(),
+                    };
+                    (text, events.is_finished())
+                });
+            }
+            return aggregate(upstream, finish, &rid.0, move |agg| {
+                let r =
+                    agg.with_logprobs(logprobs)
+                        .into_response(&id, unix_secs(), &model, &echo)?;
+                Ok(serde_json::to_value(r).unwrap_or(Value::Null))
+            })
+            .await;
+        }
     };
     if call.stream {
-        let chunks = ChunkStream::new(id, unix_secs(), call.model, kind, call.include_usage)
-            .with_request_id(rid.0.clone());
+        let chunks = ChunkStream::new(id, unix_secs(), model, endpoint, call.include_usage)
+            .with_request_id(rid.0.clone())
+            .with_choices(choices);
         return openai_stream(upstream, chunks, finish);
     }
-    let model = call.model;
     aggregate(upstream, finish, &rid.0, move |agg| {
-        let value = match kind {
+        let agg = agg.with_logprobs(logprobs);
+        let value = match endpoint {
             EndpointKind::Chat => {
                 serde_json::to_value(agg.into_chat_completion(id, unix_secs(), model)?)
             }

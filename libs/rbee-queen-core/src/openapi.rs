@@ -5,6 +5,7 @@
 use rbee_api::{ErrorBody, HiveHeartbeat, InferenceRequest, StreamEvent};
 use rbee_openai::{
     ApiErrorBody, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelList,
+    ResponseObject, ResponsesRequest,
 };
 use schemars::JsonSchema;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
@@ -182,6 +183,15 @@ fn operation(g: &mut SchemaGenerator, method: &str, path: &str) -> Operation {
                 "openai",
                 Some(schema::<CompletionRequest>(g)),
                 Content::JsonOrSse(schema::<Completion>(g), object("text_completion chunk")),
+            )
+        },
+        ("POST", "/v1/responses") => Operation {
+            openai_errors: true,
+            ..op(
+                "OpenAI Responses API, stateless: a response, or its `response.*` events (`stream: true`)",
+                "openai",
+                Some(schema::<ResponsesRequest>(g)),
+                Content::JsonOrSse(schema::<ResponseObject>(g), object("response.* event")),
             )
         },
         ("GET", "/v1/models") => Operation {

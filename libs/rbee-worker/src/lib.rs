@@ -2,13 +2,14 @@
 //!
 //! [`serve`] takes a bound listener, loads the model off the async runtime (the port answers
 //! `/health` with `loading` meanwhile), reports readiness to the hive's ready URL, and serves
-//! one generation at a time as an SSE stream until shutdown. The binary only parses flags,
+//! generations (continuous batching over `--parallel` slots) as SSE streams until shutdown. The binary only parses flags,
 //! sets up logging and signals ([`TokenReload`] on SIGHUP), and calls [`serve`].
 
 pub mod confine;
 mod metrics;
 pub mod reload;
 mod server;
+pub mod tools;
 pub mod validate;
 
 pub use metrics::WorkerMetrics;

@@ -24,6 +24,7 @@ use rbee_api::{
 use rbee_auth::Token;
 use rbee_engine::{
     Engine, GenEvent, GenerationJob, GenerationParams, GenerationSummary, LoadOptions, StopReason,
+    ToolFormat,
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
@@ -32,7 +33,8 @@ use tracing::{error, info, warn};
 use crate::WorkerError;
 use crate::metrics::WorkerMetrics;
 use crate::reload::SharedToken;
-use crate::validate::{fit_to_context, validate};
+use crate::tools::CallParser;
+use crate::validate::{ModelFacts, fit_to_context, validate};
 use rbee_http::{ApiError, RequestId, Route, build_router, parse_deadline, presented_bearer};
 use rbee_lifecycle::Shutdown;
 
@@ -479,8 +481,15 @@ async fn start_inference(
             ApiError::new(codes::MODEL_LOADING, "the model is still loading").retry_after(2),
         );
     };
-    let (ctx, vocab) = (engine.info().context_length, engine.info().vocab_size);
-    let valid = validate(req, ctx, vocab, rand::random::<u64>())
+    let (native_tools, tool_format) = engine.tool_support();
+    let facts = ModelFacts {
+        context_length: engine.info().context_length,
+        vocab_size: engine.info().vocab_size,
+        native_tools,
+        tool_format,
+    };
+    let ctx = facts.context_length;
+    let valid = validate(req, facts, rand::random::<u64>())
         .map_err(|e| ApiError::new(codes::INVALID_PARAMETER, e.message))?;
 
     let permit = st.slots.clone().try_acquire_owned().map_err(|_| {
@@ -497,30 +506,43 @@ async fn start_inference(
         st.metrics.busy.set(&[], 1.0);
     }
     // Owns the permit from here on, so every way out (errors, a client that leaves while the
-    // prompt is tokenized) resets the busy gauge with it.
-    let release = SlotRelease {
+    // prompt is tokenized) resets the busy gauge with it. Shared by a request's answers: the
+    // slot is free when the last one is done.
+    let release = Arc::new(SlotRelease {
         _permit: permit,
         metrics: st.metrics.clone(),
-    };
+    });
 
     let prompt = valid.prompt.clone();
-    let tokenizing = engine.clone();
-    let tokens = tokio::task::spawn_blocking(move || tokenizing.prepare(&prompt))
-        .await
-        .map_err(|e| ApiError::new(codes::INTERNAL, e.to_string()))
-        .and_then(|r| {
-            r.map_err(|e| match e {
-                rbee_engine::EngineError::Template(m) => ApiError::new(
-                    codes::INVALID_PARAMETER,
-                    format!("`messages` rejected by the model's chat template: {m}"),
-                ),
-                other => ApiError::new(codes::INTERNAL, other.to_string()),
-            })
-        });
-    let tokens = match tokens {
-        Ok(t) => t,
-        Err(e) => return Err(e),
-    };
+    let grammar = valid.grammar.clone();
+    let n = valid.n;
+    let preparing = engine.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let tokens = preparing.prepare(&prompt)?;
+        let constraints = match &grammar {
+            Some(g) => (0..n)
+                .map(|_| preparing.compile_grammar(g).map(Some))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => (0..n).map(|_| None).collect(),
+        };
+        Ok::<_, rbee_engine::EngineError>((tokens, constraints))
+    })
+    .await
+    .map_err(|e| ApiError::new(codes::INTERNAL, e.to_string()))?
+    .map_err(|e| match e {
+        rbee_engine::EngineError::Template(m) => ApiError::new(
+            codes::INVALID_PARAMETER,
+            format!("`messages` rejected by the model's chat template: {m}"),
+        ),
+        rbee_engine::EngineError::Grammar(m) => ApiError::new(
+            codes::INVALID_PARAMETER,
+            format!(
+                "the grammar (`grammar`, `response_format` or a forced tool call's schema) is refused: {m}"
+            ),
+        ),
+        other => ApiError::new(codes::INTERNAL, other.to_string()),
+    })?;
+    let (tokens, constraints) = prepared;
     let max_tokens = match fit_to_context(tokens.len(), valid.max_tokens, ctx) {
         Ok(n) => n,
         Err(e) => return Err(ApiError::new(codes::CONTEXT_LENGTH_EXCEEDED, e.message)),
@@ -536,39 +558,53 @@ async fn start_inference(
     if st.grace_over.load(Ordering::SeqCst) {
         cancel.store(true, Ordering::SeqCst);
     }
-    let (tx, rx) = mpsc::unbounded_channel::<GenEvent>();
-    let sink = metered_sink(st.metrics.clone(), accepted_at, rid.to_owned(), tx);
-    let job = GenerationJob {
-        prompt_tokens: tokens,
-        params: GenerationParams {
-            max_tokens,
-            sampling: valid.sampling,
-            stop: valid.stop,
-            logprobs: None,
-        },
-        constraint: None,
-        cancel: cancel.clone(),
-        deadline,
-        accepted_at,
-        sink,
-        on_done: Some(Box::new(release)),
-    };
+    let (tx, rx) = mpsc::unbounded_channel::<(u32, GenEvent)>();
     let guard = InflightGuard {
         state: st.clone(),
         request_id: rid.to_owned(),
-        cancel,
+        cancel: cancel.clone(),
         finished: false,
     };
-    if let Err(e) = engine.submit(job) {
-        return Err(ApiError::new(codes::INFERENCE_FAILED, e.to_string()));
+    for (choice, constraint) in constraints.into_iter().enumerate() {
+        let mut sampling = valid.sampling.clone();
+        // Each answer draws on its own: seeds follow one another from the request's.
+        sampling.seed = sampling.seed.wrapping_add(choice as u64);
+        let sink = metered_sink(
+            st.metrics.clone(),
+            accepted_at,
+            rid.to_owned(),
+            choice as u32,
+            tx.clone(),
+        );
+        let job = GenerationJob {
+            prompt_tokens: tokens.clone(),
+            params: GenerationParams {
+                max_tokens,
+                sampling,
+                stop: valid.stop.clone(),
+                logprobs: valid.logprobs,
+            },
+            constraint,
+            cancel: cancel.clone(),
+            deadline,
+            accepted_at,
+            sink,
+            on_done: Some(Box::new(release.clone())),
+        };
+        if let Err(e) = engine.submit(job) {
+            cancel.store(true, Ordering::SeqCst);
+            return Err(ApiError::new(codes::INFERENCE_FAILED, e.to_string()));
+        }
     }
-    info!(request_id = %rid, prompt_tokens, max_tokens, "generation queued");
+    drop(release);
+    info!(request_id = %rid, prompt_tokens, max_tokens, n, "generation queued");
     let started = StreamEvent::Started {
         request_id: rid.to_owned(),
         model: engine.info().name.clone(),
         prompt_tokens: prompt_tokens as u32,
     };
-    let stream = event_stream(started, rx, guard);
+    let choices = Choices::new(n, valid.call_format);
+    let stream = event_stream(started, rx, guard, choices);
     let mut resp = Response::new(axum::body::Body::from_stream(stream));
     let headers = resp.headers_mut();
     headers.insert(
@@ -626,7 +662,8 @@ fn metered_sink(
     m: WorkerMetrics,
     accepted_at: Instant,
     request_id: String,
-    tx: mpsc::UnboundedSender<GenEvent>,
+    choice: u32,
+    tx: mpsc::UnboundedSender<(u32, GenEvent)>,
 ) -> Box<dyn FnMut(GenEvent) -> bool + Send> {
     // (when, token index) of the last event seen, for per-token latency.
     let mut last: Option<(Instant, usize)> = None;
@@ -679,7 +716,7 @@ fn metered_sink(
                 error!(request_id = %request_id, error = %e, "generation failed");
             }
         }
-        tx.send(ev).is_ok()
+        tx.send((choice, ev)).is_ok()
     })
 }
 
@@ -715,58 +752,168 @@ enum Phase {
     Closed,
 }
 
-/// `started` → `token`… → `end` | `error` → `[DONE]`. A stream that loses its engine without
-/// a result ends with an `error` event, never a silent truncation.
+/// Where each of a request's answers stands.
+struct Choices {
+    n: usize,
+    left: usize,
+    /// Tool calls held back and parsed, per answer.
+    parsers: Vec<Option<CallParser>>,
+    first: Option<GenerationSummary>,
+    completion_tokens: usize,
+}
+
+impl Choices {
+    fn new(n: usize, call_format: Option<ToolFormat>) -> Self {
+        Self {
+            n,
+            left: n,
+            parsers: (0..n).map(|_| call_format.map(CallParser::new)).collect(),
+            first: None,
+            completion_tokens: 0,
+        }
+    }
+
+    /// The wire events for one engine event; `true` once the request is over.
+    fn on_event(&mut self, choice: u32, ev: GenEvent) -> (Vec<StreamEvent>, bool) {
+        let parser = self
+            .parsers
+            .get_mut(choice as usize)
+            .and_then(Option::as_mut);
+        match ev {
+            GenEvent::FirstToken => (vec![], false),
+            GenEvent::Text {
+                index,
+                text,
+                logprobs,
+            } => {
+                let text = match parser {
+                    Some(p) => p.push(&text),
+                    None => text,
+                };
+                if text.is_empty() && logprobs.is_empty() {
+                    return (vec![], false);
+                }
+                let token = StreamEvent::Token {
+                    index: index as u32,
+                    text,
+                    choice,
+                    logprobs: logprobs.into_iter().map(wire_logprob).collect(),
+                };
+                (vec![token], false)
+            }
+            GenEvent::Finished(s) => {
+                let mut out = Vec::new();
+                if let Some(p) = self.parsers.get_mut(choice as usize).and_then(Option::take) {
+                    let (tail, calls) = p.finish();
+                    if !tail.is_empty() {
+                        out.push(StreamEvent::Token {
+                            index: s.completion_tokens.saturating_sub(1) as u32,
+                            text: tail,
+                            choice,
+                            logprobs: vec![],
+                        });
+                    }
+                    if !calls.is_empty() {
+                        out.push(StreamEvent::ToolCalls { choice, calls });
+                    }
+                }
+                if self.n > 1 {
+                    out.push(StreamEvent::ChoiceEnd {
+                        choice,
+                        stop_reason: wire_reason(s.stop_reason),
+                        completion_tokens: s.completion_tokens as u32,
+                    });
+                }
+                self.completion_tokens += s.completion_tokens;
+                self.left = self.left.saturating_sub(1);
+                if choice == 0 {
+                    self.first = Some(s);
+                }
+                if self.left > 0 {
+                    return (out, false);
+                }
+                if let Some(first) = &self.first {
+                    let mut total = first.clone();
+                    total.completion_tokens = self.completion_tokens;
+                    out.push(end_event(&total));
+                }
+                (out, true)
+            }
+            GenEvent::Failed(e) => (
+                vec![StreamEvent::Error {
+                    code: codes::INFERENCE_FAILED,
+                    message: e.to_string(),
+                }],
+                true,
+            ),
+        }
+    }
+}
+
+fn wire_logprob(t: rbee_engine::TokenLogprob) -> rbee_api::TokenLogprob {
+    rbee_api::TokenLogprob {
+        token: t.chosen.text,
+        logprob: t.chosen.logprob,
+        bytes: t.chosen.bytes,
+        top_logprobs: t
+            .top
+            .into_iter()
+            .map(|a| rbee_api::TopLogprob {
+                token: a.text,
+                logprob: a.logprob,
+                bytes: a.bytes,
+            })
+            .collect(),
+    }
+}
+
+/// `started` → `token`… (and `tool_calls`, `choice_end`) → `end` | `error` → `[DONE]`. A
+/// stream that loses its engine without a result ends with an `error` event, never a silent
+/// truncation.
 fn event_stream(
     started: StreamEvent,
-    rx: mpsc::UnboundedReceiver<GenEvent>,
+    rx: mpsc::UnboundedReceiver<(u32, GenEvent)>,
     guard: InflightGuard,
+    choices: Choices,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     futures_util::stream::unfold(
-        (Phase::Start(started), rx, guard),
-        |(phase, mut rx, mut guard)| async move {
+        (Phase::Start(started), rx, guard, choices),
+        |(phase, mut rx, mut guard, mut choices)| async move {
             match phase {
-                Phase::Start(ev) => Some((Ok(sse_json(&ev)), (Phase::Running, rx, guard))),
+                Phase::Start(ev) => Some((Ok(sse_json(&ev)), (Phase::Running, rx, guard, choices))),
                 Phase::Running => loop {
                     let Ok(next) = tokio::time::timeout(KEEP_ALIVE_EVERY, rx.recv()).await else {
                         let ping = Bytes::from_static(sse::KEEP_ALIVE.as_bytes());
-                        break Some((Ok(ping), (Phase::Running, rx, guard)));
+                        break Some((Ok(ping), (Phase::Running, rx, guard, choices)));
                     };
-                    let ev = match next {
-                        Some(GenEvent::FirstToken) => continue,
-                        Some(GenEvent::Text { index, text, .. }) => StreamEvent::Token {
-                            index: index as u32,
-                            text,
-                        },
-                        Some(GenEvent::Finished(s)) => {
-                            guard.finished = true;
-                            end_event(&s)
-                        }
-                        Some(GenEvent::Failed(e)) => {
-                            guard.finished = true;
-                            StreamEvent::Error {
-                                code: codes::INFERENCE_FAILED,
-                                message: e.to_string(),
-                            }
-                        }
-                        None => {
-                            guard.finished = true;
-                            StreamEvent::Error {
+                    let (events, over) = match next {
+                        Some((choice, ev)) => choices.on_event(choice, ev),
+                        None => (
+                            vec![StreamEvent::Error {
                                 code: codes::INFERENCE_FAILED,
                                 message: "the inference thread ended without a result".into(),
-                            }
-                        }
+                            }],
+                            true,
+                        ),
                     };
-                    let next = if matches!(ev, StreamEvent::Token { .. }) {
-                        Phase::Running
-                    } else {
-                        Phase::Done
-                    };
-                    break Some((Ok(sse_json(&ev)), (next, rx, guard)));
+                    if over {
+                        // A failed answer stops its siblings too.
+                        guard.cancel.store(true, Ordering::SeqCst);
+                        guard.finished = true;
+                    }
+                    if events.is_empty() {
+                        continue;
+                    }
+                    let mut bytes = Vec::new();
+                    for ev in &events {
+                        bytes.extend_from_slice(&sse_json(ev));
+                    }
+                    let next = if over { Phase::Done } else { Phase::Running };
+                    break Some((Ok(Bytes::from(bytes)), (next, rx, guard, choices)));
                 },
                 Phase::Done => Some((
                     Ok(Bytes::from(sse::encode_done())),
-                    (Phase::Closed, rx, guard),
+                    (Phase::Closed, rx, guard, choices),
                 )),
                 Phase::Closed => None,
             }

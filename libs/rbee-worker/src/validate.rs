@@ -1,11 +1,15 @@
 //! Turns a client's `InferenceRequest` into engine parameters, or a 400 that names the field,
 //! the limit and the value given.
 
-use rbee_api::InferenceRequest;
-use rbee_engine::{Prompt, SamplingParams};
+use rbee_api::{InferenceRequest, ToolChoice};
+use rbee_engine::{Grammar, MAX_TOP_LOGPROBS, Prompt, SamplingParams, ToolFormat};
+
+use crate::tools;
 
 /// Roles the chat endpoint accepts.
-pub const ROLES: &[&str] = &["system", "user", "assistant"];
+pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+/// Most answers one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
 pub const MAX_STOP_SEQUENCES: usize = 8;
 pub const MAX_STOP_BYTES: usize = 128;
 pub const MAX_MESSAGES: usize = 1024;
@@ -33,14 +37,45 @@ pub struct ValidRequest {
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Alternatives per token, when log-probabilities were asked for.
+    pub logprobs: Option<usize>,
+    /// Answers to generate.
+    pub n: usize,
+    /// What every answer must follow (asked for, or a forced tool call's).
+    pub grammar: Option<Grammar>,
+    /// Parse tool calls out of the answers, written this way.
+    pub call_format: Option<ToolFormat>,
+}
+
+/// What validation needs to know of the loaded model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelFacts {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// The chat template shows tools itself.
+    pub native_tools: bool,
+    pub tool_format: ToolFormat,
 }
 
 pub fn validate(
     req: InferenceRequest,
-    context_length: usize,
-    vocab_size: usize,
+    model: ModelFacts,
     random_seed: u64,
 ) -> Result<ValidRequest, ValidationError> {
+    let ModelFacts {
+        context_length,
+        vocab_size,
+        ..
+    } = model;
+    let tool_list = req.tools.clone().unwrap_or_default();
+    let choice = req.tool_choice.clone().unwrap_or(ToolChoice::Auto);
+    tools::check(&tool_list, req.tool_choice.as_ref(), req.messages.is_some())
+        .map_err(|(field, m)| invalid(field, m))?;
+    let shown: &[rbee_api::Tool] = if choice == ToolChoice::None {
+        &[]
+    } else {
+        &tool_list
+    };
     let prompt = match (req.prompt, req.messages) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -88,13 +123,26 @@ pub fn validate(
                     ));
                 }
             }
-            if msgs.iter().all(|m| m.content.is_empty()) {
+            if msgs
+                .iter()
+                .all(|m| m.content.is_empty() && m.tool_calls.is_none())
+            {
                 return Err(invalid(
                     "messages",
                     "`messages` must not all be empty".into(),
                 ));
             }
-            Prompt::Chat(msgs.into_iter().map(|m| (m.role, m.content)).collect())
+            let plain = msgs.iter().all(|m| {
+                m.role != "tool"
+                    && m.tool_calls.is_none()
+                    && m.tool_call_id.is_none()
+                    && m.name.is_none()
+            });
+            if plain && shown.is_empty() {
+                Prompt::Chat(msgs.into_iter().map(|m| (m.role, m.content)).collect())
+            } else {
+                tools::conversation(msgs, shown, model.native_tools)
+            }
         }
     };
 
@@ -196,7 +244,48 @@ pub fn validate(
             ));
         }
     }
+    let logprobs = match req.logprobs {
+        Some(k) if k as usize > MAX_TOP_LOGPROBS => {
+            return Err(invalid(
+                "logprobs",
+                format!("`logprobs` must be in [0, {MAX_TOP_LOGPROBS}]; given: {k}"),
+            ));
+        }
+        k => k.map(|k| k as usize),
+    };
+    let n = req.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(invalid(
+            "n",
+            format!("`n` must be in [1, {MAX_CHOICES}]; given: {n}"),
+        ));
+    }
+    let forced = tools::forced_call_grammar(
+        model.tool_format,
+        &tool_list,
+        &choice,
+        req.parallel_tool_calls.unwrap_or(true),
+    );
+    let grammar = match (req.grammar, forced) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "grammar",
+                "`grammar` and a forced tool call (`tool_choice` \"required\" or a function) cannot be combined".into(),
+            ));
+        }
+        (Some(g), None) => Some(match g {
+            rbee_api::Grammar::JsonObject => Grammar::JsonObject,
+            rbee_api::Grammar::JsonSchema { schema } => Grammar::JsonSchema(schema),
+            rbee_api::Grammar::Lark { grammar } => Grammar::Lark(grammar),
+            rbee_api::Grammar::Regex { pattern } => Grammar::Regex(pattern),
+        }),
+        (None, forced) => forced,
+    };
     Ok(ValidRequest {
+        logprobs,
+        n: n as usize,
+        grammar,
+        call_format: (!shown.is_empty()).then_some(model.tool_format),
         prompt,
         max_tokens,
         sampling: SamplingParams {
@@ -304,6 +393,12 @@ mod tests {
 
     const CTX: usize = 8192;
     const VOCAB: usize = 49152;
+    const MODEL: ModelFacts = ModelFacts {
+        context_length: CTX,
+        vocab_size: VOCAB,
+        native_tools: false,
+        tool_format: ToolFormat::Hermes,
+    };
 
     fn prompt(p: &str) -> InferenceRequest {
         InferenceRequest {
@@ -313,12 +408,12 @@ mod tests {
     }
 
     fn err(req: InferenceRequest) -> ValidationError {
-        validate(req, CTX, VOCAB, 1).unwrap_err()
+        validate(req, MODEL, 1).unwrap_err()
     }
 
     #[test]
     fn a_plain_prompt_gets_defaults() {
-        let v = validate(prompt("hi"), CTX, VOCAB, 99).unwrap();
+        let v = validate(prompt("hi"), MODEL, 99).unwrap();
         assert_eq!(v.prompt, Prompt::Text("hi".into()));
         assert_eq!(v.sampling.temperature, 1.0);
         assert_eq!(v.sampling.seed, 99);
@@ -349,10 +444,12 @@ mod tests {
                 ChatMessage {
                     role: "user".into(),
                     content: "a".into(),
+                    ..ChatMessage::default()
                 },
                 ChatMessage {
                     role: "robot".into(),
                     content: "b".into(),
+                    ..ChatMessage::default()
                 },
             ]),
             ..InferenceRequest::default()

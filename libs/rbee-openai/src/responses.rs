@@ -1,0 +1,885 @@
+//! OpenAI's Responses API (`POST /v1/responses`), stateless: a request becomes the worker's
+//! [`InferenceRequest`], and worker events become a `response` object or its stream of
+//! `response.*` events.
+//!
+//! Nothing is stored: `previous_response_id` and `conversation` are refused (send the history
+//! as `input` items), `store` is accepted and ignored. `input` is a string or items: messages
+//! (`input_text` / `output_text` parts), `function_call` and `function_call_output`.
+
+use rbee_api::{
+    ChatMessage, FunctionCall, FunctionDef, Grammar, InferenceRequest, StopReason, StreamEvent,
+    TokenLogprob, Tool, ToolCall, ToolChoice, codes,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::error::OpenAiError;
+use crate::stream::{Aggregator, TRUNCATED_STREAM_MESSAGE};
+
+pub const OBJECT_RESPONSE: &str = "response";
+/// `include` entry that asks for the output text's log-probabilities.
+pub const INCLUDE_LOGPROBS: &str = "message.output_text.logprobs";
+
+/// The `id` of a response for a request id: `resp_<request id>`.
+pub fn response_id(request_id: &str) -> String {
+    format!("resp_{request_id}")
+}
+
+/// `input`: a string (one user message) or an array of items.
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(untagged, expecting = "a string or an array of input items")]
+pub enum ResponsesInput {
+    Text(String),
+    Items(Vec<Value>),
+}
+
+/// `POST /v1/responses`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+pub struct ResponsesRequest {
+    pub model: String,
+    /// Required.
+    #[serde(default)]
+    pub input: Option<ResponsesInput>,
+    /// A system message put before `input`.
+    #[serde(default)]
+    pub instructions: Option<String>,
+    #[serde(default)]
+    pub max_output_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Function tools `{"type":"function","name","description","parameters","strict"}`.
+    #[serde(default)]
+    pub tools: Option<Value>,
+    /// `auto`, `none`, `required` or `{"type":"function","name"}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"format":{"type":"text"|"json_object"|"json_schema","name","schema","strict"}}`.
+    #[serde(default)]
+    pub text: Option<Value>,
+    /// 0–20 alternatives per token, with `include: ["message.output_text.logprobs"]`.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub include: Option<Vec<String>>,
+    /// Refused: rbee stores no responses.
+    #[serde(default)]
+    pub previous_response_id: Option<String>,
+    /// Refused: rbee stores no conversations.
+    #[serde(default)]
+    pub conversation: Option<Value>,
+    /// Only false.
+    #[serde(default)]
+    pub background: Option<bool>,
+    /// Accepted and ignored (nothing is stored).
+    #[serde(default)]
+    pub store: Option<bool>,
+    /// Echoed in the response.
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    /// Only `"disabled"` (a prompt over the context is refused, not cut).
+    #[serde(default)]
+    pub truncation: Option<String>,
+    /// The client's own end user: kept in the usage record.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// rbee extension, as on chat.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn invalid(param: impl Into<String>, message: impl Into<String>) -> OpenAiError {
+    OpenAiError::invalid(param, message)
+}
+
+impl ResponsesRequest {
+    pub fn from_json(body: &[u8]) -> Result<Self, OpenAiError> {
+        crate::request::parse_json(body)
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    fn wants_logprobs(&self) -> bool {
+        self.include
+            .as_ref()
+            .is_some_and(|i| i.iter().any(|s| s == INCLUDE_LOGPROBS))
+    }
+
+    /// The worker request, or the first parameter rbee refuses.
+    pub fn to_inference(&self) -> Result<InferenceRequest, OpenAiError> {
+        if self.model.trim().is_empty() {
+            return Err(invalid("model", "`model` must not be empty"));
+        }
+        if self.previous_response_id.is_some() || self.conversation.is_some() {
+            let param = if self.previous_response_id.is_some() {
+                "previous_response_id"
+            } else {
+                "conversation"
+            };
+            return Err(OpenAiError::unsupported(
+                param,
+                format!(
+                    "`{param}` is not supported: rbee stores no responses; send the history as `input` items"
+                ),
+            ));
+        }
+        if self.background == Some(true) {
+            return Err(OpenAiError::unsupported(
+                "background",
+                "`background` responses are not supported by rbee",
+            ));
+        }
+        if let Some(t) = self.truncation.as_deref().filter(|t| *t != "disabled") {
+            return Err(OpenAiError::unsupported(
+                "truncation",
+                format!(
+                    "`truncation` {t:?} is not supported: rbee refuses a prompt over the context (\"disabled\")"
+                ),
+            ));
+        }
+        let mut messages = Vec::new();
+        if let Some(i) = self.instructions.as_ref().filter(|i| !i.is_empty()) {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: i.clone(),
+                ..ChatMessage::default()
+            });
+        }
+        match &self.input {
+            None => return Err(invalid("input", "`input` is required")),
+            Some(ResponsesInput::Text(t)) => messages.push(ChatMessage {
+                role: "user".into(),
+                content: t.clone(),
+                ..ChatMessage::default()
+            }),
+            Some(ResponsesInput::Items(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    input_item(i, item, &mut messages)?;
+                }
+            }
+        }
+        let logprobs = match (self.wants_logprobs(), self.top_logprobs) {
+            (true, k) => Some(k.unwrap_or(0)),
+            (false, Some(k)) if k > 0 => Some(k),
+            _ => None,
+        };
+        Ok(InferenceRequest {
+            messages: Some(messages),
+            max_tokens: self.max_output_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            logprobs,
+            grammar: text_format(self.text.as_ref())?,
+            tools: tools(self.tools.as_ref())?,
+            tool_choice: tool_choice(self.tool_choice.as_ref())?,
+            parallel_tool_calls: self.parallel_tool_calls,
+            ..InferenceRequest::default()
+        })
+    }
+}
+
+/// One `input` item appended as chat messages (consecutive calls join one assistant turn).
+fn input_item(i: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Result<(), OpenAiError> {
+    let param = format!("input[{i}]");
+    let kind = item
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message");
+    let str_field = |name: &str| -> Result<String, OpenAiError> {
+        item.get(name)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                invalid(
+                    format!("{param}.{name}"),
+                    format!("`{param}.{name}` is required (a string)"),
+                )
+            })
+    };
+    match kind {
+        "message" => {
+            let role = str_field("role")?;
+            let role = match role.as_str() {
+                "user" | "assistant" | "system" => role,
+                "developer" => "system".into(),
+                other => {
+                    return Err(invalid(
+                        format!("{param}.role"),
+                        format!(
+                            "`{param}.role` must be user, assistant, system or developer; given: {other:?}"
+                        ),
+                    ));
+                }
+            };
+            let content = match item.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut texts = Vec::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        let pk = p.get("type").and_then(Value::as_str).unwrap_or_default();
+                        match pk {
+                            "input_text" | "output_text" | "text" => texts.push(
+                                p.get("text")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default()
+                                    .to_owned(),
+                            ),
+                            "refusal" => {}
+                            other => {
+                                return Err(OpenAiError::unsupported(
+                                    format!("{param}.content[{j}]"),
+                                    format!(
+                                        "`{param}.content[{j}]` is {other:?} content, which rbee does not support: its models read text only"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    texts.join(crate::CONTENT_PART_SEPARATOR)
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("{param}.content"),
+                        format!("`{param}.content` must be a string or an array of parts"),
+                    ));
+                }
+            };
+            out.push(ChatMessage {
+                role,
+                content,
+                ..ChatMessage::default()
+            });
+        }
+        "function_call" => {
+            let call = ToolCall {
+                id: str_field("call_id")?,
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: str_field("name")?,
+                    arguments: str_field("arguments")?,
+                },
+            };
+            match out.last_mut() {
+                Some(m) if m.role == "assistant" => {
+                    m.tool_calls.get_or_insert_with(Vec::new).push(call)
+                }
+                _ => out.push(ChatMessage {
+                    role: "assistant".into(),
+                    tool_calls: Some(vec![call]),
+                    ..ChatMessage::default()
+                }),
+            }
+        }
+        "function_call_output" => {
+            let output = match item.get("output") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => {
+                    return Err(invalid(
+                        format!("{param}.output"),
+                        format!("`{param}.output` is required"),
+                    ));
+                }
+            };
+            out.push(ChatMessage {
+                role: "tool".into(),
+                content: output,
+                tool_call_id: Some(str_field("call_id")?),
+                ..ChatMessage::default()
+            });
+        }
+        // Reasoning items of other servers' models carry nothing this model can read.
+        "reasoning" => {}
+        other => {
+            return Err(OpenAiError::unsupported(
+                format!("{param}.type"),
+                format!(
+                    "`{param}.type` {other:?} is not supported by rbee; items may be message, function_call or function_call_output"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn tools(v: Option<&Value>) -> Result<Option<Vec<Tool>>, OpenAiError> {
+    let Some(list) = v.and_then(Value::as_array).filter(|l| !l.is_empty()) else {
+        return match v {
+            None | Some(Value::Null) | Some(Value::Array(_)) => Ok(None),
+            Some(_) => Err(invalid("tools", "`tools` must be an array")),
+        };
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let kind = t.get("type").and_then(Value::as_str).unwrap_or_default();
+            if kind != "function" {
+                return Err(OpenAiError::unsupported(
+                    format!("tools[{i}].type"),
+                    format!("`tools[{i}].type` {kind:?} is not supported by rbee; only \"function\" tools are"),
+                ));
+            }
+            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
+                invalid(format!("tools[{i}].name"), format!("`tools[{i}].name` is required"))
+            })?;
+            Ok(Tool {
+                kind: "function".into(),
+                function: FunctionDef {
+                    name: name.to_owned(),
+                    description: t.get("description").and_then(Value::as_str).map(str::to_owned),
+                    parameters: t.get("parameters").filter(|p| !p.is_null()).cloned(),
+                    strict: t.get("strict").and_then(Value::as_bool),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn tool_choice(v: Option<&Value>) -> Result<Option<ToolChoice>, OpenAiError> {
+    let bad = || {
+        invalid(
+            "tool_choice",
+            "`tool_choice` must be \"auto\", \"none\", \"required\" or {\"type\":\"function\",\"name\":…}",
+        )
+    };
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Ok(Some(ToolChoice::Auto)),
+            "none" => Ok(Some(ToolChoice::None)),
+            "required" => Ok(Some(ToolChoice::Required)),
+            _ => Err(bad()),
+        },
+        Some(o) if o.get("type").and_then(Value::as_str) == Some("function") => o
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|n| Some(ToolChoice::Function(n.to_owned())))
+            .ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn text_format(v: Option<&Value>) -> Result<Option<Grammar>, OpenAiError> {
+    let Some(format) = v.and_then(|t| t.get("format")).filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonObject)),
+        Some("json_schema") => match format.get("schema") {
+            Some(s) if s.is_object() => Ok(Some(Grammar::JsonSchema { schema: s.clone() })),
+            _ => Err(invalid(
+                "text.format.schema",
+                "`text.format.schema` is required with type \"json_schema\" (a JSON schema object)",
+            )),
+        },
+        other => Err(invalid(
+            "text.format.type",
+            format!(
+                "`text.format.type` must be \"text\", \"json_object\" or \"json_schema\"; given: {other:?}"
+            ),
+        )),
+    }
+}
+
+/// What a response repeats of its request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseEcho {
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub parallel_tool_calls: bool,
+    pub tool_choice: Value,
+    pub tools: Value,
+    pub text: Value,
+    pub metadata: Value,
+    pub store: bool,
+    pub user: Option<String>,
+    pub top_logprobs: Option<u32>,
+}
+
+impl ResponseEcho {
+    pub fn of(r: &ResponsesRequest) -> Self {
+        Self {
+            instructions: r.instructions.clone(),
+            max_output_tokens: r.max_output_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            parallel_tool_calls: r.parallel_tool_calls.unwrap_or(true),
+            tool_choice: r.tool_choice.clone().unwrap_or_else(|| json!("auto")),
+            tools: r
+                .tools
+                .clone()
+                .filter(|t| t.is_array())
+                .unwrap_or_else(|| json!([])),
+            text: r
+                .text
+                .clone()
+                .filter(|t| t.get("format").is_some())
+                .unwrap_or_else(|| json!({"format": {"type": "text"}})),
+            metadata: r
+                .metadata
+                .clone()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({})),
+            store: r.store.unwrap_or(false),
+            user: r.user.clone(),
+            top_logprobs: r.top_logprobs,
+        }
+    }
+}
+
+/// `output_text` content of a message item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct OutputText {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+    pub annotations: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// One item of `output`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutputItem {
+    Message {
+        id: String,
+        status: String,
+        role: String,
+        content: Vec<OutputText>,
+    },
+    FunctionCall {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+        status: String,
+    },
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct InputTokensDetails {
+    pub cached_tokens: u32,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct OutputTokensDetails {
+    pub reasoning_tokens: u32,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct ResponseUsage {
+    pub input_tokens: u32,
+    pub input_tokens_details: InputTokensDetails,
+    pub output_tokens: u32,
+    pub output_tokens_details: OutputTokensDetails,
+    pub total_tokens: u32,
+}
+
+/// `incomplete_details`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct IncompleteDetails {
+    pub reason: String,
+}
+
+/// A `response` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ResponseObject {
+    pub id: String,
+    pub object: String,
+    pub created_at: u64,
+    /// `in_progress`, `completed`, `incomplete` or `failed`.
+    pub status: String,
+    pub error: Option<Value>,
+    pub incomplete_details: Option<IncompleteDetails>,
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<u32>,
+    pub model: String,
+    pub output: Vec<OutputItem>,
+    pub parallel_tool_calls: bool,
+    pub previous_response_id: Option<String>,
+    pub reasoning: Value,
+    pub store: bool,
+    pub temperature: Option<f64>,
+    pub text: Value,
+    pub tool_choice: Value,
+    pub tools: Value,
+    pub top_logprobs: Option<u32>,
+    pub top_p: Option<f64>,
+    pub truncation: String,
+    pub usage: Option<ResponseUsage>,
+    pub user: Option<String>,
+    pub metadata: Value,
+}
+
+impl ResponseObject {
+    fn new(id: &str, created_at: u64, model: &str, echo: &ResponseEcho) -> Self {
+        Self {
+            id: id.to_owned(),
+            object: OBJECT_RESPONSE.to_owned(),
+            created_at,
+            status: "in_progress".to_owned(),
+            error: None,
+            incomplete_details: None,
+            instructions: echo.instructions.clone(),
+            max_output_tokens: echo.max_output_tokens,
+            model: model.to_owned(),
+            output: Vec::new(),
+            parallel_tool_calls: echo.parallel_tool_calls,
+            previous_response_id: None,
+            reasoning: json!({"effort": null, "summary": null}),
+            store: echo.store,
+            temperature: echo.temperature,
+            text: echo.text.clone(),
+            tool_choice: echo.tool_choice.clone(),
+            tools: echo.tools.clone(),
+            top_logprobs: echo.top_logprobs,
+            top_p: echo.top_p,
+            truncation: "disabled".to_owned(),
+            usage: None,
+            user: echo.user.clone(),
+            metadata: echo.metadata.clone(),
+        }
+    }
+
+    /// Status and usage once the worker's `end` arrived.
+    fn settle(&mut self, stop: StopReason, prompt: u32, completion: u32, cached: u32) {
+        match stop {
+            StopReason::MaxTokens | StopReason::Deadline => {
+                self.status = "incomplete".to_owned();
+                self.incomplete_details = Some(IncompleteDetails {
+                    reason: "max_output_tokens".to_owned(),
+                });
+            }
+            _ => self.status = "completed".to_owned(),
+        }
+        self.usage = Some(ResponseUsage {
+            input_tokens: prompt,
+            input_tokens_details: InputTokensDetails {
+                cached_tokens: cached,
+            },
+            output_tokens: completion,
+            output_tokens_details: OutputTokensDetails::default(),
+            total_tokens: prompt.saturating_add(completion),
+        });
+    }
+}
+
+fn message_item(id: &str, status: &str, text: Option<OutputText>) -> OutputItem {
+    OutputItem::Message {
+        id: id.to_owned(),
+        status: status.to_owned(),
+        role: "assistant".to_owned(),
+        content: text.into_iter().collect(),
+    }
+}
+
+fn output_text(text: String, logprobs: Vec<TokenLogprob>) -> OutputText {
+    OutputText {
+        kind: "output_text".to_owned(),
+        text,
+        annotations: Vec::new(),
+        logprobs,
+    }
+}
+
+fn call_item(c: &ToolCall, status: &str, arguments: &str) -> OutputItem {
+    OutputItem::FunctionCall {
+        id: format!("fc_{}", c.id.trim_start_matches("call_")),
+        call_id: c.id.clone(),
+        name: c.function.name.clone(),
+        arguments: arguments.to_owned(),
+        status: status.to_owned(),
+    }
+}
+
+impl Aggregator {
+    /// The `response` object, or the error that ended the stream.
+    pub fn into_response(
+        self,
+        id: &str,
+        created_at: u64,
+        model: &str,
+        echo: &ResponseEcho,
+    ) -> Result<ResponseObject, OpenAiError> {
+        let (answer, end) = self.into_first_answer()?;
+        let mut r = ResponseObject::new(id, created_at, model, echo);
+        if !answer.text.is_empty() || answer.calls.is_empty() {
+            r.output.push(message_item(
+                &format!("msg_{}", id.trim_start_matches("resp_")),
+                "completed",
+                Some(output_text(answer.text, answer.logprobs)),
+            ));
+        }
+        for c in &answer.calls {
+            r.output
+                .push(call_item(c, "completed", &c.function.arguments));
+        }
+        r.settle(answer.stop, end.0, end.1, end.2);
+        Ok(r)
+    }
+}
+
+/// Turns worker events into the Responses API's stream: `response.created`,
+/// `response.in_progress`, the output items as they form (`response.output_item.added`,
+/// `response.content_part.added`, `response.output_text.delta`…, the `.done` events; function
+/// calls with their arguments), then `response.completed` (or `response.incomplete` when
+/// `max_output_tokens` cut it); a failure is an `error` event then `response.failed`. Each frame
+/// has an `event:` line and the event as `data:`; every event carries `sequence_number`.
+#[derive(Debug, Clone)]
+pub struct ResponsesStream {
+    response: ResponseObject,
+    sequence: u64,
+    /// The message item being written: its output index and text so far.
+    message: Option<(u32, String, Vec<TokenLogprob>)>,
+    finished: bool,
+}
+
+impl ResponsesStream {
+    pub fn new(id: &str, created_at: u64, model: &str, echo: &ResponseEcho) -> Self {
+        Self {
+            response: ResponseObject::new(id, created_at, model, echo),
+            sequence: 0,
+            message: None,
+            finished: false,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn message_id(&self) -> String {
+        format!("msg_{}", self.response.id.trim_start_matches("resp_"))
+    }
+
+    fn frame(&mut self, kind: &str, mut fields: Map<String, Value>) -> String {
+        fields.insert("type".into(), Value::String(kind.to_owned()));
+        fields.insert("sequence_number".into(), Value::from(self.sequence));
+        self.sequence += 1;
+        format!("event: {kind}\ndata: {}\n\n", Value::Object(fields))
+    }
+
+    fn with_response(&mut self, kind: &str) -> String {
+        let response = serde_json::to_value(&self.response).unwrap_or(Value::Null);
+        self.frame(kind, Map::from_iter([("response".to_owned(), response)]))
+    }
+
+    fn item_frame(&mut self, kind: &str, index: u32, item: &OutputItem) -> String {
+        let item = serde_json::to_value(item).unwrap_or(Value::Null);
+        self.frame(
+            kind,
+            Map::from_iter([
+                ("output_index".to_owned(), Value::from(index)),
+                ("item".to_owned(), item),
+            ]),
+        )
+    }
+
+    fn open_message(&mut self, out: &mut String) {
+        if self.message.is_some() {
+            return;
+        }
+        let index = self.response.output.len() as u32;
+        let id = self.message_id();
+        let item = message_item(&id, "in_progress", None);
+        out.push_str(&self.item_frame("response.output_item.added", index, &item));
+        let part =
+            serde_json::to_value(output_text(String::new(), Vec::new())).unwrap_or(Value::Null);
+        let f = self.part_fields(&id, index, Some(("part", part)));
+        out.push_str(&self.frame("response.content_part.added", f));
+        self.message = Some((index, String::new(), Vec::new()));
+    }
+
+    fn part_fields(
+        &self,
+        id: &str,
+        index: u32,
+        extra: Option<(&str, Value)>,
+    ) -> Map<String, Value> {
+        let mut m = Map::from_iter([
+            ("item_id".to_owned(), Value::String(id.to_owned())),
+            ("output_index".to_owned(), Value::from(index)),
+            ("content_index".to_owned(), Value::from(0)),
+        ]);
+        if let Some((k, v)) = extra {
+            m.insert(k.to_owned(), v);
+        }
+        m
+    }
+
+    fn close_message(&mut self, out: &mut String) {
+        let Some((index, text, logprobs)) = self.message.take() else {
+            return;
+        };
+        let id = self.message_id();
+        let mut f = self.part_fields(&id, index, Some(("text", Value::String(text.clone()))));
+        f.insert(
+            "logprobs".into(),
+            serde_json::to_value(&logprobs).unwrap_or(Value::Null),
+        );
+        out.push_str(&self.frame("response.output_text.done", f));
+        let done = output_text(text, logprobs);
+        let part = serde_json::to_value(&done).unwrap_or(Value::Null);
+        let f = self.part_fields(&id, index, Some(("part", part)));
+        out.push_str(&self.frame("response.content_part.done", f));
+        let item = message_item(&id, "completed", Some(done));
+        out.push_str(&self.item_frame("response.output_item.done", index, &item));
+        self.response.output.push(item);
+    }
+
+    /// The frames one worker event turns into.
+    pub fn on_event(&mut self, ev: &StreamEvent) -> String {
+        let mut out = String::new();
+        if self.finished {
+            return out;
+        }
+        match ev {
+            StreamEvent::Started { .. } => {
+                out.push_str(&self.with_response("response.created"));
+                out.push_str(&self.with_response("response.in_progress"));
+            }
+            StreamEvent::Token {
+                text,
+                logprobs,
+                choice: 0,
+                ..
+            } => {
+                if text.is_empty() && logprobs.is_empty() {
+                    return out;
+                }
+                self.open_message(&mut out);
+                let id = self.message_id();
+                let index = self.message.as_ref().map_or(0, |m| m.0);
+                if let Some(m) = &mut self.message {
+                    m.1.push_str(text);
+                    m.2.extend(logprobs.iter().cloned());
+                }
+                let mut f =
+                    self.part_fields(&id, index, Some(("delta", Value::String(text.clone()))));
+                f.insert(
+                    "logprobs".into(),
+                    serde_json::to_value(logprobs).unwrap_or(Value::Null),
+                );
+                out.push_str(&self.frame("response.output_text.delta", f));
+            }
+            StreamEvent::ToolCalls { calls, choice: 0 } => {
+                let blank = self.message.as_ref().is_some_and(|m| m.1.trim().is_empty());
+                if blank {
+                    self.message = None;
+                }
+                self.close_message(&mut out);
+                for c in calls {
+                    let index = self.response.output.len() as u32;
+                    let item = call_item(c, "in_progress", "");
+                    out.push_str(&self.item_frame("response.output_item.added", index, &item));
+                    let item_id = format!("fc_{}", c.id.trim_start_matches("call_"));
+                    let base = |k: &str, v: &str| {
+                        Map::from_iter([
+                            ("item_id".to_owned(), Value::String(item_id.clone())),
+                            ("output_index".to_owned(), Value::from(index)),
+                            (k.to_owned(), Value::String(v.to_owned())),
+                        ])
+                    };
+                    out.push_str(&self.frame(
+                        "response.function_call_arguments.delta",
+                        base("delta", &c.function.arguments),
+                    ));
+                    out.push_str(&self.frame(
+                        "response.function_call_arguments.done",
+                        base("arguments", &c.function.arguments),
+                    ));
+                    let done = call_item(c, "completed", &c.function.arguments);
+                    out.push_str(&self.item_frame("response.output_item.done", index, &done));
+                    self.response.output.push(done);
+                }
+            }
+            StreamEvent::Token { .. }
+            | StreamEvent::ToolCalls { .. }
+            | StreamEvent::ChoiceEnd { .. } => {}
+            StreamEvent::End {
+                stop_reason,
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+                ..
+            } => {
+                if self.response.output.is_empty() {
+                    self.open_message(&mut out);
+                }
+                self.close_message(&mut out);
+                self.response.settle(
+                    *stop_reason,
+                    *prompt_tokens,
+                    *completion_tokens,
+                    *cached_tokens,
+                );
+                let kind = if self.response.status == "incomplete" {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                out.push_str(&self.with_response(kind));
+                self.finished = true;
+            }
+            StreamEvent::Error { code, message } => {
+                return self.on_failure(&OpenAiError::upstream(*code, message.clone()));
+            }
+        }
+        out
+    }
+
+    /// A failure outside the event stream: an `error` event, then `response.failed`.
+    pub fn on_failure(&mut self, err: &OpenAiError) -> String {
+        if self.finished {
+            return String::new();
+        }
+        self.finished = true;
+        let fields = Map::from_iter([
+            (
+                "code".to_owned(),
+                Value::String(err.code().as_str().to_owned()),
+            ),
+            (
+                "message".to_owned(),
+                Value::String(err.message().to_owned()),
+            ),
+            (
+                "param".to_owned(),
+                err.param()
+                    .map_or(Value::Null, |p| Value::String(p.to_owned())),
+            ),
+        ]);
+        let mut out = self.frame("error", fields);
+        self.response.status = "failed".to_owned();
+        self.response.error = Some(json!({"code": err.code().as_str(), "message": err.message()}));
+        out.push_str(&self.with_response("response.failed"));
+        out
+    }
+
+    /// The worker's stream ended: nothing if it had finished, else a failure.
+    pub fn on_upstream_eof(&mut self) -> String {
+        self.on_failure(&OpenAiError::upstream(
+            codes::WORKER_UNAVAILABLE,
+            TRUNCATED_STREAM_MESSAGE,
+        ))
+    }
+}
