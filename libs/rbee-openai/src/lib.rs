@@ -24,6 +24,7 @@ pub mod request;
 pub mod response;
 pub mod responses;
 pub mod stream;
+mod structured;
 
 pub use error::{
     ApiErrorBody, ApiErrorDetail, OpenAiError, error_body, error_body_from_rbee, error_type,

@@ -8,12 +8,13 @@
 //! client never gets a silently different answer. Ranges of sampling values (temperature in
 //! [0, 2], …) are the worker's to check; only OpenAI-specific rules are checked here.
 
-use rbee_api::{ChatMessage, FunctionCall, Grammar, InferenceRequest, Tool, ToolCall, ToolChoice};
+use rbee_api::{ChatMessage, InferenceRequest};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Number, Value};
 
 use crate::error::OpenAiError;
+use crate::structured::{history_calls, response_format, tool_choice, tools};
 
 /// `max_tokens` of a legacy completion that gives none, as OpenAI defines it.
 pub const COMPLETION_DEFAULT_MAX_TOKENS: u32 = 16;
@@ -562,142 +563,6 @@ fn convert_message(i: usize, m: &RequestMessage) -> Result<ChatMessage, OpenAiEr
     })
 }
 
-/// An assistant's earlier calls; `arguments` may be a JSON text (OpenAI's form) or an object.
-fn history_calls(i: usize, v: &Value) -> Result<Vec<ToolCall>, OpenAiError> {
-    let param = format!("messages[{i}].tool_calls");
-    let bad = |what: &str| {
-        OpenAiError::invalid(
-            param.clone(),
-            format!(
-                "`{param}` must be an array of {{\"id\",\"type\":\"function\",\"function\":{{\"name\",\"arguments\"}}}}: {what}"
-            ),
-        )
-    };
-    let calls = v.as_array().ok_or_else(|| bad("not an array"))?;
-    calls
-        .iter()
-        .map(|c| {
-            let f = c
-                .get("function")
-                .ok_or_else(|| bad("a call lacks `function`"))?;
-            let name = f
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("a call lacks `function.name`"))?;
-            let arguments = match f.get("arguments") {
-                Some(Value::String(s)) => s.clone(),
-                Some(other) => other.to_string(),
-                None => "{}".to_owned(),
-            };
-            Ok(ToolCall {
-                id: c
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-                kind: "function".to_owned(),
-                function: FunctionCall {
-                    name: name.to_owned(),
-                    arguments,
-                },
-            })
-        })
-        .collect()
-}
-
-/// `tools` as the worker takes them: function tools only.
-fn tools(v: Option<&Value>) -> Result<Option<Vec<Tool>>, OpenAiError> {
-    let Some(v) = v.filter(|v| non_empty(v)) else {
-        return Ok(None);
-    };
-    let list = v
-        .as_array()
-        .ok_or_else(|| OpenAiError::invalid("tools", "`tools` must be an array of tools"))?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, t) in list.iter().enumerate() {
-        let kind = t.get("type").and_then(Value::as_str).unwrap_or_default();
-        if kind != "function" {
-            return Err(OpenAiError::unsupported(
-                format!("tools[{i}].type"),
-                format!(
-                    "`tools[{i}].type` {:?} is not supported by rbee; only \"function\" tools are",
-                    truncate(kind)
-                ),
-            ));
-        }
-        let tool: Tool = serde_json::from_value(t.clone()).map_err(|e| {
-            OpenAiError::invalid(format!("tools[{i}]"), format!("`tools[{i}]`: {e}"))
-        })?;
-        out.push(tool);
-    }
-    Ok(Some(out))
-}
-
-fn tool_choice(v: Option<&Value>) -> Result<Option<ToolChoice>, OpenAiError> {
-    let bad = || {
-        OpenAiError::invalid(
-            "tool_choice",
-            "`tool_choice` must be \"auto\", \"none\", \"required\" or \
-             {\"type\":\"function\",\"function\":{\"name\":…}}",
-        )
-    };
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => Ok(Some(ToolChoice::Auto)),
-            "none" => Ok(Some(ToolChoice::None)),
-            "required" => Ok(Some(ToolChoice::Required)),
-            _ => Err(bad()),
-        },
-        Some(o) => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(bad)?;
-            Ok(Some(ToolChoice::Function(name.to_owned())))
-        }
-    }
-}
-
-/// `response_format` as a grammar: `json_object` any object, `json_schema` its `schema`.
-fn response_format(v: Option<&Value>) -> Result<Option<Grammar>, OpenAiError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    match v.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(Grammar::JsonObject)),
-        Some("json_schema") => {
-            let spec = v.get("json_schema").ok_or_else(|| {
-                OpenAiError::invalid(
-                    "response_format.json_schema",
-                    "`response_format.json_schema` is required with type \"json_schema\"",
-                )
-            })?;
-            let schema = match spec.get("schema") {
-                None | Some(Value::Null) => Value::Object(serde_json::Map::new()),
-                Some(s) if s.is_object() || s.is_boolean() => s.clone(),
-                Some(_) => {
-                    return Err(OpenAiError::invalid(
-                        "response_format.json_schema.schema",
-                        "`response_format.json_schema.schema` must be a JSON schema object",
-                    ));
-                }
-            };
-            Ok(Some(Grammar::JsonSchema { schema }))
-        }
-        other => Err(OpenAiError::invalid(
-            "response_format",
-            format!(
-                "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"; given: {}",
-                other.map_or_else(|| "none".to_owned(), |k| format!("{:?}", truncate(k)))
-            ),
-        )),
-    }
-}
-
 fn part_text(i: usize, j: usize, p: &ContentPart) -> Result<&str, OpenAiError> {
     let param = format!("messages[{i}].content[{j}]");
     let what = match p.kind.as_str() {
@@ -733,7 +598,7 @@ fn part_text(i: usize, j: usize, p: &ContentPart) -> Result<&str, OpenAiError> {
 }
 
 /// True for anything but `null`, `[]` and `{}`.
-fn non_empty(v: &Value) -> bool {
+pub(crate) fn non_empty(v: &Value) -> bool {
     match v {
         Value::Null => false,
         Value::Array(a) => !a.is_empty(),
@@ -803,7 +668,7 @@ fn seed(v: Option<&Number>) -> Result<Option<u64>, OpenAiError> {
 }
 
 /// Echoes a client's value in a message without letting it grow the message unboundedly.
-fn truncate(s: &str) -> String {
+pub(crate) fn truncate(s: &str) -> String {
     const MAX: usize = 64;
     if s.chars().count() <= MAX {
         return s.to_owned();

@@ -6,15 +6,17 @@
 //! as `input` items), `store` is accepted and ignored. `input` is a string or items: messages
 //! (`input_text` / `output_text` parts), `function_call` and `function_call_output`.
 
-use rbee_api::{
-    ChatMessage, FunctionCall, FunctionDef, Grammar, InferenceRequest, StopReason, StreamEvent,
-    TokenLogprob, Tool, ToolCall, ToolChoice, codes,
-};
+use rbee_api::{ChatMessage, FunctionCall, InferenceRequest, StopReason, TokenLogprob, ToolCall};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::error::OpenAiError;
-use crate::stream::{Aggregator, TRUNCATED_STREAM_MESSAGE};
+use crate::stream::Aggregator;
+use crate::structured::{flat_tools, text_format, tool_choice};
+
+mod events;
+
+pub use events::ResponsesStream;
 
 pub const OBJECT_RESPONSE: &str = "response";
 /// `include` entry that asks for the output text's log-probabilities.
@@ -178,7 +180,7 @@ impl ResponsesRequest {
             seed: self.seed,
             logprobs,
             grammar: text_format(self.text.as_ref())?,
-            tools: tools(self.tools.as_ref())?,
+            tools: flat_tools(self.tools.as_ref())?,
             tool_choice: tool_choice(self.tool_choice.as_ref())?,
             parallel_tool_calls: self.parallel_tool_calls,
             ..InferenceRequest::default()
@@ -308,87 +310,6 @@ fn input_item(i: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Result<(), 
         }
     }
     Ok(())
-}
-
-fn tools(v: Option<&Value>) -> Result<Option<Vec<Tool>>, OpenAiError> {
-    let Some(list) = v.and_then(Value::as_array).filter(|l| !l.is_empty()) else {
-        return match v {
-            None | Some(Value::Null) | Some(Value::Array(_)) => Ok(None),
-            Some(_) => Err(invalid("tools", "`tools` must be an array")),
-        };
-    };
-    list.iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let kind = t.get("type").and_then(Value::as_str).unwrap_or_default();
-            if kind != "function" {
-                return Err(OpenAiError::unsupported(
-                    format!("tools[{i}].type"),
-                    format!("`tools[{i}].type` {kind:?} is not supported by rbee; only \"function\" tools are"),
-                ));
-            }
-            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
-                invalid(format!("tools[{i}].name"), format!("`tools[{i}].name` is required"))
-            })?;
-            Ok(Tool {
-                kind: "function".into(),
-                function: FunctionDef {
-                    name: name.to_owned(),
-                    description: t.get("description").and_then(Value::as_str).map(str::to_owned),
-                    parameters: t.get("parameters").filter(|p| !p.is_null()).cloned(),
-                    strict: t.get("strict").and_then(Value::as_bool),
-                },
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
-}
-
-fn tool_choice(v: Option<&Value>) -> Result<Option<ToolChoice>, OpenAiError> {
-    let bad = || {
-        invalid(
-            "tool_choice",
-            "`tool_choice` must be \"auto\", \"none\", \"required\" or {\"type\":\"function\",\"name\":…}",
-        )
-    };
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => Ok(Some(ToolChoice::Auto)),
-            "none" => Ok(Some(ToolChoice::None)),
-            "required" => Ok(Some(ToolChoice::Required)),
-            _ => Err(bad()),
-        },
-        Some(o) if o.get("type").and_then(Value::as_str) == Some("function") => o
-            .get("name")
-            .and_then(Value::as_str)
-            .map(|n| Some(ToolChoice::Function(n.to_owned())))
-            .ok_or_else(bad),
-        Some(_) => Err(bad()),
-    }
-}
-
-fn text_format(v: Option<&Value>) -> Result<Option<Grammar>, OpenAiError> {
-    let Some(format) = v.and_then(|t| t.get("format")).filter(|f| !f.is_null()) else {
-        return Ok(None);
-    };
-    match format.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(Grammar::JsonObject)),
-        Some("json_schema") => match format.get("schema") {
-            Some(s) if s.is_object() => Ok(Some(Grammar::JsonSchema { schema: s.clone() })),
-            _ => Err(invalid(
-                "text.format.schema",
-                "`text.format.schema` is required with type \"json_schema\" (a JSON schema object)",
-            )),
-        },
-        other => Err(invalid(
-            "text.format.type",
-            format!(
-                "`text.format.type` must be \"text\", \"json_object\" or \"json_schema\"; given: {other:?}"
-            ),
-        )),
-    }
 }
 
 /// What a response repeats of its request.
@@ -531,7 +452,7 @@ pub struct ResponseObject {
 }
 
 impl ResponseObject {
-    fn new(id: &str, created_at: u64, model: &str, echo: &ResponseEcho) -> Self {
+    pub(crate) fn new(id: &str, created_at: u64, model: &str, echo: &ResponseEcho) -> Self {
         Self {
             id: id.to_owned(),
             object: OBJECT_RESPONSE.to_owned(),
@@ -561,7 +482,7 @@ impl ResponseObject {
     }
 
     /// Status and usage once the worker's `end` arrived.
-    fn settle(&mut self, stop: StopReason, prompt: u32, completion: u32, cached: u32) {
+    pub(crate) fn settle(&mut self, stop: StopReason, prompt: u32, completion: u32, cached: u32) {
         match stop {
             StopReason::MaxTokens | StopReason::Deadline => {
                 self.status = "incomplete".to_owned();
@@ -583,7 +504,7 @@ impl ResponseObject {
     }
 }
 
-fn message_item(id: &str, status: &str, text: Option<OutputText>) -> OutputItem {
+pub(crate) fn message_item(id: &str, status: &str, text: Option<OutputText>) -> OutputItem {
     OutputItem::Message {
         id: id.to_owned(),
         status: status.to_owned(),
@@ -592,7 +513,7 @@ fn message_item(id: &str, status: &str, text: Option<OutputText>) -> OutputItem 
     }
 }
 
-fn output_text(text: String, logprobs: Vec<TokenLogprob>) -> OutputText {
+pub(crate) fn output_text(text: String, logprobs: Vec<TokenLogprob>) -> OutputText {
     OutputText {
         kind: "output_text".to_owned(),
         text,
@@ -601,7 +522,7 @@ fn output_text(text: String, logprobs: Vec<TokenLogprob>) -> OutputText {
     }
 }
 
-fn call_item(c: &ToolCall, status: &str, arguments: &str) -> OutputItem {
+pub(crate) fn call_item(c: &ToolCall, status: &str, arguments: &str) -> OutputItem {
     OutputItem::FunctionCall {
         id: format!("fc_{}", c.id.trim_start_matches("call_")),
         call_id: c.id.clone(),
@@ -635,251 +556,5 @@ impl Aggregator {
         }
         r.settle(answer.stop, end.0, end.1, end.2);
         Ok(r)
-    }
-}
-
-/// Turns worker events into the Responses API's stream: `response.created`,
-/// `response.in_progress`, the output items as they form (`response.output_item.added`,
-/// `response.content_part.added`, `response.output_text.delta`…, the `.done` events; function
-/// calls with their arguments), then `response.completed` (or `response.incomplete` when
-/// `max_output_tokens` cut it); a failure is an `error` event then `response.failed`. Each frame
-/// has an `event:` line and the event as `data:`; every event carries `sequence_number`.
-#[derive(Debug, Clone)]
-pub struct ResponsesStream {
-    response: ResponseObject,
-    sequence: u64,
-    /// The message item being written: its output index and text so far.
-    message: Option<(u32, String, Vec<TokenLogprob>)>,
-    finished: bool,
-}
-
-impl ResponsesStream {
-    pub fn new(id: &str, created_at: u64, model: &str, echo: &ResponseEcho) -> Self {
-        Self {
-            response: ResponseObject::new(id, created_at, model, echo),
-            sequence: 0,
-            message: None,
-            finished: false,
-        }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
-    fn message_id(&self) -> String {
-        format!("msg_{}", self.response.id.trim_start_matches("resp_"))
-    }
-
-    fn frame(&mut self, kind: &str, mut fields: Map<String, Value>) -> String {
-        fields.insert("type".into(), Value::String(kind.to_owned()));
-        fields.insert("sequence_number".into(), Value::from(self.sequence));
-        self.sequence += 1;
-        format!("event: {kind}\ndata: {}\n\n", Value::Object(fields))
-    }
-
-    fn with_response(&mut self, kind: &str) -> String {
-        let response = serde_json::to_value(&self.response).unwrap_or(Value::Null);
-        self.frame(kind, Map::from_iter([("response".to_owned(), response)]))
-    }
-
-    fn item_frame(&mut self, kind: &str, index: u32, item: &OutputItem) -> String {
-        let item = serde_json::to_value(item).unwrap_or(Value::Null);
-        self.frame(
-            kind,
-            Map::from_iter([
-                ("output_index".to_owned(), Value::from(index)),
-                ("item".to_owned(), item),
-            ]),
-        )
-    }
-
-    fn open_message(&mut self, out: &mut String) {
-        if self.message.is_some() {
-            return;
-        }
-        let index = self.response.output.len() as u32;
-        let id = self.message_id();
-        let item = message_item(&id, "in_progress", None);
-        out.push_str(&self.item_frame("response.output_item.added", index, &item));
-        let part =
-            serde_json::to_value(output_text(String::new(), Vec::new())).unwrap_or(Value::Null);
-        let f = self.part_fields(&id, index, Some(("part", part)));
-        out.push_str(&self.frame("response.content_part.added", f));
-        self.message = Some((index, String::new(), Vec::new()));
-    }
-
-    fn part_fields(
-        &self,
-        id: &str,
-        index: u32,
-        extra: Option<(&str, Value)>,
-    ) -> Map<String, Value> {
-        let mut m = Map::from_iter([
-            ("item_id".to_owned(), Value::String(id.to_owned())),
-            ("output_index".to_owned(), Value::from(index)),
-            ("content_index".to_owned(), Value::from(0)),
-        ]);
-        if let Some((k, v)) = extra {
-            m.insert(k.to_owned(), v);
-        }
-        m
-    }
-
-    fn close_message(&mut self, out: &mut String) {
-        let Some((index, text, logprobs)) = self.message.take() else {
-            return;
-        };
-        let id = self.message_id();
-        let mut f = self.part_fields(&id, index, Some(("text", Value::String(text.clone()))));
-        f.insert(
-            "logprobs".into(),
-            serde_json::to_value(&logprobs).unwrap_or(Value::Null),
-        );
-        out.push_str(&self.frame("response.output_text.done", f));
-        let done = output_text(text, logprobs);
-        let part = serde_json::to_value(&done).unwrap_or(Value::Null);
-        let f = self.part_fields(&id, index, Some(("part", part)));
-        out.push_str(&self.frame("response.content_part.done", f));
-        let item = message_item(&id, "completed", Some(done));
-        out.push_str(&self.item_frame("response.output_item.done", index, &item));
-        self.response.output.push(item);
-    }
-
-    /// The frames one worker event turns into.
-    pub fn on_event(&mut self, ev: &StreamEvent) -> String {
-        let mut out = String::new();
-        if self.finished {
-            return out;
-        }
-        match ev {
-            StreamEvent::Started { .. } => {
-                out.push_str(&self.with_response("response.created"));
-                out.push_str(&self.with_response("response.in_progress"));
-            }
-            StreamEvent::Token {
-                text,
-                logprobs,
-                choice: 0,
-                ..
-            } => {
-                if text.is_empty() && logprobs.is_empty() {
-                    return out;
-                }
-                self.open_message(&mut out);
-                let id = self.message_id();
-                let index = self.message.as_ref().map_or(0, |m| m.0);
-                if let Some(m) = &mut self.message {
-                    m.1.push_str(text);
-                    m.2.extend(logprobs.iter().cloned());
-                }
-                let mut f =
-                    self.part_fields(&id, index, Some(("delta", Value::String(text.clone()))));
-                f.insert(
-                    "logprobs".into(),
-                    serde_json::to_value(logprobs).unwrap_or(Value::Null),
-                );
-                out.push_str(&self.frame("response.output_text.delta", f));
-            }
-            StreamEvent::ToolCalls { calls, choice: 0 } => {
-                let blank = self.message.as_ref().is_some_and(|m| m.1.trim().is_empty());
-                if blank {
-                    self.message = None;
-                }
-                self.close_message(&mut out);
-                for c in calls {
-                    let index = self.response.output.len() as u32;
-                    let item = call_item(c, "in_progress", "");
-                    out.push_str(&self.item_frame("response.output_item.added", index, &item));
-                    let item_id = format!("fc_{}", c.id.trim_start_matches("call_"));
-                    let base = |k: &str, v: &str| {
-                        Map::from_iter([
-                            ("item_id".to_owned(), Value::String(item_id.clone())),
-                            ("output_index".to_owned(), Value::from(index)),
-                            (k.to_owned(), Value::String(v.to_owned())),
-                        ])
-                    };
-                    out.push_str(&self.frame(
-                        "response.function_call_arguments.delta",
-                        base("delta", &c.function.arguments),
-                    ));
-                    out.push_str(&self.frame(
-                        "response.function_call_arguments.done",
-                        base("arguments", &c.function.arguments),
-                    ));
-                    let done = call_item(c, "completed", &c.function.arguments);
-                    out.push_str(&self.item_frame("response.output_item.done", index, &done));
-                    self.response.output.push(done);
-                }
-            }
-            StreamEvent::Token { .. }
-            | StreamEvent::ToolCalls { .. }
-            | StreamEvent::ChoiceEnd { .. } => {}
-            StreamEvent::End {
-                stop_reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-                ..
-            } => {
-                if self.response.output.is_empty() {
-                    self.open_message(&mut out);
-                }
-                self.close_message(&mut out);
-                self.response.settle(
-                    *stop_reason,
-                    *prompt_tokens,
-                    *completion_tokens,
-                    *cached_tokens,
-                );
-                let kind = if self.response.status == "incomplete" {
-                    "response.incomplete"
-                } else {
-                    "response.completed"
-                };
-                out.push_str(&self.with_response(kind));
-                self.finished = true;
-            }
-            StreamEvent::Error { code, message } => {
-                return self.on_failure(&OpenAiError::upstream(*code, message.clone()));
-            }
-        }
-        out
-    }
-
-    /// A failure outside the event stream: an `error` event, then `response.failed`.
-    pub fn on_failure(&mut self, err: &OpenAiError) -> String {
-        if self.finished {
-            return String::new();
-        }
-        self.finished = true;
-        let fields = Map::from_iter([
-            (
-                "code".to_owned(),
-                Value::String(err.code().as_str().to_owned()),
-            ),
-            (
-                "message".to_owned(),
-                Value::String(err.message().to_owned()),
-            ),
-            (
-                "param".to_owned(),
-                err.param()
-                    .map_or(Value::Null, |p| Value::String(p.to_owned())),
-            ),
-        ]);
-        let mut out = self.frame("error", fields);
-        self.response.status = "failed".to_owned();
-        self.response.error = Some(json!({"code": err.code().as_str(), "message": err.message()}));
-        out.push_str(&self.with_response("response.failed"));
-        out
-    }
-
-    /// The worker's stream ended: nothing if it had finished, else a failure.
-    pub fn on_upstream_eof(&mut self) -> String {
-        self.on_failure(&OpenAiError::upstream(
-            codes::WORKER_UNAVAILABLE,
-            TRUNCATED_STREAM_MESSAGE,
-        ))
     }
 }

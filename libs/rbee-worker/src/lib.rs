@@ -9,6 +9,7 @@ pub mod confine;
 mod metrics;
 pub mod reload;
 mod server;
+mod stream;
 pub mod tools;
 pub mod validate;
 
