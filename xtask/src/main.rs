@@ -9,7 +9,8 @@
 //!   file and a curl command.
 //! - `test [ARGS]`: fetches the model, runs `cargo test --workspace` (all of it, even after a
 //!   failure) and closes with one `N passed, M failed` line over every runner.
-//! - `bench worker [--threads N]`: load time, prompt and decode speed, TTFT, peak RSS, and the
+//! - `bench worker [--threads N]`: load time, prompt and decode speed (also under a JSON schema),
+//!   TTFT, peak RSS, and the
 //!   same figures from llama.cpp's `llama-bench` when one is available, with ratios.
 //! - `bench stack [--requests N] [--max-tokens M]`: the demo's queen + hive beside a standalone
 //!   worker; the same greedy request sent straight to the worker, through the hive and through

@@ -239,3 +239,67 @@ async fn a_client_that_stops_reading_its_stream_is_cut_and_frees_the_worker() {
     assert_eq!(inflight, 0.0);
     drop((stalled, hive));
 }
+
+/// Reads one HTTP response (head and a `Content-Length` body) from `stream`.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let len: usize = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= head_end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_sent_after_its_head_to_an_unknown_route_leaves_the_connection_usable() {
+    // Python's http.client sends the head, then the body; a 404 answered before the body was
+    // read would make hyper close the connection under a client that reuses it at once.
+    let queen = Daemon::queen(
+        QueenOptions::cluster(("alice", CLIENT), true, JOIN, HIVE),
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let mut s = tokio::net::TcpStream::connect(queen.base_url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let body = format!(r#"{{"model":"smollm2","input":"{}"}}"#, "x".repeat(3000));
+    let head = format!(
+        "POST /v1/responses/compact HTTP/1.1\r\nHost: q\r\nAuthorization: Bearer {CLIENT}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(body.as_bytes()).await.unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 404"), "{first}");
+    // The same connection serves the next request.
+    s.write_all(
+        format!("GET /v1/models HTTP/1.1\r\nHost: q\r\nAuthorization: Bearer {CLIENT}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let second = read_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+}

@@ -167,20 +167,22 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
 }
 
 pub async fn not_found(req: Request) -> Response {
-    ApiError::not_found(format!(
-        "no route for {} {}",
-        req.method(),
-        req.uri().path()
-    ))
-    .into_response()
+    let message = format!("no route for {} {}", req.method(), req.uri().path());
+    drain(req).await;
+    ApiError::not_found(message).into_response()
 }
 
 pub async fn method_not_allowed(req: Request) -> Response {
-    ApiError::new(
-        codes::METHOD_NOT_ALLOWED,
-        format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    )
-    .into_response()
+    let message = format!("{} is not allowed on {}", req.method(), req.uri().path());
+    drain(req).await;
+    ApiError::new(codes::METHOD_NOT_ALLOWED, message).into_response()
+}
+
+/// Reads a request body nobody wants (up to [`MAX_BODY_BYTES`]), so the connection stays
+/// usable: answered before its body was read, hyper would close it, and a client that sent
+/// the body after the head and reuses the connection at once gets a broken pipe.
+async fn drain(req: Request) {
+    let _ = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await;
 }
 
 /// The bearer token a request presents, if any.

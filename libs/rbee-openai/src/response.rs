@@ -95,6 +95,9 @@ pub struct AssistantMessage {
     pub refusal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
+    /// Always empty (OpenAI's field for citations).
+    #[serde(default)]
+    pub annotations: Vec<Value>,
 }
 
 /// `choices[].logprobs` of a chat completion or chunk.

@@ -90,9 +90,21 @@ pub struct ResponsesRequest {
     /// The client's own end user: kept in the usage record.
     #[serde(default)]
     pub user: Option<String>,
+    /// [-2, 2], as on chat.
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    /// [-2, 2], as on chat.
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
     /// rbee extension, as on chat.
     #[serde(default)]
     pub seed: Option<u64>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> OpenAiError {
@@ -177,6 +189,8 @@ impl ResponsesRequest {
             max_tokens: self.max_output_tokens,
             temperature: self.temperature,
             top_p: self.top_p,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             seed: self.seed,
             logprobs,
             grammar: text_format(self.text.as_ref())?,
@@ -317,8 +331,10 @@ fn input_item(i: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Result<(), 
 pub struct ResponseEcho {
     pub instructions: Option<String>,
     pub max_output_tokens: Option<u32>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
     pub parallel_tool_calls: bool,
     pub tool_choice: Value,
     pub tools: Value,
@@ -326,7 +342,19 @@ pub struct ResponseEcho {
     pub metadata: Value,
     pub store: bool,
     pub user: Option<String>,
-    pub top_logprobs: Option<u32>,
+    pub top_logprobs: u32,
+}
+
+/// A request's tool as a response lists it: every field present, null when not given.
+fn echo_tool(t: &Value) -> Value {
+    let field = |k: &str| t.get(k).cloned().unwrap_or(Value::Null);
+    json!({
+        "type": "function",
+        "name": field("name"),
+        "description": field("description"),
+        "parameters": field("parameters"),
+        "strict": field("strict"),
+    })
 }
 
 impl ResponseEcho {
@@ -334,15 +362,19 @@ impl ResponseEcho {
         Self {
             instructions: r.instructions.clone(),
             max_output_tokens: r.max_output_tokens,
-            temperature: r.temperature,
-            top_p: r.top_p,
+            temperature: r.temperature.unwrap_or(1.0),
+            top_p: r.top_p.unwrap_or(1.0),
+            presence_penalty: r.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: r.frequency_penalty.unwrap_or(0.0),
             parallel_tool_calls: r.parallel_tool_calls.unwrap_or(true),
             tool_choice: r.tool_choice.clone().unwrap_or_else(|| json!("auto")),
-            tools: r
-                .tools
-                .clone()
-                .filter(|t| t.is_array())
-                .unwrap_or_else(|| json!([])),
+            tools: Value::Array(
+                r.tools
+                    .as_ref()
+                    .and_then(Value::as_array)
+                    .map(|ts| ts.iter().map(echo_tool).collect())
+                    .unwrap_or_default(),
+            ),
             text: r
                 .text
                 .clone()
@@ -355,7 +387,7 @@ impl ResponseEcho {
                 .unwrap_or_else(|| json!({})),
             store: r.store.unwrap_or(false),
             user: r.user.clone(),
-            top_logprobs: r.top_logprobs,
+            top_logprobs: r.top_logprobs.unwrap_or(0),
         }
     }
 }
@@ -427,6 +459,8 @@ pub struct ResponseObject {
     pub id: String,
     pub object: String,
     pub created_at: u64,
+    /// When the answer was complete (null until then, and when it was cut or failed).
+    pub completed_at: Option<u64>,
     /// `in_progress`, `completed`, `incomplete` or `failed`.
     pub status: String,
     pub error: Option<Value>,
@@ -439,13 +473,20 @@ pub struct ResponseObject {
     pub previous_response_id: Option<String>,
     pub reasoning: Value,
     pub store: bool,
-    pub temperature: Option<f64>,
+    pub temperature: f64,
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
     pub text: Value,
     pub tool_choice: Value,
     pub tools: Value,
-    pub top_logprobs: Option<u32>,
-    pub top_p: Option<f64>,
+    pub top_logprobs: u32,
+    pub top_p: f64,
     pub truncation: String,
+    pub max_tool_calls: Option<u32>,
+    pub background: bool,
+    pub service_tier: String,
+    pub safety_identifier: Option<String>,
+    pub prompt_cache_key: Option<String>,
     pub usage: Option<ResponseUsage>,
     pub user: Option<String>,
     pub metadata: Value,
@@ -457,6 +498,7 @@ impl ResponseObject {
             id: id.to_owned(),
             object: OBJECT_RESPONSE.to_owned(),
             created_at,
+            completed_at: None,
             status: "in_progress".to_owned(),
             error: None,
             incomplete_details: None,
@@ -469,6 +511,13 @@ impl ResponseObject {
             reasoning: json!({"effort": null, "summary": null}),
             store: echo.store,
             temperature: echo.temperature,
+            presence_penalty: echo.presence_penalty,
+            frequency_penalty: echo.frequency_penalty,
+            max_tool_calls: None,
+            background: false,
+            service_tier: "default".to_owned(),
+            safety_identifier: None,
+            prompt_cache_key: None,
             text: echo.text.clone(),
             tool_choice: echo.tool_choice.clone(),
             tools: echo.tools.clone(),
@@ -490,7 +539,10 @@ impl ResponseObject {
                     reason: "max_output_tokens".to_owned(),
                 });
             }
-            _ => self.status = "completed".to_owned(),
+            _ => {
+                self.status = "completed".to_owned();
+                self.completed_at = Some(unix_now());
+            }
         }
         self.usage = Some(ResponseUsage {
             input_tokens: prompt,

@@ -538,6 +538,7 @@ impl Aggregator {
                         content,
                         refusal: None,
                         tool_calls: called.then_some(c.calls),
+                        annotations: Vec::new(),
                     },
                     logprobs: logprobs.then_some(ChatLogprobs {
                         content: c.logprobs,

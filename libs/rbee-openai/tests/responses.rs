@@ -313,7 +313,7 @@ fn non_stream_chat_aggregation() {
     assert_eq!(
         serde_json::to_value(&c).unwrap(),
         json!({"id":"chatcmpl-r1","object":"chat.completion","created":1700000000,"model":"smollm2",
-               "choices":[{"index":0,"message":{"role":"assistant","content":"Hello","refusal":null},
+               "choices":[{"index":0,"message":{"role":"assistant","content":"Hello","refusal":null,"annotations":[]},
                            "logprobs":null,"finish_reason":"stop","rbee_stop_reason":"eos"}],
                "usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}}})
     );
