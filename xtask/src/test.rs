@@ -101,6 +101,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("openai", "openai"),
     ("openapi_spec_validator", "openapi-spec-validator"),
     ("jsonschema", "jsonschema"),
+    ("llm_comply", "llm-comply"),
+    ("schemathesis", "schemathesis"),
 ];
 
 fn ensure_python_packages() -> anyhow::Result<()> {

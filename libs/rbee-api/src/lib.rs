@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod lenient;
 pub mod sse;
 pub mod worker;
 
@@ -150,6 +151,7 @@ impl ErrorBody {
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
+    #[schemars(extend("enum" = ["system", "user", "assistant", "tool"]))]
     pub role: String,
     pub content: String,
     /// An assistant's earlier tool calls, in OpenAI's shape
@@ -168,12 +170,14 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Tool {
     #[serde(rename = "type")]
+    #[schemars(extend("const" = "function"))]
     pub kind: String,
     pub function: FunctionDef,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FunctionDef {
+    #[schemars(pattern(r"^[A-Za-z0-9_.-]{1,64}$"))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -254,49 +258,90 @@ pub struct TopLogprob {
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
     pub messages: Option<Vec<ChatMessage>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::lenient::opt_u32"
+    )]
+    #[schemars(range(min = 1, max = 4294967295u32))]
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub top_p: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::lenient::opt_u32"
+    )]
+    #[schemars(range(max = 4294967295u32))]
     pub top_k: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1))]
     pub min_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 10.0), extend("exclusiveMinimum" = 0))]
     pub repetition_penalty: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::lenient::opt_u32"
+    )]
+    #[schemars(range(max = 4294967295u32))]
     pub repetition_window: Option<u32>,
     /// OpenAI's presence penalty over the generated tokens, [-2, 2].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub presence_penalty: Option<f64>,
     /// OpenAI's frequency penalty over the generated tokens, [-2, 2].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub frequency_penalty: Option<f64>,
     /// Added to token logits before sampling: token id (as a string, OpenAI's form) → bias in
     /// [-100, 100]; at most 300 entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 300, "propertyNames" = {"pattern": "^[0-9]{1,9}$"}, "additionalProperties" = {"type": "number", "minimum": -100, "maximum": 100}))]
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::lenient::opt_u64"
+    )]
+    #[schemars(range(min = 0, max = 18446744073709551615u64))]
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8), extend("items" = {"type": "string", "minLength": 1, "maxLength": 128}))]
     pub stop: Option<Vec<String>>,
     /// Report each token's log-probability with this many alternatives (0–20).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::lenient::opt_u32"
+    )]
+    #[schemars(range(max = 20))]
     pub logprobs: Option<u32>,
     /// Answers generated from the one prompt (1–16), as parallel sequences while slots are
     /// free; their events carry `choice`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::lenient::opt_u32"
+    )]
+    #[schemars(range(min = 1, max = 16))]
     pub n: Option<u32>,
     /// The answer must follow this grammar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grammar: Option<Grammar>,
     /// Functions the model may call (chat only); calls come back as a `tool_calls` event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub tools: Option<Vec<Tool>>,
     /// `auto` when tools are given and this is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]

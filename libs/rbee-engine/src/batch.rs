@@ -373,6 +373,15 @@ impl<'m> Batcher<'m> {
             let Some(job) = self.waiting.front() else {
                 return;
             };
+            // A sibling still reading the shared prompt: wait and copy its state after.
+            if job.prompt_group.is_some()
+                && self
+                    .running
+                    .iter()
+                    .any(|s| s.job.prompt_group == job.prompt_group && s.pending() > 1)
+            {
+                return;
+            }
             let need = (job.prompt_tokens.len() + job.params.max_tokens).min(self.cfg.kv_tokens);
             let free = |s: &Self| s.cfg.kv_tokens.saturating_sub(s.reserved() + s.cached());
             while need > free(self) && !self.cache.is_empty() {
@@ -399,9 +408,39 @@ impl<'m> Batcher<'m> {
             .enumerate()
             .map(|(i, c)| (i, common_prefix(&c.tokens, &prompt[..reusable])))
             .max_by_key(|&(i, n)| (n, i));
+        // A sibling of the same prompt group that has read the prompt.
+        let sibling = job
+            .prompt_group
+            .and_then(|g| {
+                self.running
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.job.prompt_group == Some(g))
+                    .map(|(i, s)| {
+                        (
+                            i,
+                            common_prefix(&s.history[..s.kv.len()], &prompt[..reusable]),
+                        )
+                    })
+                    .max_by_key(|&(_, n)| n)
+            })
+            .filter(|&(_, n)| n > best.map_or(0, |b| b.1));
         let mut kv = self.model.new_seq(need);
         let mut cached = 0;
-        if let Some((i, n)) = best
+        if let Some((i, n)) = sibling {
+            match kv.copy_prefix(
+                &self.running[i].kv,
+                n,
+                self.model.dims(),
+                self.model.device(),
+            ) {
+                Ok(()) => cached = n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "copying a sibling's prompt failed; reading it again");
+                    kv = self.model.new_seq(need);
+                }
+            }
+        } else if let Some((i, n)) = best
             && n > 0
         {
             let entry = self.cache.remove(i);

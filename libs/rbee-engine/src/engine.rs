@@ -204,6 +204,10 @@ pub struct GenerationJob {
     pub params: GenerationParams,
     /// A grammar every generated token must follow ([`Engine::compile_grammar`]).
     pub constraint: Option<TokenConstraint>,
+    /// Jobs with the same prompt in one group (a request's several answers): the first reads
+    /// the prompt, the others wait for it and copy its attention state instead of reading it
+    /// again.
+    pub prompt_group: Option<u64>,
     pub cancel: Arc<AtomicBool>,
     pub deadline: Option<Instant>,
     pub accepted_at: Instant,
@@ -419,6 +423,7 @@ impl Engine {
             prompt_tokens: self.prepare(prompt)?,
             params,
             constraint: None,
+            prompt_group: None,
             cancel: Arc::new(AtomicBool::new(false)),
             deadline: None,
             accepted_at: Instant::now(),

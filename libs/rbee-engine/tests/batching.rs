@@ -188,3 +188,53 @@ fn a_follow_up_turn_reuses_the_conversation_so_far() {
         "prefix reuse does not change the answer"
     );
 }
+
+#[test]
+fn several_answers_to_one_prompt_read_it_once() {
+    let (engine, steps) = load(4);
+    let prompt = chat(&[(
+        "user",
+        "Tell me a long story about a lighthouse keeper and the sea.",
+    )]);
+    let tokens = engine.prepare(&prompt).unwrap();
+    let before = steps.tokens.load(Ordering::SeqCst);
+    let group = Some(7);
+    let rxs: Vec<Outcome> = (0..3)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel();
+            engine
+                .submit(rbee_engine::GenerationJob {
+                    prompt_tokens: tokens.clone(),
+                    params: params(6, 1.0, 42 + i),
+                    constraint: None,
+                    prompt_group: group,
+                    cancel: Default::default(),
+                    deadline: None,
+                    accepted_at: Instant::now(),
+                    sink: Box::new(move |e| tx.send(e).is_ok()),
+                    on_done: None,
+                })
+                .unwrap();
+            rx
+        })
+        .collect();
+    let results: Vec<(String, GenerationSummary)> = rxs.into_iter().map(common::collect).collect();
+    let ran = steps.tokens.load(Ordering::SeqCst) - before;
+    // The first read the prompt, the others copied it: one prompt's worth of positions ran,
+    // plus the decode steps (three prompts' worth without the sharing).
+    let decode: usize = results.iter().map(|(_, s)| s.completion_tokens).sum();
+    assert!(
+        ran <= tokens.len() + decode,
+        "ran {ran} positions for a {}-token prompt",
+        tokens.len()
+    );
+    let copied = results
+        .iter()
+        .filter(|(_, s)| s.cached_tokens == tokens.len() - 1)
+        .count();
+    assert!(copied >= 2, "{results:?}");
+    // Copied state gives the answer reading the prompt would: seed 43 alone, afterwards,
+    // answers what the copying sibling did.
+    let (alone, _) = common::collect(submit(&engine, &prompt, params(6, 1.0, 43)));
+    assert_eq!(results[1].0, alone);
+}

@@ -53,6 +53,7 @@ fn run(
             prompt_tokens: engine.prepare(prompt).unwrap(),
             params,
             constraint,
+            prompt_group: None,
             cancel: Arc::new(AtomicBool::new(false)),
             deadline: None,
             accepted_at: Instant::now(),

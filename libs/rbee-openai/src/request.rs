@@ -68,8 +68,14 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(untagged, expecting = "a string or an array of strings")]
 pub enum Stop {
-    One(String),
-    Many(Vec<String>),
+    One(#[schemars(length(min = 1, max = 128))] String),
+    Many(
+        #[schemars(
+            length(max = 8),
+            extend("items" = {"type": "string", "minLength": 1, "maxLength": 128})
+        )]
+        Vec<String>,
+    ),
 }
 
 impl Stop {
@@ -93,18 +99,28 @@ pub enum MessageContent {
 /// One content part, `{"type":"text","text":"…"}`. Other types (`image_url`, `input_audio`,
 /// `file`, …) parse, so that [`ChatCompletionRequest::to_inference`] can refuse them by name.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("required" = ["type", "text"]))]
 pub struct ContentPart {
     #[serde(rename = "type")]
+    #[schemars(extend("const" = "text"))]
     pub kind: String,
     #[serde(default)]
+    #[schemars(with = "String")]
     pub text: Option<String>,
 }
 
 /// One entry of `messages`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[schemars(extend(
+    "if" = {"properties": {"role": {"const": "assistant"}}},
+    "else" = {"required": ["content"], "properties": {
+        "content": {"type": ["string", "array"]},
+        "tool_calls": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}}
+))]
 pub struct RequestMessage {
     /// `system`, `user`, `assistant`, `tool`, or `developer` (served as `system`); `function`
     /// (the deprecated form of `tool`) is refused.
+    #[schemars(extend("enum" = ["system", "user", "assistant", "tool", "developer"]))]
     pub role: String,
     /// Optional only for `assistant` messages (OpenAI allows `null` there).
     #[serde(default)]
@@ -114,31 +130,40 @@ pub struct RequestMessage {
     pub name: Option<String>,
     /// An assistant's earlier calls: `[{"id","type":"function","function":{"name","arguments"}}]`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::history_calls")]
     pub tool_calls: Option<Value>,
     /// On a `tool` message: the call it answers.
     #[serde(default)]
     pub tool_call_id: Option<String>,
     /// Refused when non-null.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::null_only")]
     pub function_call: Option<Value>,
 }
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 pub struct ChatCompletionRequest {
+    #[schemars(length(min = 1), pattern(r"\S"))]
     pub model: String,
+    #[schemars(length(min = 1, max = 1024))]
     pub messages: Vec<RequestMessage>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(min = 1, max = 4294967295u32))]
     pub max_tokens: Option<u32>,
     /// Wins over `max_tokens` when both are given.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(min = 1, max = 4294967295u32))]
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f64>,
     #[serde(default)]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub top_p: Option<f64>,
     /// Answers to generate, 1–16 (checked by the worker).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(min = 1, max = 16))]
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: Option<bool>,
@@ -149,63 +174,79 @@ pub struct ChatCompletionRequest {
     pub stop: Option<Stop>,
     /// Any JSON integer; negative seeds map to their two's-complement `u64`.
     #[serde(default)]
+    #[schemars(with = "Option<i64>", range(min = -9223372036854775808i64, max = 18446744073709551615u64))]
     pub seed: Option<Number>,
     /// [-2, 2]: lowers every token generated so far, once (checked by the worker).
     #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub presence_penalty: Option<f64>,
     /// [-2, 2]: lowers a token once per time it was generated (checked by the worker).
     #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub frequency_penalty: Option<f64>,
     /// Token id (this model's, as a string) → bias in [-100, 100] (checked by the worker).
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::logit_bias")]
     pub logit_bias: Option<Value>,
     /// Each token's log-probability in `choices[].logprobs.content`.
     #[serde(default)]
     pub logprobs: Option<bool>,
     /// 0–20 alternatives per token; needs `logprobs: true`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(max = 20))]
     pub top_logprobs: Option<u32>,
     /// `{"type":"text"}`, `{"type":"json_object"}` or
     /// `{"type":"json_schema","json_schema":{"name","schema","strict"}}`: the answer follows it.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::response_format")]
     pub response_format: Option<Value>,
     /// Function tools: `[{"type":"function","function":{"name","description","parameters"}}]`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::chat_tools")]
     pub tools: Option<Value>,
     /// `"auto"` (default with tools), `"none"`, `"required"`, or
     /// `{"type":"function","function":{"name"}}`; the last two constrain the arguments to the
     /// function's schema.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::tool_choice")]
     pub tool_choice: Option<Value>,
     /// Whether an answer may hold several calls (default true).
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
     /// Only empty (the deprecated form of `tools`).
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::empty_list")]
     pub functions: Option<Value>,
     /// Only `"none"` or `"auto"` (the deprecated form of `tool_choice`).
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::neutral_mode")]
     pub function_call: Option<Value>,
     /// Only `["text"]`.
     #[serde(default)]
+    #[schemars(extend("items" = {"const": "text"}))]
     pub modalities: Option<Vec<String>>,
     /// Only null (audio output).
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::null_only")]
     pub audio: Option<Value>,
     /// The client's own end user: kept in the queen's usage record (first 256 characters).
     #[serde(default)]
     pub user: Option<String>,
     /// rbee extension.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(max = 4294967295u32))]
     pub top_k: Option<u32>,
     /// rbee extension.
     #[serde(default)]
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1))]
     pub min_p: Option<f64>,
     /// rbee extension.
     #[serde(default)]
+    #[schemars(range(max = 10.0), extend("exclusiveMinimum" = 0))]
     pub repetition_penalty: Option<f64>,
     /// rbee extension.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(max = 4294967295u32))]
     pub repetition_window: Option<u32>,
 }
 
@@ -225,20 +266,27 @@ pub enum CompletionPrompt {
 
 /// `POST /v1/completions` (legacy).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("required" = ["model", "prompt"]))]
 pub struct CompletionRequest {
+    #[schemars(length(min = 1), pattern(r"\S"))]
     pub model: String,
     /// Required by rbee (OpenAI would default to an end-of-text token).
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::completion_prompt")]
     pub prompt: Option<CompletionPrompt>,
     /// [`COMPLETION_DEFAULT_MAX_TOKENS`] when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(min = 1, max = 4294967295u32))]
     pub max_tokens: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f64>,
     #[serde(default)]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub top_p: Option<f64>,
     /// Answers to generate, 1–16 (checked by the worker).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(min = 1, max = 16))]
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: Option<bool>,
@@ -247,45 +295,58 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stop: Option<Stop>,
     #[serde(default)]
+    #[schemars(with = "Option<i64>", range(min = -9223372036854775808i64, max = 18446744073709551615u64))]
     pub seed: Option<Number>,
     /// Only `false`.
     #[serde(default)]
+    #[schemars(extend("const" = false))]
     pub echo: Option<bool>,
     /// 0–5: each token's log-probability with this many alternatives.
     #[serde(default)]
+    #[schemars(with = "Option<u8>", range(max = 5))]
     pub logprobs: Option<Value>,
     /// Only null or empty.
     #[serde(default)]
+    #[schemars(length(max = 0))]
     pub suffix: Option<String>,
-    /// Only 1 or `n` (rbee returns every answer it generates).
-    #[serde(default)]
+    /// Only 1 (rbee returns every answer it generates; ask for several with `n`).
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(min = 1, max = 1))]
     pub best_of: Option<u32>,
     /// As on chat (an extension other servers share): the text follows it.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::response_format")]
     pub response_format: Option<Value>,
     /// [-2, 2]: lowers every token generated so far, once (checked by the worker).
     #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub presence_penalty: Option<f64>,
     /// [-2, 2]: lowers a token once per time it was generated (checked by the worker).
     #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub frequency_penalty: Option<f64>,
     /// Token id (this model's, as a string) → bias in [-100, 100] (checked by the worker).
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::logit_bias")]
     pub logit_bias: Option<Value>,
     /// The client's own end user: kept in the queen's usage record (first 256 characters).
     #[serde(default)]
     pub user: Option<String>,
     /// rbee extension.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(max = 4294967295u32))]
     pub top_k: Option<u32>,
     /// rbee extension.
     #[serde(default)]
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1))]
     pub min_p: Option<f64>,
     /// rbee extension.
     #[serde(default)]
+    #[schemars(range(max = 10.0), extend("exclusiveMinimum" = 0))]
     pub repetition_penalty: Option<f64>,
     /// rbee extension.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(max = 4294967295u32))]
     pub repetition_window: Option<u32>,
 }
 
@@ -422,13 +483,11 @@ impl CompletionRequest {
                 ));
             }
         };
-        if let Some(b) = self.best_of
-            && b != self.n.unwrap_or(1)
-        {
+        if let Some(b) = self.best_of.filter(|b| *b != 1) {
             return Err(OpenAiError::unsupported(
                 "best_of",
                 format!(
-                    "`best_of` must equal `n` (rbee returns every answer it generates); given: {b}"
+                    "`best_of` must be 1 (rbee ranks no candidates; ask for several answers with `n`); given: {b}"
                 ),
             ));
         }
@@ -440,7 +499,7 @@ impl CompletionRequest {
         }
         let logprobs = match self.logprobs.as_ref().filter(|v| !v.is_null()) {
             None => None,
-            Some(v) => match v.as_u64() {
+            Some(v) => match v.as_number().and_then(rbee_api::lenient::integer) {
                 Some(k) if k <= MAX_COMPLETION_LOGPROBS => Some(k as u32),
                 _ => {
                     return Err(OpenAiError::invalid(
@@ -655,10 +714,16 @@ fn seed(v: Option<&Number>) -> Result<Option<u64>, OpenAiError> {
     let Some(n) = v else {
         return Ok(None);
     };
-    if let Some(u) = n.as_u64() {
+    if let Some(u) = rbee_api::lenient::integer(n) {
         return Ok(Some(u));
     }
-    if let Some(i) = n.as_i64() {
+    // Negative seeds, `-3` or `-3.0`, as their two's-complement `u64`.
+    let negative = n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < 0.0)
+            .map(|f| f as i64)
+    });
+    if let Some(i) = negative {
         return Ok(Some(u64::from_ne_bytes(i.to_ne_bytes())));
     }
     Err(OpenAiError::invalid(

@@ -37,67 +37,85 @@ pub enum ResponsesInput {
 
 /// `POST /v1/responses`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[schemars(extend("required" = ["model", "input"]))]
 pub struct ResponsesRequest {
+    #[schemars(length(min = 1), pattern(r"\S"))]
     pub model: String,
     /// Required.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::responses_input")]
     pub input: Option<ResponsesInput>,
     /// A system message put before `input`.
     #[serde(default)]
     pub instructions: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(min = 1, max = 4294967295u32))]
     pub max_output_tokens: Option<u32>,
     #[serde(default)]
+    #[schemars(range(min = 0.0, max = 2.0))]
     pub temperature: Option<f64>,
     #[serde(default)]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub top_p: Option<f64>,
     #[serde(default)]
     pub stream: Option<bool>,
     /// Function tools `{"type":"function","name","description","parameters","strict"}`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::flat_tools")]
     pub tools: Option<Value>,
     /// `auto`, `none`, `required` or `{"type":"function","name"}`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::tool_choice")]
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
     /// `{"format":{"type":"text"|"json_object"|"json_schema","name","schema","strict"}}`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::text_field")]
     pub text: Option<Value>,
     /// 0–20 alternatives per token, with `include: ["message.output_text.logprobs"]`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u32")]
+    #[schemars(range(max = 20))]
     pub top_logprobs: Option<u32>,
     #[serde(default)]
     pub include: Option<Vec<String>>,
     /// Refused: rbee stores no responses.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::null_only")]
     pub previous_response_id: Option<String>,
     /// Refused: rbee stores no conversations.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::null_only")]
     pub conversation: Option<Value>,
     /// Only false.
     #[serde(default)]
+    #[schemars(extend("enum" = [false, null]))]
     pub background: Option<bool>,
     /// Accepted and ignored (nothing is stored).
     #[serde(default)]
     pub store: Option<bool>,
     /// Echoed in the response.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::any_object")]
     pub metadata: Option<Value>,
     /// Only `"disabled"` (a prompt over the context is refused, not cut).
     #[serde(default)]
+    #[schemars(extend("enum" = ["disabled", null]))]
     pub truncation: Option<String>,
     /// The client's own end user: kept in the usage record.
     #[serde(default)]
     pub user: Option<String>,
     /// [-2, 2], as on chat.
     #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub presence_penalty: Option<f64>,
     /// [-2, 2], as on chat.
     #[serde(default)]
+    #[schemars(range(min = -2.0, max = 2.0))]
     pub frequency_penalty: Option<f64>,
     /// rbee extension, as on chat.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rbee_api::lenient::opt_u64")]
+    #[schemars(range(min = 0, max = 18446744073709551615u64))]
     pub seed: Option<u64>,
 }
 

@@ -36,8 +36,9 @@ pub(crate) fn history_calls(i: usize, v: &Value) -> Result<Vec<ToolCall>, OpenAi
                 .ok_or_else(|| bad("a call lacks `function.name`"))?;
             let arguments = match f.get("arguments") {
                 Some(Value::String(s)) => s.clone(),
-                Some(other) => other.to_string(),
+                Some(o @ Value::Object(_)) => o.to_string(),
                 None => "{}".to_owned(),
+                Some(_) => return Err(bad("`function.arguments` is a JSON text (or an object)")),
             };
             Ok(ToolCall {
                 id: c

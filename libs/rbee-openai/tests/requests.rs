@@ -272,6 +272,8 @@ fn seeds_are_any_integer() {
     assert_eq!(s(json!(0)).unwrap().seed, Some(0));
     assert_eq!(s(json!(u64::MAX)).unwrap().seed, Some(u64::MAX));
     assert_eq!(s(json!(-1)).unwrap().seed, Some(u64::MAX));
+    assert_eq!(s(json!(-1.0)).unwrap().seed, Some(u64::MAX));
+    assert_eq!(s(json!(7.0)).unwrap().seed, Some(7));
     assert_refused(s(json!(1.5)).unwrap_err(), "seed", "integer");
 }
 
@@ -482,7 +484,7 @@ fn every_completion_rejection_names_its_param() {
         ("logprobs", json!(6), "[0, 5]"),
         ("logprobs", json!(true), "integer"),
         ("suffix", json!("tail"), "suffix"),
-        ("best_of", json!(3), "must equal `n`"),
+        ("best_of", json!(3), "must be 1"),
         ("logit_bias", json!({"1": null}), "logit_bias"),
         ("model", json!(" "), "model"),
     ];
@@ -522,7 +524,7 @@ fn structured_output_logprobs_and_n_go_to_the_worker() {
         .unwrap();
     assert_eq!(inf.logprobs, Some(0));
     let inf = completion(
-        json!({"model":"m","prompt":"p","logprobs":2,"n":2,"best_of":2,
+        json!({"model":"m","prompt":"p","logprobs":2,"n":2,"best_of":1,
         "response_format":{"type":"json_object"}}),
     )
     .to_inference()

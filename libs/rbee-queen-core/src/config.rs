@@ -168,6 +168,13 @@ pub struct ModelAlias {
     pub name: String,
     /// `hf:org/repo[:file]` or `file:PATH` as the hives know it.
     pub reference: String,
+    /// Sampling temperature for requests to this name that give none (as a model's generation
+    /// config or an Ollama Modelfile sets it); else the worker's default, 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// `top_p` for requests to this name that give none; else 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,6 +292,15 @@ impl Validate for QueenConfig {
                     &format!("models[{i}]"),
                     "name and reference are required",
                 ));
+            }
+            if m.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+                e.push(err(
+                    &format!("models[{i}].temperature"),
+                    "must be in [0, 2]",
+                ));
+            }
+            if m.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+                e.push(err(&format!("models[{i}].top_p"), "must be in (0, 1]"));
             }
         }
         let mut hive_ids = std::collections::BTreeSet::new();

@@ -96,7 +96,8 @@ pub(crate) async fn begin(
     let invalid = |m| Box::new(api_error(ApiError::new(codes::INVALID_PARAMETER, m), rid));
     let at = deadline(q, headers).map_err(invalid)?;
     let who = Requester::new(client, priority(headers).map_err(invalid)?);
-    relay::start(q, &model_ref, req, rid, &who, at, accepted)
+    let req = q.with_model_defaults(model, req);
+    relay::start(q, &model_ref, &req, rid, &who, at, accepted)
         .await
         .map_err(|e| Box::new(api_error(e, rid)))
 }

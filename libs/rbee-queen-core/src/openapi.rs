@@ -113,6 +113,23 @@ pub fn document(routes: &[(&str, &str, bool)]) -> Value {
     })
 }
 
+/// The queen's native request: the worker's fields and the model to route to, in one object.
+#[derive(JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [
+    {"required": ["prompt"], "properties": {"prompt": {"type": "string"},
+        "tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
+    {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+]))]
+#[allow(dead_code)]
+struct NativeInference {
+    /// A configured model name or a model reference a hive has.
+    #[schemars(length(min = 1))]
+    model: String,
+    #[serde(flatten)]
+    request: InferenceRequest,
+}
+
 fn schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Value {
     generator.subschema_for::<T>().to_value()
 }
@@ -121,20 +138,29 @@ fn object(description: &str) -> Value {
     json!({"type": "object", "description": description})
 }
 
+/// One server-sent event (the schema of `text/event-stream` describes each event, as OpenAPI
+/// 3.2's `itemSchema` does): `data` is JSON of `item`, or `[DONE]` at the end.
+fn sse_event(item: Value) -> Value {
+    json!({"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": {"anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": "application/json", "contentSchema": item},
+            ]},
+        },
+    }})
+}
+
 fn content(c: Content) -> Value {
     match c {
         Content::Json(s) => json!({"application/json": {"schema": s}}),
         Content::JsonOrSse(j, item) => json!({
             "application/json": {"schema": j},
-            "text/event-stream": {"schema": {"type": "string",
-                "description": "`data: <JSON>` lines, each one of the items below, then `data: [DONE]`"},
-                "x-rbee-item": item},
+            "text/event-stream": sse_event(item),
         }),
-        Content::Sse(item) => json!({
-            "text/event-stream": {"schema": {"type": "string",
-                "description": "`data: <JSON>` lines, each one of the items below, then `data: [DONE]`"},
-                "x-rbee-item": item},
-        }),
+        Content::Sse(item) => json!({"text/event-stream": sse_event(item)}),
         Content::Prometheus => json!({"text/plain": {"schema": {"type": "string",
             "description": "Prometheus text exposition format 0.0.4"}}}),
     }
@@ -215,12 +241,7 @@ fn operation(g: &mut SchemaGenerator, method: &str, path: &str) -> Operation {
         ("POST", "/v1/inference") => op(
             "Native inference: the worker's own event stream",
             "inference",
-            Some(json!({"allOf": [
-                {"type": "object", "required": ["model"],
-                 "properties": {"model": {"type": "string",
-                    "description": "A configured model name or a model reference a hive has"}}},
-                schema::<InferenceRequest>(g),
-            ]})),
+            Some(schema::<NativeInference>(g)),
             Content::Sse(schema::<StreamEvent>(g)),
         ),
         ("DELETE", "/v1/inference/{request_id}") => op(
@@ -312,7 +333,15 @@ fn operation_id(method: &str, path: &str) -> String {
 fn path_parameters(path: &str) -> Vec<Value> {
     path.split('/')
         .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .map(|name| {
+            // Request ids are what `X-Request-Id` accepts.
+            let schema = if name == "request_id" {
+                json!({"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"})
+            } else {
+                json!({"type": "string"})
+            };
+            json!({"name": name, "in": "path", "required": true, "schema": schema})
+        })
         .collect()
 }
 
@@ -325,6 +354,9 @@ mod tests {
     fn every_route_is_described_with_its_method_and_parameters() {
         let routes = crate::api::router_routes();
         let doc = document(&routes);
+        if let Ok(path) = std::env::var("RBEE_DUMP_OPENAPI") {
+            std::fs::write(path, doc.to_string()).unwrap();
+        }
         for (method, path, public) in &routes {
             let op = &doc["paths"][*path][method.to_ascii_lowercase()];
             assert!(

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use rbee_api::codes;
+use rbee_api::{InferenceRequest, codes};
 use rbee_auth::{Token, TokenSet};
 use rbee_http::ApiError;
 use rbee_registry::{HiveRecord, Registry};
@@ -293,6 +293,17 @@ impl Queen {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A request with the sampling defaults of the `[[models]]` entry it names filled in where
+    /// it gives none.
+    pub fn with_model_defaults(&self, name: &str, req: &InferenceRequest) -> InferenceRequest {
+        let mut req = req.clone();
+        if let Some(a) = self.config().models.iter().find(|m| m.name == name) {
+            req.temperature = req.temperature.or(a.temperature);
+            req.top_p = req.top_p.or(a.top_p);
+        }
+        req
     }
 
     /// The model reference a client's `model` names: a configured alias, else the reference

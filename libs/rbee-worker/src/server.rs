@@ -559,6 +559,8 @@ async fn start_inference(
         cancel: cancel.clone(),
         finished: false,
     };
+    // Several answers read the prompt once (see `GenerationJob::prompt_group`).
+    let prompt_group = (n > 1).then(rand::random::<u64>);
     for (choice, constraint) in constraints.into_iter().enumerate() {
         let mut sampling = valid.sampling.clone();
         // Each answer draws on its own: seeds follow one another from the request's.
@@ -579,6 +581,7 @@ async fn start_inference(
                 logprobs: valid.logprobs,
             },
             constraint,
+            prompt_group,
             cancel: cancel.clone(),
             deadline,
             accepted_at,

@@ -11,7 +11,8 @@ pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 /// Most answers one request may ask for (`n`).
 pub const MAX_CHOICES: u32 = 16;
 pub const MAX_STOP_SEQUENCES: usize = 8;
-pub const MAX_STOP_BYTES: usize = 128;
+/// Characters of one stop sequence at most.
+pub const MAX_STOP_CHARS: usize = 128;
 pub const MAX_MESSAGES: usize = 1024;
 /// `max_tokens` when the client gives none (capped by the room left in the context).
 pub const DEFAULT_MAX_TOKENS: usize = 512;
@@ -123,15 +124,6 @@ pub fn validate(
                     ));
                 }
             }
-            if msgs
-                .iter()
-                .all(|m| m.content.is_empty() && m.tool_calls.is_none())
-            {
-                return Err(invalid(
-                    "messages",
-                    "`messages` must not all be empty".into(),
-                ));
-            }
             let plain = msgs.iter().all(|m| {
                 m.role != "tool"
                     && m.tool_calls.is_none()
@@ -234,13 +226,11 @@ pub fn validate(
         if s.is_empty() {
             return Err(invalid("stop", format!("`stop[{i}]` must not be empty")));
         }
-        if s.len() > MAX_STOP_BYTES {
+        let chars = s.chars().count();
+        if chars > MAX_STOP_CHARS {
             return Err(invalid(
                 "stop",
-                format!(
-                    "`stop[{i}]` must be at most {MAX_STOP_BYTES} bytes; given: {} bytes",
-                    s.len()
-                ),
+                format!("`stop[{i}]` must be at most {MAX_STOP_CHARS} characters; given: {chars}"),
             ));
         }
     }
@@ -503,7 +493,10 @@ mod tests {
         r.stop = Some(vec!["".into()]);
         assert!(err(r.clone()).message.contains("stop[0]"));
         r.stop = Some(vec!["x".repeat(200)]);
-        assert!(err(r).message.contains("200 bytes"));
+        assert!(err(r.clone()).message.contains("given: 200"));
+        // Characters, not bytes: 128 three-byte characters pass.
+        r.stop = Some(vec!["€".repeat(128)]);
+        assert!(validate(r, MODEL, 1).is_ok());
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub fn submit(
             prompt_tokens: tokens,
             params,
             constraint: None,
+            prompt_group: None,
             cancel: Arc::new(AtomicBool::new(cancel)),
             deadline,
             accepted_at: Instant::now(),
