@@ -170,6 +170,8 @@ async fn schemathesis_finds_nothing_on_the_client_api(queen: &Daemon) {
         .args(["-H", &format!("Authorization: Bearer {CLIENT}")])
         .args(["--no-color", "--report", "junit", "--report-dir"])
         .arg(&report)
+        // Its cache goes beside the report, not into the source tree.
+        .current_dir(&report)
         .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
         .env("PYTHONPATH", std::path::Path::new(hooks).parent().unwrap())
         .output()

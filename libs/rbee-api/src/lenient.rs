@@ -9,7 +9,7 @@ use serde_json::Number;
 pub fn integer(n: &Number) -> Option<u64> {
     n.as_u64().or_else(|| {
         n.as_f64()
-            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
             .map(|f| f as u64)
     })
 }

@@ -22,6 +22,8 @@ pub const HEADER_REQUEST_TIMEOUT: &str = "x-request-timeout";
 pub const HEADER_REQUEST_PRIORITY: &str = "x-request-priority";
 /// The SSE data line that closes every stream.
 pub const SSE_DONE: &str = "[DONE]";
+/// Most answers one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
 /// Largest request body any rbee daemon accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 

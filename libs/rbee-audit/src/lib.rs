@@ -307,7 +307,8 @@ impl AuditLog {
     /// continues the chain (its first record's `prev` is the last hash of the
     /// rotated file).
     ///
-    /// `details` must not contain secrets; pass fingerprints only.
+    /// `details` must not contain secrets; pass fingerprints only. Its object keys are written
+    /// sorted, however the caller built it.
     pub fn append(
         &self,
         event: &str,
@@ -326,6 +327,7 @@ impl AuditLog {
             return Err(self.io(io::Error::other("sequence numbers are exhausted")));
         };
         let ts = now_rfc3339();
+        let details = sorted_keys(details);
         let body = serde_json::to_string(&UnhashedRecord {
             seq,
             ts: &ts,
@@ -854,6 +856,27 @@ fn is_valid_ts(s: &str) -> bool {
 }
 
 /// The current time as RFC 3339 UTC with milliseconds.
+/// A JSON value with every object's keys in sorted order (serde_json may keep insertion order,
+/// which would make the same details read differently from call to call).
+fn sorted_keys(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<(String, serde_json::Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sorted_keys(v)))
+                    .collect(),
+            )
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(sorted_keys).collect())
+        }
+        other => other,
+    }
+}
+
 fn now_rfc3339() -> String {
     let unix_ms = match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),

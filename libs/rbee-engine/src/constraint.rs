@@ -34,9 +34,9 @@ fn grammar_err(msg: impl std::fmt::Display) -> EngineError {
     EngineError::Grammar(msg.to_string())
 }
 
-/// JSON written without optional whitespace: a small model left free to pad with newlines
-/// may pad until `max_tokens`.
-fn compact(mut schema: Value) -> Value {
+/// A JSON schema whose JSON is written without optional whitespace: a small model left free to
+/// pad with newlines may pad until `max_tokens`.
+pub fn compact_json_schema(mut schema: Value) -> Value {
     if let Value::Object(map) = &mut schema {
         map.entry("x-guidance")
             .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
@@ -47,10 +47,12 @@ fn compact(mut schema: Value) -> Value {
 impl Grammar {
     fn top_level(&self) -> TopLevelGrammar {
         match self {
-            Grammar::JsonObject => {
-                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
+            Grammar::JsonObject => TopLevelGrammar::from_json_schema(compact_json_schema(
+                serde_json::json!({"type": "object"}),
+            )),
+            Grammar::JsonSchema(s) => {
+                TopLevelGrammar::from_json_schema(compact_json_schema(s.clone()))
             }
-            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(compact(s.clone())),
             Grammar::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             Grammar::Regex(r) => TopLevelGrammar::from_regex(r),
         }

@@ -20,7 +20,7 @@ mod stop;
 mod template;
 mod tokenizer;
 
-pub use constraint::{Grammar, GrammarCompiler, TokenConstraint};
+pub use constraint::{Grammar, GrammarCompiler, TokenConstraint, compact_json_schema};
 pub use detok::Utf8Stream;
 pub use engine::{
     DeviceSpec, Engine, EngineLoad, GenEvent, GenerationJob, GenerationParams, GenerationSummary,

@@ -178,11 +178,13 @@ pub async fn method_not_allowed(req: Request) -> Response {
     ApiError::new(codes::METHOD_NOT_ALLOWED, message).into_response()
 }
 
-/// Reads a request body nobody wants (up to [`MAX_BODY_BYTES`]), so the connection stays
-/// usable: answered before its body was read, hyper would close it, and a client that sent
-/// the body after the head and reuses the connection at once gets a broken pipe.
+/// Reads a request body nobody wants (up to [`MAX_BODY_BYTES`], for at most a second), so the
+/// connection stays usable: answered before its body was read, hyper would close it, and a
+/// client that sent the body after the head and reuses the connection at once gets a broken
+/// pipe. A body that trickles in slower is not waited for: the connection closes instead.
 async fn drain(req: Request) {
-    let _ = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await;
+    let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read).await;
 }
 
 /// The bearer token a request presents, if any.

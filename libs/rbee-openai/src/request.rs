@@ -104,7 +104,8 @@ pub struct ContentPart {
     #[serde(rename = "type")]
     #[schemars(extend("const" = "text"))]
     pub kind: String,
-    #[serde(default)]
+    // No `serde(default)`: a missing Option is None anyway, and the schema (a string) must not
+    // advertise a null default.
     #[schemars(with = "String")]
     pub text: Option<String>,
 }
@@ -299,7 +300,7 @@ pub struct CompletionRequest {
     pub seed: Option<Number>,
     /// Only `false`.
     #[serde(default)]
-    #[schemars(extend("const" = false))]
+    #[schemars(extend("enum" = [false, null]))]
     pub echo: Option<bool>,
     /// 0–5: each token's log-probability with this many alternatives.
     #[serde(default)]
@@ -591,7 +592,9 @@ fn convert_message(i: usize, m: &RequestMessage) -> Result<ChatMessage, OpenAiEr
     if m.function_call.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(OpenAiError::unsupported(
             format!("messages[{i}].function_call"),
-            format!("`messages[{i}].function_call` is not supported: rbee does no tool calling"),
+            format!(
+                "`messages[{i}].function_call` (deprecated) is not supported: send `tool_calls`"
+            ),
         ));
     }
     let content = match &m.content {
@@ -705,7 +708,9 @@ fn no_tool_choice(param: &str, v: Option<&Value>) -> Result<(), OpenAiError> {
         Some(Value::String(s)) if s == "none" || s == "auto" => Ok(()),
         Some(_) => Err(OpenAiError::unsupported(
             param,
-            format!("`{param}` is not supported by rbee (no tool calling); leave it out"),
+            format!(
+                "`{param}` (deprecated) is not supported by rbee; use `tools` and `tool_choice`"
+            ),
         )),
     }
 }
@@ -720,7 +725,7 @@ fn seed(v: Option<&Number>) -> Result<Option<u64>, OpenAiError> {
     // Negative seeds, `-3` or `-3.0`, as their two's-complement `u64`.
     let negative = n.as_i64().or_else(|| {
         n.as_f64()
-            .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < 0.0)
+            .filter(|f| f.fract() == 0.0 && *f > i64::MIN as f64 && *f < 0.0)
             .map(|f| f as i64)
     });
     if let Some(i) = negative {

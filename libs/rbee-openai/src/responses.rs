@@ -119,16 +119,6 @@ pub struct ResponsesRequest {
     pub seed: Option<u64>,
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn invalid(param: impl Into<String>, message: impl Into<String>) -> OpenAiError {
-    OpenAiError::invalid(param, message)
-}
-
 impl ResponsesRequest {
     pub fn from_json(body: &[u8]) -> Result<Self, OpenAiError> {
         crate::request::parse_json(body)
@@ -147,7 +137,7 @@ impl ResponsesRequest {
     /// The worker request, or the first parameter rbee refuses.
     pub fn to_inference(&self) -> Result<InferenceRequest, OpenAiError> {
         if self.model.trim().is_empty() {
-            return Err(invalid("model", "`model` must not be empty"));
+            return Err(OpenAiError::invalid("model", "`model` must not be empty"));
         }
         if self.previous_response_id.is_some() || self.conversation.is_some() {
             let param = if self.previous_response_id.is_some() {
@@ -168,6 +158,16 @@ impl ResponsesRequest {
                 "`background` responses are not supported by rbee",
             ));
         }
+        if self
+            .metadata
+            .as_ref()
+            .is_some_and(|m| !m.is_null() && !m.is_object())
+        {
+            return Err(OpenAiError::invalid(
+                "metadata",
+                "`metadata` must be an object of strings",
+            ));
+        }
         if let Some(t) = self.truncation.as_deref().filter(|t| *t != "disabled") {
             return Err(OpenAiError::unsupported(
                 "truncation",
@@ -185,7 +185,7 @@ impl ResponsesRequest {
             });
         }
         match &self.input {
-            None => return Err(invalid("input", "`input` is required")),
+            None => return Err(OpenAiError::invalid("input", "`input` is required")),
             Some(ResponsesInput::Text(t)) => messages.push(ChatMessage {
                 role: "user".into(),
                 content: t.clone(),
@@ -195,12 +195,18 @@ impl ResponsesRequest {
                 for (i, item) in items.iter().enumerate() {
                     input_item(i, item, &mut messages)?;
                 }
+                if !messages.iter().any(|m| m.role != "system") {
+                    return Err(OpenAiError::invalid(
+                        "input",
+                        "`input` must hold at least one message or function call item",
+                    ));
+                }
             }
         }
         let logprobs = match (self.wants_logprobs(), self.top_logprobs) {
+            // As OpenAI: only `include` asks for them; `top_logprobs` says how many.
             (true, k) => Some(k.unwrap_or(0)),
-            (false, Some(k)) if k > 0 => Some(k),
-            _ => None,
+            (false, _) => None,
         };
         Ok(InferenceRequest {
             messages: Some(messages),
@@ -232,7 +238,7 @@ fn input_item(i: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Result<(), 
             .and_then(Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| {
-                invalid(
+                OpenAiError::invalid(
                     format!("{param}.{name}"),
                     format!("`{param}.{name}` is required (a string)"),
                 )
@@ -245,7 +251,7 @@ fn input_item(i: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Result<(), 
                 "user" | "assistant" | "system" => role,
                 "developer" => "system".into(),
                 other => {
-                    return Err(invalid(
+                    return Err(OpenAiError::invalid(
                         format!("{param}.role"),
                         format!(
                             "`{param}.role` must be user, assistant, system or developer; given: {other:?}"
@@ -280,7 +286,7 @@ fn input_item(i: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Result<(), 
                     texts.join(crate::CONTENT_PART_SEPARATOR)
                 }
                 _ => {
-                    return Err(invalid(
+                    return Err(OpenAiError::invalid(
                         format!("{param}.content"),
                         format!("`{param}.content` must be a string or an array of parts"),
                     ));
@@ -317,7 +323,7 @@ fn input_item(i: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Result<(), 
                 Some(Value::String(s)) => s.clone(),
                 Some(other) => other.to_string(),
                 None => {
-                    return Err(invalid(
+                    return Err(OpenAiError::invalid(
                         format!("{param}.output"),
                         format!("`{param}.output` is required"),
                     ));
@@ -471,6 +477,19 @@ pub struct IncompleteDetails {
     pub reason: String,
 }
 
+/// Token counts: prompt, completion, cached.
+pub(crate) type Counts = (u32, u32, u32);
+
+/// The `id` of a response's message item.
+pub(crate) fn message_id(response_id: &str) -> String {
+    format!("msg_{}", response_id.trim_start_matches("resp_"))
+}
+
+/// The `id` of a function-call item.
+pub(crate) fn call_item_id(call_id: &str) -> String {
+    format!("fc_{}", call_id.trim_start_matches("call_"))
+}
+
 /// A `response` object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResponseObject {
@@ -548,18 +567,27 @@ impl ResponseObject {
         }
     }
 
-    /// Status and usage once the worker's `end` arrived.
-    pub(crate) fn settle(&mut self, stop: StopReason, prompt: u32, completion: u32, cached: u32) {
+    /// Status and usage once the worker's `end` arrived, `total_ms` after the request came.
+    pub(crate) fn settle(&mut self, stop: StopReason, counts: Counts, total_ms: f64) {
+        let (prompt, completion, cached) = counts;
+        let incomplete = |reason: &str| {
+            Some(IncompleteDetails {
+                reason: reason.to_owned(),
+            })
+        };
         match stop {
-            StopReason::MaxTokens | StopReason::Deadline => {
+            StopReason::MaxTokens => {
                 self.status = "incomplete".to_owned();
-                self.incomplete_details = Some(IncompleteDetails {
-                    reason: "max_output_tokens".to_owned(),
-                });
+                self.incomplete_details = incomplete("max_output_tokens");
             }
-            _ => {
+            StopReason::Deadline => {
+                self.status = "incomplete".to_owned();
+                self.incomplete_details = incomplete("deadline");
+            }
+            StopReason::Cancelled => self.status = "cancelled".to_owned(),
+            StopReason::Eos | StopReason::StopSequence => {
                 self.status = "completed".to_owned();
-                self.completed_at = Some(unix_now());
+                self.completed_at = Some(self.created_at + (total_ms / 1e3).round() as u64);
             }
         }
         self.usage = Some(ResponseUsage {
@@ -594,7 +622,7 @@ pub(crate) fn output_text(text: String, logprobs: Vec<TokenLogprob>) -> OutputTe
 
 pub(crate) fn call_item(c: &ToolCall, status: &str, arguments: &str) -> OutputItem {
     OutputItem::FunctionCall {
-        id: format!("fc_{}", c.id.trim_start_matches("call_")),
+        id: call_item_id(&c.id),
         call_id: c.id.clone(),
         name: c.function.name.clone(),
         arguments: arguments.to_owned(),
@@ -611,11 +639,12 @@ impl Aggregator {
         model: &str,
         echo: &ResponseEcho,
     ) -> Result<ResponseObject, OpenAiError> {
-        let (answer, end) = self.into_first_answer()?;
+        let (answer, counts, total_ms) = self.into_first_answer()?;
         let mut r = ResponseObject::new(id, created_at, model, echo);
-        if !answer.text.is_empty() || answer.calls.is_empty() {
+        // Only calls (and at most whitespace around them): no message, as chat's null content.
+        if !answer.text.trim().is_empty() || answer.calls.is_empty() {
             r.output.push(message_item(
-                &format!("msg_{}", id.trim_start_matches("resp_")),
+                &message_id(id),
                 "completed",
                 Some(output_text(answer.text, answer.logprobs)),
             ));
@@ -624,7 +653,7 @@ impl Aggregator {
             r.output
                 .push(call_item(c, "completed", &c.function.arguments));
         }
-        r.settle(answer.stop, end.0, end.1, end.2);
+        r.settle(answer.stop, counts, total_ms);
         Ok(r)
     }
 }

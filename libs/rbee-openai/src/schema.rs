@@ -65,7 +65,7 @@ pub fn tool_choice(_: &mut SchemaGenerator) -> Schema {
          "properties": {"type": {"const": "function"},
                         "function": {"type": "object", "required": ["name"],
                                      "properties": {"name": {"type": "string"}}}}},
-        {"type": "object", "required": ["type", "name"],
+        {"type": "object", "required": ["type", "name"], "not": {"required": ["function"]},
          "properties": {"type": {"const": "function"}, "name": {"type": "string"}}},
     ]}))
 }
@@ -154,7 +154,8 @@ pub fn responses_input(_: &mut SchemaGenerator) -> Schema {
                             "name": {"type": "string"}, "arguments": {"type": "string"}}},
             {"type": "object", "required": ["type", "call_id", "output"],
              "properties": {"type": {"const": "function_call_output"},
-                            "call_id": {"type": "string"}, "output": {"type": "string"}}},
+                            "call_id": {"type": "string"},
+                            "output": {"description": "text, or any JSON (sent as its text)"}}},
         ]}},
     ]})
 }

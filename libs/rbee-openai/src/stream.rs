@@ -280,7 +280,7 @@ impl ChunkStream {
     /// The payloads one worker event turns into, in order (see the type's docs).
     pub fn on_event(&mut self, ev: &StreamEvent) -> Vec<String> {
         let mut out = Vec::new();
-        if self.finished {
+        if self.finished || beyond_choices(ev) {
             return out;
         }
         match ev {
@@ -360,12 +360,24 @@ impl ChunkStream {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An event for an answer no request can ask for (a worker gone wrong): ignored.
+fn beyond_choices(ev: &StreamEvent) -> bool {
+    let choice = match ev {
+        StreamEvent::Token { choice, .. }
+        | StreamEvent::ToolCalls { choice, .. }
+        | StreamEvent::ChoiceEnd { choice, .. } => *choice,
+        _ => 0,
+    };
+    choice >= rbee_api::MAX_CHOICES
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Ended {
     stop: StopReason,
     prompt_tokens: u32,
     completion_tokens: u32,
     cached_tokens: u32,
+    total_ms: f64,
 }
 
 /// One answer as it is collected.
@@ -427,7 +439,7 @@ impl Aggregator {
     }
 
     pub fn push(&mut self, ev: &StreamEvent) {
-        if self.outcome.is_some() {
+        if self.outcome.is_some() || beyond_choices(ev) {
             return;
         }
         match ev {
@@ -455,13 +467,14 @@ impl Aggregator {
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
-                ..
+                timings,
             } => {
                 self.outcome = Some(Ok(Ended {
                     stop: *stop_reason,
                     prompt_tokens: *prompt_tokens,
                     completion_tokens: *completion_tokens,
                     cached_tokens: *cached_tokens,
+                    total_ms: timings.total_ms,
                 }));
             }
             StreamEvent::Error { code, message } => {
@@ -498,9 +511,11 @@ impl Aggregator {
         }
     }
 
-    /// The first answer and the token counts (prompt, completion, cached), or the error that
-    /// ended the stream.
-    pub(crate) fn into_first_answer(self) -> Result<(Answer, (u32, u32, u32)), OpenAiError> {
+    /// The first answer, the token counts and the request's time in milliseconds, or the error
+    /// that ended the stream.
+    pub(crate) fn into_first_answer(
+        self,
+    ) -> Result<(Answer, crate::responses::Counts, f64), OpenAiError> {
         let (choices, end, _) = self.settle()?;
         let first = choices.into_iter().next().unwrap_or_default();
         let answer = Answer {
@@ -512,6 +527,7 @@ impl Aggregator {
         Ok((
             answer,
             (end.prompt_tokens, end.completion_tokens, end.cached_tokens),
+            end.total_ms,
         ))
     }
 

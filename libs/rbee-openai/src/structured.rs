@@ -8,10 +8,6 @@ use serde_json::Value;
 use crate::error::OpenAiError;
 use crate::request::{non_empty, truncate};
 
-fn invalid(param: impl Into<String>, message: impl Into<String>) -> OpenAiError {
-    OpenAiError::invalid(param, message)
-}
-
 /// An assistant's earlier calls; `arguments` may be a JSON text (OpenAI's form) or an object.
 pub(crate) fn history_calls(i: usize, v: &Value) -> Result<Vec<ToolCall>, OpenAiError> {
     let param = format!("messages[{i}].tool_calls");
@@ -60,7 +56,7 @@ pub(crate) fn history_calls(i: usize, v: &Value) -> Result<Vec<ToolCall>, OpenAi
 pub(crate) fn tools(v: Option<&Value>) -> Result<Option<Vec<Tool>>, OpenAiError> {
     each_tool(v, |i, t| {
         serde_json::from_value(t.clone())
-            .map_err(|e| invalid(format!("tools[{i}]"), format!("`tools[{i}]`: {e}")))
+            .map_err(|e| OpenAiError::invalid(format!("tools[{i}]"), format!("`tools[{i}]`: {e}")))
     })
 }
 
@@ -68,7 +64,7 @@ pub(crate) fn tools(v: Option<&Value>) -> Result<Option<Vec<Tool>>, OpenAiError>
 pub(crate) fn flat_tools(v: Option<&Value>) -> Result<Option<Vec<Tool>>, OpenAiError> {
     each_tool(v, |i, t| {
         let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
-            invalid(
+            OpenAiError::invalid(
                 format!("tools[{i}].name"),
                 format!("`tools[{i}].name` is required"),
             )
@@ -98,7 +94,7 @@ fn each_tool(
     };
     let list = v
         .as_array()
-        .ok_or_else(|| invalid("tools", "`tools` must be an array of tools"))?;
+        .ok_or_else(|| OpenAiError::invalid("tools", "`tools` must be an array of tools"))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, t) in list.iter().enumerate() {
         let kind = t.get("type").and_then(Value::as_str).unwrap_or_default();
@@ -135,13 +131,14 @@ pub(crate) fn tool_choice(v: Option<&Value>) -> Result<Option<ToolChoice>, OpenA
             _ => Err(bad()),
         },
         Some(o) => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .or_else(|| o.get("name"))
-                .and_then(Value::as_str)
-                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(bad)?;
+            // Chat's shape names it under `function`; Responses' beside `type`.
+            let name = match o.get("function") {
+                Some(f) => f.get("name"),
+                None => o.get("name"),
+            }
+            .and_then(Value::as_str)
+            .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
+            .ok_or_else(bad)?;
             Ok(Some(ToolChoice::Function(name.to_owned())))
         }
     }
@@ -156,7 +153,7 @@ pub(crate) fn response_format(v: Option<&Value>) -> Result<Option<Grammar>, Open
     if v.get("type").and_then(Value::as_str) == Some("json_schema")
         && v.get("json_schema").is_none()
     {
-        return Err(invalid(
+        return Err(OpenAiError::invalid(
             "response_format.json_schema",
             "`response_format.json_schema` is required with type \"json_schema\"",
         ));
@@ -189,12 +186,12 @@ fn json_format(
             Some(s) if s.is_object() || s.is_boolean() => {
                 Ok(Some(Grammar::JsonSchema { schema: s.clone() }))
             }
-            Some(_) => Err(invalid(
+            Some(_) => Err(OpenAiError::invalid(
                 format!("{param}.schema"),
                 format!("`{param}` schema must be a JSON schema object"),
             )),
         },
-        other => Err(invalid(
+        other => Err(OpenAiError::invalid(
             param,
             format!(
                 "`{param}.type` must be \"text\", \"json_object\" or \"json_schema\"; given: {}",

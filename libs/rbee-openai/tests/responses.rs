@@ -466,3 +466,112 @@ fn model_list_shape() {
         ]})
     );
 }
+
+fn call(name: &str) -> rbee_api::ToolCall {
+    rbee_api::ToolCall {
+        id: format!("call_{name}"),
+        kind: "function".into(),
+        function: rbee_api::FunctionCall {
+            name: name.into(),
+            arguments: r#"{"a":1}"#.into(),
+        },
+    }
+}
+
+/// The `data:` objects of a Responses stream.
+fn responses_events(evs: &[StreamEvent]) -> Vec<Value> {
+    let echo = rbee_openai::ResponseEcho::of(&rbee_openai::ResponsesRequest::default());
+    let mut s = rbee_openai::ResponsesStream::new("resp_r1", 1_700_000_000, "m", &echo);
+    let text: String = evs.iter().map(|e| s.on_event(e)).collect();
+    assert!(s.is_finished());
+    text.split("\n\n")
+        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn responses_stream_calls_alone_are_calls_alone_and_every_item_is_closed() {
+    // Whitespace before the calls opens no message: the items are the two calls, at 0 and 1.
+    let evs = responses_events(&[
+        started(),
+        token(0, "\n"),
+        StreamEvent::ToolCalls {
+            choice: 0,
+            calls: vec![call("f"), call("g")],
+        },
+        end(StopReason::Eos),
+    ]);
+    let added: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "response.output_item.added")
+        .collect();
+    let done: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "response.output_item.done")
+        .collect();
+    assert_eq!(added.len(), 2, "{evs:#?}");
+    assert_eq!(done.len(), 2);
+    assert_eq!(added[0]["item"]["type"], "function_call");
+    assert_eq!(
+        (
+            added[0]["output_index"].clone(),
+            added[1]["output_index"].clone()
+        ),
+        (json!(0), json!(1))
+    );
+    let last = evs.last().unwrap();
+    assert_eq!(last["type"], "response.completed");
+    assert_eq!(last["response"]["output"].as_array().unwrap().len(), 2);
+    assert_eq!(last["response"]["completed_at"], 1_700_000_000);
+    let seqs: Vec<u64> = evs
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    // Text then calls: a closed message first, then the calls.
+    let evs = responses_events(&[
+        started(),
+        token(0, "Sure."),
+        StreamEvent::ToolCalls {
+            choice: 0,
+            calls: vec![call("f")],
+        },
+        end(StopReason::Eos),
+    ]);
+    let kinds: Vec<&str> = evs.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let msg_done = kinds
+        .iter()
+        .position(|k| *k == "response.output_text.done")
+        .unwrap();
+    let call_added = kinds
+        .iter()
+        .rposition(|k| *k == "response.output_item.added")
+        .unwrap();
+    assert!(msg_done < call_added, "{kinds:?}");
+    // Only whitespace and no calls: one message holding it; a cut answer is incomplete.
+    let evs = responses_events(&[started(), token(0, " "), end(StopReason::MaxTokens)]);
+    let last = evs.last().unwrap();
+    assert_eq!(last["type"], "response.incomplete");
+    assert_eq!(last["response"]["output"][0]["content"][0]["text"], " ");
+    assert_eq!(
+        last["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
+    assert_eq!(last["response"]["completed_at"], Value::Null);
+}
+
+#[test]
+fn events_for_answers_no_request_can_have_are_ignored() {
+    let mut agg = Aggregator::new();
+    agg.push(&StreamEvent::Token {
+        index: 0,
+        text: "x".into(),
+        choice: 4_000_000_000,
+        logprobs: vec![],
+    });
+    agg.push(&end(StopReason::Eos));
+    let c = agg.into_chat_completion("id", 1, "m").unwrap();
+    assert_eq!(c.choices.len(), 1);
+    assert_eq!(c.choices[0].message.content.as_deref(), Some(""));
+}

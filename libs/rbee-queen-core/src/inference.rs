@@ -412,9 +412,13 @@ pub(crate) async fn openai_route(
         Api::Chat => (EndpointKind::Chat, rbee_openai::chat_completion_id(&rid.0)),
         Api::Completion => (EndpointKind::Completion, rbee_openai::completion_id(&rid.0)),
         Api::Responses => {
-            let echo = call
+            let mut echo = call
                 .echo
                 .unwrap_or_else(|| ResponseEcho::of(&ResponsesRequest::default()));
+            // The sampling the worker gets, `[[models]]` defaults included.
+            let sent = q.with_model_defaults(&model, &call.inference);
+            echo.temperature = sent.temperature.unwrap_or(1.0);
+            echo.top_p = sent.top_p.unwrap_or(1.0);
             let id = rbee_openai::response_id(&rid.0);
             if call.stream {
                 let mut events = ResponsesStream::new(&id, unix_secs(), &model, &echo);

@@ -118,8 +118,10 @@ pub fn document(routes: &[(&str, &str, bool)]) -> Value {
 #[serde(deny_unknown_fields)]
 #[schemars(extend("oneOf" = [
     {"required": ["prompt"], "properties": {"prompt": {"type": "string"},
+        "messages": {"type": "null"},
         "tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
-    {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    {"required": ["messages"], "properties": {"messages": {"type": "array"},
+        "prompt": {"type": "null"}}},
 ]))]
 #[allow(dead_code)]
 struct NativeInference {

@@ -600,7 +600,7 @@ async fn start_inference(
         model: engine.info().name.clone(),
         prompt_tokens: prompt_tokens as u32,
     };
-    let choices = Choices::new(n, valid.call_format);
+    let choices = Choices::new(n, valid.calls);
     let stream = event_stream(started, rx, guard, choices);
     let mut resp = Response::new(axum::body::Body::from_stream(stream));
     let headers = resp.headers_mut();

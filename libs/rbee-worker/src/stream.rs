@@ -45,16 +45,22 @@ pub(crate) struct Choices {
     left: usize,
     /// Tool calls held back and parsed, per answer.
     parsers: Vec<Option<CallParser>>,
+    /// Log-probabilities of text a parser holds back: sent with that text, or dropped with it
+    /// when it turns out to be calls.
+    held_logprobs: Vec<Vec<rbee_api::TokenLogprob>>,
     first: Option<GenerationSummary>,
     completion_tokens: usize,
 }
 
 impl Choices {
-    pub(crate) fn new(n: usize, call_format: Option<ToolFormat>) -> Self {
+    pub(crate) fn new(n: usize, calls: Option<(ToolFormat, Vec<String>)>) -> Self {
         Self {
             n,
             left: n,
-            parsers: (0..n).map(|_| call_format.map(CallParser::new)).collect(),
+            parsers: (0..n)
+                .map(|_| calls.clone().map(|(f, names)| CallParser::new(f, names)))
+                .collect(),
+            held_logprobs: vec![Vec::new(); n],
             first: None,
             completion_tokens: 0,
         }
@@ -62,10 +68,8 @@ impl Choices {
 
     /// The wire events for one engine event; `true` once the request is over.
     fn on_event(&mut self, choice: u32, ev: GenEvent) -> (Vec<StreamEvent>, bool) {
-        let parser = self
-            .parsers
-            .get_mut(choice as usize)
-            .and_then(Option::as_mut);
+        let c = choice as usize;
+        let parser = self.parsers.get_mut(c).and_then(Option::as_mut);
         match ev {
             GenEvent::FirstToken => (vec![], false),
             GenEvent::Text {
@@ -73,9 +77,17 @@ impl Choices {
                 text,
                 logprobs,
             } => {
-                let text = match parser {
-                    Some(p) => p.push(&text),
-                    None => text,
+                let logprobs: Vec<_> = logprobs.into_iter().map(wire_logprob).collect();
+                let (text, logprobs) = match (parser, self.held_logprobs.get_mut(c)) {
+                    (Some(p), Some(held)) => {
+                        held.extend(logprobs);
+                        let out = p.push(&text);
+                        if out.is_empty() {
+                            return (vec![], false);
+                        }
+                        (out, std::mem::take(held))
+                    }
+                    _ => (text, logprobs),
                 };
                 if text.is_empty() && logprobs.is_empty() {
                     return (vec![], false);
@@ -84,20 +96,22 @@ impl Choices {
                     index: index as u32,
                     text,
                     choice,
-                    logprobs: logprobs.into_iter().map(wire_logprob).collect(),
+                    logprobs,
                 };
                 (vec![token], false)
             }
             GenEvent::Finished(s) => {
                 let mut out = Vec::new();
-                if let Some(p) = self.parsers.get_mut(choice as usize).and_then(Option::take) {
+                if let Some(p) = self.parsers.get_mut(c).and_then(Option::take) {
                     let (tail, calls) = p.finish();
+                    let held = self.held_logprobs.get_mut(c).map(std::mem::take);
                     if !tail.is_empty() {
                         out.push(StreamEvent::Token {
                             index: s.completion_tokens.saturating_sub(1) as u32,
                             text: tail,
                             choice,
-                            logprobs: vec![],
+                            // A call's tokens are not text: their log-probabilities go with them.
+                            logprobs: held.filter(|_| calls.is_empty()).unwrap_or_default(),
                         });
                     }
                     if !calls.is_empty() {

@@ -3,8 +3,10 @@
 //! JSON schemas, and calls parsed out of the answer in the model family's format.
 
 use rbee_api::{ChatMessage, FunctionCall, Tool, ToolCall, ToolChoice};
-use rbee_engine::{Grammar, Prompt, ToolFormat, Turn};
+use rbee_engine::{Grammar, Prompt, ToolFormat, Turn, compact_json_schema};
 use serde_json::{Map, Value};
+
+use crate::validate::truncate;
 
 /// Most tools one request may carry.
 pub const MAX_TOOLS: usize = 128;
@@ -173,14 +175,7 @@ pub fn forced_call_grammar(
                 Value::Array(vec!["name".into(), args_key.into()]),
             );
             o.insert("additionalProperties".into(), Value::Bool(false));
-            o.insert(
-                "x-guidance".into(),
-                Value::Object(Map::from_iter([(
-                    "whitespace_flexible".into(),
-                    Value::Bool(false),
-                )])),
-            );
-            Value::Object(o)
+            compact_json_schema(Value::Object(o))
         })
         .collect();
     let schema = match variants.as_slice() {
@@ -211,6 +206,8 @@ pub fn forced_call_grammar(
 #[derive(Debug)]
 pub struct CallParser {
     format: ToolFormat,
+    /// The functions there are: a "call" to any other is text.
+    names: Vec<String>,
     /// Text not passed on yet: a possible start of a call, or the calls themselves.
     held: String,
     holding: bool,
@@ -219,9 +216,10 @@ pub struct CallParser {
 }
 
 impl CallParser {
-    pub fn new(format: ToolFormat) -> Self {
+    pub fn new(format: ToolFormat, names: Vec<String>) -> Self {
         Self {
             format,
+            names,
             held: String::new(),
             holding: false,
             plain: false,
@@ -291,9 +289,14 @@ impl CallParser {
             ToolFormat::Llama3 => json_sequence(&self.held),
             ToolFormat::Mistral => serde_json::from_str::<Vec<Value>>(self.held.trim()).ok(),
         };
-        let calls: Option<Vec<ToolCall>> = objects
-            .filter(|o| !o.is_empty())
-            .and_then(|objs| objs.iter().map(to_call).collect());
+        // Bare JSON (Llama 3, Mistral) is a call only with its arguments; a tagged call may
+        // leave them out.
+        let needs_arguments = self.format != ToolFormat::Hermes;
+        let calls: Option<Vec<ToolCall>> = objects.filter(|o| !o.is_empty()).and_then(|objs| {
+            objs.iter()
+                .map(|o| to_call(o, &self.names, needs_arguments))
+                .collect()
+        });
         match calls {
             Some(calls) => (String::new(), calls),
             None => (self.held, Vec::new()),
@@ -334,9 +337,15 @@ fn json_sequence(text: &str) -> Option<Vec<Value>> {
     Some(out)
 }
 
-fn to_call(v: &Value) -> Option<ToolCall> {
+fn to_call(v: &Value, names: &[String], needs_arguments: bool) -> Option<ToolCall> {
     let name = v.get("name")?.as_str()?.to_owned();
+    if !names.contains(&name) {
+        return None;
+    }
     let args = v.get("arguments").or_else(|| v.get("parameters"));
+    if needs_arguments && args.is_none() {
+        return None;
+    }
     let arguments = match args {
         Some(Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
@@ -395,7 +404,7 @@ pub fn check(
                 "tools",
                 format!(
                     "`tools[{i}].function.name` must be 1-64 letters, digits, `_`, `-` or `.`; given: {:?}",
-                    n.chars().take(80).collect::<String>()
+                    truncate(n)
                 ),
             ));
         }
@@ -420,7 +429,7 @@ pub fn check(
                 "tool_choice",
                 format!(
                     "`tool_choice` names the function {:?}, which is not in `tools`",
-                    name.chars().take(80).collect::<String>()
+                    truncate(name)
                 ),
             ))
         }
@@ -433,7 +442,8 @@ mod tests {
     use super::*;
 
     fn feed(format: ToolFormat, pieces: &[&str]) -> (String, Vec<ToolCall>) {
-        let mut p = CallParser::new(format);
+        let names = ["f", "g"].map(String::from).to_vec();
+        let mut p = CallParser::new(format, names);
         let mut text: String = pieces.iter().map(|s| p.push(s)).collect();
         let (tail, calls) = p.finish();
         text.push_str(&tail);
@@ -472,6 +482,23 @@ mod tests {
         assert_eq!((text.as_str(), calls.len()), ("just <tool", 0));
         let (text, calls) = feed(ToolFormat::Llama3, &["  Hello {x}"]);
         assert_eq!((text.as_str(), calls.len()), ("  Hello {x}", 0));
+    }
+
+    #[test]
+    fn only_declared_functions_with_arguments_are_calls() {
+        // A JSON answer that merely has a `name` is text.
+        let (text, calls) = feed(ToolFormat::Llama3, &[r#"{"name": "Alice", "age": 3}"#]);
+        assert_eq!(
+            (text.as_str(), calls.len()),
+            (r#"{"name": "Alice", "age": 3}"#, 0)
+        );
+        let (_, calls) = feed(ToolFormat::Llama3, &[r#"{"name": "f"}"#]);
+        assert!(calls.is_empty());
+        let (_, calls) = feed(
+            ToolFormat::Hermes,
+            &["<tool_call>{\"name\":\"nope\"}</tool_call>"],
+        );
+        assert!(calls.is_empty());
     }
 
     #[test]

@@ -8,8 +8,7 @@ use crate::tools;
 
 /// Roles the chat endpoint accepts.
 pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
-/// Most answers one request may ask for (`n`).
-pub const MAX_CHOICES: u32 = 16;
+pub use rbee_api::MAX_CHOICES;
 pub const MAX_STOP_SEQUENCES: usize = 8;
 /// Characters of one stop sequence at most.
 pub const MAX_STOP_CHARS: usize = 128;
@@ -44,8 +43,8 @@ pub struct ValidRequest {
     pub n: usize,
     /// What every answer must follow (asked for, or a forced tool call's).
     pub grammar: Option<Grammar>,
-    /// Parse tool calls out of the answers, written this way.
-    pub call_format: Option<ToolFormat>,
+    /// Parse tool calls out of the answers: how they are written, and the functions there are.
+    pub calls: Option<(ToolFormat, Vec<String>)>,
 }
 
 /// What validation needs to know of the loaded model.
@@ -256,6 +255,8 @@ pub fn validate(
         &choice,
         req.parallel_tool_calls.unwrap_or(true),
     );
+    // An answer held to the client's own grammar is that grammar's text, never calls.
+    let parse_calls = !shown.is_empty() && (req.grammar.is_none() || forced.is_some());
     let grammar = match (req.grammar, forced) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -275,7 +276,10 @@ pub fn validate(
         logprobs,
         n: n as usize,
         grammar,
-        call_format: (!shown.is_empty()).then_some(model.tool_format),
+        calls: parse_calls.then(|| {
+            let names = shown.iter().map(|t| t.function.name.clone()).collect();
+            (model.tool_format, names)
+        }),
         prompt,
         max_tokens,
         sampling: SamplingParams {
@@ -364,7 +368,7 @@ pub fn fit_to_context(
 }
 
 /// Client strings echoed in errors are cut short so an error never carries a huge payload.
-fn truncate(s: &str) -> String {
+pub(crate) fn truncate(s: &str) -> String {
     const MAX: usize = 64;
     if s.len() <= MAX {
         return s.to_owned();

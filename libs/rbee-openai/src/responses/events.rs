@@ -3,7 +3,10 @@
 use rbee_api::{StreamEvent, TokenLogprob, codes};
 use serde_json::{Map, Value, json};
 
-use super::{OutputItem, ResponseEcho, ResponseObject, call_item, message_item, output_text};
+use super::{
+    OutputItem, ResponseEcho, ResponseObject, call_item, call_item_id, message_id, message_item,
+    output_text,
+};
 use crate::error::OpenAiError;
 use crate::stream::TRUNCATED_STREAM_MESSAGE;
 
@@ -19,6 +22,9 @@ pub struct ResponsesStream {
     sequence: u64,
     /// The message item being written: its output index and text so far.
     message: Option<(u32, String, Vec<TokenLogprob>)>,
+    /// Whitespace (and its log-probabilities) before any text: a message opens only for text,
+    /// so an answer of calls alone is calls alone, as the response object says.
+    leading: (String, Vec<TokenLogprob>),
     finished: bool,
 }
 
@@ -28,6 +34,7 @@ impl ResponsesStream {
             response: ResponseObject::new(id, created_at, model, echo),
             sequence: 0,
             message: None,
+            leading: (String::new(), Vec::new()),
             finished: false,
         }
     }
@@ -37,7 +44,7 @@ impl ResponsesStream {
     }
 
     fn message_id(&self) -> String {
-        format!("msg_{}", self.response.id.trim_start_matches("resp_"))
+        message_id(&self.response.id)
     }
 
     fn frame(&mut self, kind: &str, mut fields: Map<String, Value>) -> String {
@@ -95,6 +102,22 @@ impl ResponsesStream {
         m
     }
 
+    /// Text added to the open message.
+    fn delta(&mut self, out: &mut String, text: String, logprobs: Vec<TokenLogprob>) {
+        let id = self.message_id();
+        let index = self.message.as_ref().map_or(0, |m| m.0);
+        if let Some(m) = &mut self.message {
+            m.1.push_str(&text);
+            m.2.extend(logprobs.iter().cloned());
+        }
+        let mut f = self.part_fields(&id, index, Some(("delta", Value::String(text))));
+        f.insert(
+            "logprobs".into(),
+            serde_json::to_value(&logprobs).unwrap_or(Value::Null),
+        );
+        out.push_str(&self.frame("response.output_text.delta", f));
+    }
+
     fn close_message(&mut self, out: &mut String) {
         let Some((index, text, logprobs)) = self.message.take() else {
             return;
@@ -132,35 +155,26 @@ impl ResponsesStream {
                 choice: 0,
                 ..
             } => {
-                if text.is_empty() && logprobs.is_empty() {
-                    return out;
+                let (mut text, mut logprobs) = (text.clone(), logprobs.clone());
+                if self.message.is_none() {
+                    self.leading.0.push_str(&text);
+                    self.leading.1.extend(logprobs);
+                    if self.leading.0.trim().is_empty() {
+                        return out;
+                    }
+                    (text, logprobs) = std::mem::take(&mut self.leading);
+                    self.open_message(&mut out);
                 }
-                self.open_message(&mut out);
-                let id = self.message_id();
-                let index = self.message.as_ref().map_or(0, |m| m.0);
-                if let Some(m) = &mut self.message {
-                    m.1.push_str(text);
-                    m.2.extend(logprobs.iter().cloned());
-                }
-                let mut f =
-                    self.part_fields(&id, index, Some(("delta", Value::String(text.clone()))));
-                f.insert(
-                    "logprobs".into(),
-                    serde_json::to_value(logprobs).unwrap_or(Value::Null),
-                );
-                out.push_str(&self.frame("response.output_text.delta", f));
+                self.delta(&mut out, text, logprobs);
             }
             StreamEvent::ToolCalls { calls, choice: 0 } => {
-                let blank = self.message.as_ref().is_some_and(|m| m.1.trim().is_empty());
-                if blank {
-                    self.message = None;
-                }
+                self.leading = (String::new(), Vec::new());
                 self.close_message(&mut out);
                 for c in calls {
                     let index = self.response.output.len() as u32;
                     let item = call_item(c, "in_progress", "");
                     out.push_str(&self.item_frame("response.output_item.added", index, &item));
-                    let item_id = format!("fc_{}", c.id.trim_start_matches("call_"));
+                    let item_id = call_item_id(&c.id);
                     let base = |k: &str, v: &str| {
                         Map::from_iter([
                             ("item_id".to_owned(), Value::String(item_id.clone())),
@@ -189,22 +203,26 @@ impl ResponsesStream {
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
-                ..
+                timings,
             } => {
-                if self.response.output.is_empty() {
+                // No text and no calls: one (empty or whitespace) message all the same.
+                if self.response.output.is_empty() && self.message.is_none() {
+                    let (text, logprobs) = std::mem::take(&mut self.leading);
                     self.open_message(&mut out);
+                    if !text.is_empty() || !logprobs.is_empty() {
+                        self.delta(&mut out, text, logprobs);
+                    }
                 }
                 self.close_message(&mut out);
                 self.response.settle(
                     *stop_reason,
-                    *prompt_tokens,
-                    *completion_tokens,
-                    *cached_tokens,
+                    (*prompt_tokens, *completion_tokens, *cached_tokens),
+                    timings.total_ms,
                 );
-                let kind = if self.response.status == "incomplete" {
-                    "response.incomplete"
-                } else {
+                let kind = if self.response.status == "completed" {
                     "response.completed"
+                } else {
+                    "response.incomplete"
                 };
                 out.push_str(&self.with_response(kind));
                 self.finished = true;
