@@ -28,7 +28,7 @@ use crate::engine::{
 };
 use crate::kv::SeqKv;
 use crate::logprobs::{StepLogprobs, TokenLogprob};
-use crate::model::{BatchItem, LlamaModel};
+use crate::model::{BatchItem, Transformer};
 use crate::sampling::Sampler;
 use crate::stop::{StopMatcher, StopScan};
 use crate::tokenizer::Tokenizer;
@@ -251,7 +251,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 pub(crate) struct Batcher<'m> {
-    model: &'m LlamaModel,
+    model: &'m Transformer,
     tokenizer: &'m Tokenizer,
     cfg: BatchConfig,
     waiting: VecDeque<GenerationJob>,
@@ -264,7 +264,7 @@ pub(crate) struct Batcher<'m> {
 
 impl<'m> Batcher<'m> {
     pub(crate) fn new(
-        model: &'m LlamaModel,
+        model: &'m Transformer,
         tokenizer: &'m Tokenizer,
         cfg: BatchConfig,
         load: Arc<LoadCounters>,

@@ -12,7 +12,7 @@ use crate::EngineError;
 use crate::batch::{BatchConfig, Batcher, LoadCounters};
 use crate::constraint::{Grammar, GrammarCompiler, TokenConstraint};
 use crate::logprobs::TokenLogprob;
-use crate::model::LlamaModel;
+use crate::model::Transformer;
 use crate::sampling::SamplingParams;
 use crate::template::{CHATML, ChatTemplate, Message, ToolFormat, Turn};
 use crate::tokenizer::Tokenizer;
@@ -279,7 +279,7 @@ impl Engine {
         let file_bytes = std::fs::metadata(path)
             .map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))?
             .len();
-        let (model, content) = LlamaModel::load(path, &device, opts.repack_on_cpu)?;
+        let (model, content) = Transformer::load(path, &device, opts.repack_on_cpu)?;
         let tokenizer = Tokenizer::load(path, &content)?;
         let template_src = content
             .metadata

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::EngineError;
+use crate::model::HostRope;
 
 /// Buffers grow to at least this many positions, then double (amortised copies).
 const KV_MIN_ALLOC: usize = 64;
@@ -209,52 +210,35 @@ impl SeqKv {
     }
 }
 
-/// Rotary tables on the host, `[position][pair]`, for the CPU path.
-pub(crate) struct HostRope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
-}
-
-impl HostRope {
-    pub(crate) fn new(cos: &Tensor, sin: &Tensor) -> Result<Self, EngineError> {
-        let (_, half) = cos.dims2()?;
-        Ok(Self {
-            cos: cos.flatten_all()?.to_vec1()?,
-            sin: sin.flatten_all()?.to_vec1()?,
-            half,
-        })
-    }
-
-    /// Rotates interleaved pairs of every head of every row, each row at its position (as
-    /// candle's `rope_i`).
-    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
-        for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
-            let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
-            let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-            for head in row.chunks_exact_mut(head_dim) {
-                for ((pair, c), s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-                    let (a, b) = (pair[0], pair[1]);
-                    pair[0] = a * c - b * s;
-                    pair[1] = a * s + b * c;
-                }
-            }
-        }
-    }
+/// What one layer's attention needs besides the activations.
+#[derive(Clone, Copy)]
+pub(crate) struct LayerAttention<'a> {
+    /// The layer's index (its KV buffers).
+    pub index: usize,
+    pub rope: &'a HostRope,
+    /// Positions back a query sees, itself included; `None` for all.
+    pub window: Option<usize>,
+    /// Multiplies Q·K.
+    pub scale: f32,
 }
 
 /// One layer's attention for a whole step on the host. `q`, `k`, `v` are the step's rows
 /// (`[row][heads][head dim]`, rows of the sequences one after another, `rows[i]` rows for
 /// sequence `i` at positions from its `len()`); returns `[row][heads][head dim]`.
 pub(crate) fn host_attention(
-    layer: usize,
+    layer: &LayerAttention<'_>,
     seqs: &mut [(&mut SeqKv, usize)],
     q: &mut [f32],
     k: &mut [f32],
     v: &[f32],
-    rope: &HostRope,
     dims: Dims,
 ) -> Result<Vec<f32>, EngineError> {
+    let LayerAttention {
+        index: layer,
+        rope,
+        window,
+        scale,
+    } = *layer;
     let (nh, hd, row) = (dims.n_head, dims.head_dim, dims.row());
     let rep = nh / dims.n_kv_head;
     let positions: Vec<usize> = seqs.iter().flat_map(|(kv, n)| kv.len..kv.len + n).collect();
@@ -284,7 +268,6 @@ pub(crate) fn host_attention(
             rows.extend((kv.len..kv.len + n).map(|p| (l, p)));
         }
     }
-    let scale = 1.0 / (hd as f32).sqrt();
     let q: &[f32] = q;
     let mut out = vec![0f32; positions.len() * nh * hd];
     out.par_chunks_mut(hd)
@@ -295,8 +278,9 @@ pub(crate) fn host_attention(
             let kvh = h / rep;
             let qh = &q[i * hd..(i + 1) * hd];
             let seen = pos + 1;
+            let first = window.map_or(0, |w| seen.saturating_sub(w));
             scores.clear();
-            scores.extend((0..seen).map(|j| {
+            scores.extend((first..seen).map(|j| {
                 let at = j * row + kvh * hd;
                 dot(qh, &l.k[at..at + hd]) * scale
             }));
@@ -306,7 +290,7 @@ pub(crate) fn host_attention(
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            for (j, p) in scores.iter().enumerate() {
+            for (j, p) in (first..seen).zip(scores.iter()) {
                 let at = j * row + kvh * hd;
                 let w = p / sum;
                 for (o, x) in y.iter_mut().zip(&l.v[at..at + hd]) {

@@ -1,4 +1,5 @@
-//! Candle inference for GGUF llama-family models, with no network code.
+//! Candle inference for GGUF transformer models (llama, Qwen, Gemma, Phi families), with no
+//! network code.
 //!
 //! [`Engine::load`] reads a GGUF file (weights, tokenizer, chat template) onto a device and
 //! starts one dedicated inference thread that owns the model. Callers render and tokenize a
@@ -29,7 +30,7 @@ pub use engine::{
 };
 pub use kv::SeqKv;
 pub use logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, TokenProb};
-pub use model::{BatchItem, LlamaModel, ModelConfig};
+pub use model::{BatchItem, ModelConfig, SUPPORTED_ARCHITECTURES, Transformer};
 pub use qmatmul::Q41Matrix;
 pub use sampling::{Sampler, SamplingParams, apply_repetition_penalty, argmax};
 pub use stop::{StopMatcher, StopScan};

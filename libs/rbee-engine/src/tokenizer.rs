@@ -82,26 +82,21 @@ impl Tokenizer {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        if model != "gpt2" {
-            return Err(tok_err(format!(
-                "tokenizer.ggml.model `{model}` is not supported from GGUF metadata (byte-level BPE `gpt2` is); put a tokenizer.json beside the model"
-            )));
-        }
+        let spm = match model.as_str() {
+            "gpt2" => false,
+            "llama" => true,
+            _ => {
+                return Err(tok_err(format!(
+                    "tokenizer.ggml.model `{model}` is not supported from GGUF metadata (byte-level BPE `gpt2` and SentencePiece `llama` are); put a tokenizer.json beside the model"
+                )));
+            }
+        };
         let tokens: Vec<String> = meta(content, "tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
             .ok_or_else(|| tok_err("tokenizer.ggml.tokens missing"))?
             .iter()
             .map(|v| v.to_string().cloned().unwrap_or_default())
             .collect();
-        let merges: Vec<String> = match meta(content, "tokenizer.ggml.merges") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| tok_err(format!("tokenizer.ggml.merges: {e}")))?
-                .iter()
-                .map(|v| v.to_string().cloned().unwrap_or_default())
-                .collect(),
-            None => return Err(tok_err("tokenizer.ggml.merges missing")),
-        };
         let types: Vec<u32> = meta(content, "tokenizer.ggml.token_type")
             .and_then(|v| v.to_vec().ok())
             .map(|vs| {
@@ -115,6 +110,42 @@ impl Tokenizer {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| "default".to_owned());
+        let merges: serde_json::Value = if spm {
+            let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")
+                .and_then(|v| v.to_vec().ok())
+                .ok_or_else(|| tok_err("tokenizer.ggml.scores missing"))?
+                .iter()
+                .map(|v| v.to_f32().unwrap_or(0.0))
+                .collect();
+            spm_merges(&tokens, &scores, &types).into()
+        } else {
+            match meta(content, "tokenizer.ggml.merges") {
+                Some(v) => v
+                    .to_vec()
+                    .map_err(|e| tok_err(format!("tokenizer.ggml.merges: {e}")))?
+                    .iter()
+                    .map(|v| v.to_string().cloned().unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .into(),
+                None => return Err(tok_err("tokenizer.ggml.merges missing")),
+            }
+        };
+        // SentencePiece: spaces are `▁`, optionally one in front of the text, no split into
+        // words; characters missing from the vocabulary fall back to `<0xAB>` byte tokens.
+        let add_space_prefix = meta(content, "tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        let replace_spaces =
+            json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let (normalizer, pre_tokenizer) = match (spm, add_space_prefix) {
+            (true, true) => (
+                json!({"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "\u{2581}"}, replace_spaces]}),
+                serde_json::Value::Null,
+            ),
+            (true, false) => (replace_spaces, serde_json::Value::Null),
+            (false, _) => (serde_json::Value::Null, pre_tokenizer_for(&pre)),
+        };
 
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
         let mut added = Vec::new();
@@ -133,14 +164,14 @@ impl Tokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer_for(&pre),
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
             "post_processor": null,
             "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
             "model": {
                 "type": "BPE", "dropout": null, "unk_token": null,
                 "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "fuse_unk": false, "byte_fallback": spm, "ignore_merges": false,
                 "vocab": vocab, "merges": merges,
             },
         });
@@ -156,6 +187,7 @@ impl Tokenizer {
                 TOKEN_TYPE_CONTROL => Vec::new(),
                 TOKEN_TYPE_USER_DEFINED => t.as_bytes().to_vec(),
                 TOKEN_TYPE_BYTE => sentencepiece_decode(t),
+                _ if spm => sentencepiece_decode(t),
                 _ => byte_level_decode(t),
             })
             .collect();
@@ -345,6 +377,36 @@ fn special_ids(content: &gguf_file::Content) -> SpecialIds {
             .unwrap_or(false),
         end_of_generation,
     }
+}
+
+/// BPE merges equivalent to SentencePiece's BPE: every split of a normal token into two normal
+/// tokens, the merge ranked by the merged token's score (SentencePiece joins the adjacent pair
+/// whose union scores highest, which is what these ranks make the BPE do).
+fn spm_merges(tokens: &[String], scores: &[f32], types: &[u32]) -> Vec<[String; 2]> {
+    const TOKEN_TYPE_NORMAL: u32 = 1;
+    let normal =
+        |id: usize| types.get(id).copied().unwrap_or(TOKEN_TYPE_NORMAL) == TOKEN_TYPE_NORMAL;
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(id, _)| normal(*id))
+        .map(|(id, t)| (t.as_str(), id))
+        .collect();
+    let mut merges: Vec<(f32, usize, &str, &str)> = Vec::new();
+    for (id, t) in tokens.iter().enumerate().filter(|(id, _)| normal(*id)) {
+        let score = scores.get(id).copied().unwrap_or(0.0);
+        for (at, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(at);
+            if ids.contains_key(l) && ids.contains_key(r) {
+                merges.push((score, id, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| [l.to_owned(), r.to_owned()])
+        .collect()
 }
 
 fn pre_tokenizer_for(pre: &str) -> serde_json::Value {

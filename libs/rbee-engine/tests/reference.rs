@@ -97,9 +97,9 @@ const NEAR_TIE: f32 = 0.2;
 /// Follows llama.cpp's answer token by token with our model and returns the gap between our
 /// top token and the one llama.cpp took at the first step where they differ (0 if none).
 fn near_tie_gap(prompt: &[u32], expected: &str, max_tokens: usize) -> f32 {
-    use rbee_engine::{LlamaModel, Tokenizer};
+    use rbee_engine::{Tokenizer, Transformer};
     let device = candle_core::Device::Cpu;
-    let (model, content) = LlamaModel::load(&test_model(), &device, false).unwrap();
+    let (model, content) = Transformer::load(&test_model(), &device, false).unwrap();
     let tok = Tokenizer::load(&test_model(), &content).unwrap();
     let mut kv = model.new_seq(prompt.len() + max_tokens);
     let mut logits = model.forward(prompt, &mut kv, true).unwrap().unwrap();
