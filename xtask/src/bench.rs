@@ -9,7 +9,7 @@ use rbee_test_harness::{Daemon, MODEL_FILE, SseData, SseReader, WorkerOptions, m
 use serde_json::{Value, json};
 
 use crate::cargo::build_release;
-use crate::cli::flag;
+use crate::cli::{flag, flag_all};
 use crate::model::fetch_model;
 use crate::stack::{DEMO_MODEL, Signals, Stack, runtime, write_secret};
 
@@ -44,6 +44,8 @@ struct Figures {
     schema_decode_tps: f64,
     ttft_ms: f64,
     rss_mib: f64,
+    /// The weights' type as the worker reports it.
+    file_type: String,
 }
 
 pub fn bench_worker(args: &[String]) -> anyhow::Result<()> {
@@ -56,36 +58,73 @@ pub fn bench_worker(args: &[String]) -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(3);
-    let model = fetch_model(&model_dir())?;
+    let mut models: Vec<PathBuf> = flag_all(args, "--model")?
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+    if models.is_empty() {
+        models.push(fetch_model(&model_dir())?);
+    }
+    if let Some(missing) = models.iter().find(|m| !m.is_file()) {
+        bail!("model file {} does not exist", missing.display());
+    }
     let binary = build_release_worker()?;
-    let ours = runtime()?.block_on(bench_ours(binary, model.clone(), threads, runs))?;
-    println!("\nllm-worker-rbee, {MODEL_FILE}, {threads} threads, median of {runs} runs:");
-    println!("  load time        {:>8.2} s", ours.load_s);
-    println!("  prompt (pp128)   {:>8.1} tok/s", ours.prompt_tps);
-    println!("  decode (tg128)   {:>8.1} tok/s", ours.decode_tps);
-    println!(
-        "  decode, schema   {:>8.1} tok/s   ratio constrained/free {:.2} ({:+.2} ms per token for the mask)",
-        ours.schema_decode_tps,
-        ours.schema_decode_tps / ours.decode_tps,
-        1e3 / ours.schema_decode_tps - 1e3 / ours.decode_tps
-    );
-    println!("  TTFT (chat)      {:>8.1} ms", ours.ttft_ms);
-    println!("  peak RSS         {:>8.1} MiB", ours.rss_mib);
-    match llama_bench(&model, threads)? {
-        Some((pp, tg)) => {
-            println!("\nllama-bench, same file and threads:");
+    let mut rows = Vec::new();
+    for model in &models {
+        let name = model
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let ours = runtime()?.block_on(bench_ours(binary.clone(), model.clone(), threads, runs))?;
+        println!(
+            "\nllm-worker-rbee, {name} ({}), {threads} threads, median of {runs} runs:",
+            ours.file_type
+        );
+        println!("  load time        {:>8.2} s", ours.load_s);
+        println!("  prompt (pp128)   {:>8.1} tok/s", ours.prompt_tps);
+        println!("  decode (tg128)   {:>8.1} tok/s", ours.decode_tps);
+        println!(
+            "  decode, schema   {:>8.1} tok/s   ratio constrained/free {:.2} ({:+.2} ms per token for the mask)",
+            ours.schema_decode_tps,
+            ours.schema_decode_tps / ours.decode_tps,
+            1e3 / ours.schema_decode_tps - 1e3 / ours.decode_tps
+        );
+        println!("  TTFT (chat)      {:>8.1} ms", ours.ttft_ms);
+        println!("  peak RSS         {:>8.1} MiB", ours.rss_mib);
+        let reference = llama_bench(model, threads)?;
+        match reference {
+            Some((pp, tg)) => {
+                println!("llama-bench, same file and threads:");
+                println!(
+                    "  prompt (pp128)   {pp:>8.1} tok/s   ratio rbee/llama.cpp {:.2}",
+                    ours.prompt_tps / pp
+                );
+                println!(
+                    "  decode (tg128)   {tg:>8.1} tok/s   ratio rbee/llama.cpp {:.2}",
+                    ours.decode_tps / tg
+                );
+            }
+            None => println!(
+                "llama-bench not found (set LLAMA_BENCH or put it on PATH; see README \"Benchmarks\"): no reference figures"
+            ),
+        }
+        rows.push((name, ours, reference));
+    }
+    if rows.len() > 1 {
+        println!(
+            "\n| file | weights | prompt rbee | prompt llama.cpp | ratio | decode rbee | decode llama.cpp | ratio |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for (name, ours, reference) in &rows {
+            let (pp, tg) = reference.unwrap_or((f64::NAN, f64::NAN));
             println!(
-                "  prompt (pp128)   {pp:>8.1} tok/s   ratio rbee/llama.cpp {:.2}",
-                ours.prompt_tps / pp
-            );
-            println!(
-                "  decode (tg128)   {tg:>8.1} tok/s   ratio rbee/llama.cpp {:.2}",
+                "| {name} | {} | {:.1} | {pp:.1} | {:.2} | {:.1} | {tg:.1} | {:.2} |",
+                ours.file_type,
+                ours.prompt_tps,
+                ours.prompt_tps / pp,
+                ours.decode_tps,
                 ours.decode_tps / tg
             );
         }
-        None => println!(
-            "\nllama-bench not found (set LLAMA_BENCH or put it on PATH; see README \"Benchmarks\"): no reference figures"
-        ),
     }
     Ok(())
 }
@@ -137,6 +176,8 @@ async fn bench_ours(
     let schema_body = json!({"prompt": "Once upon a time", "max_tokens": 128, "temperature": 0.8, "seed": 1, "stop": [],
         "grammar": {"type": "json_schema", "schema": schema}});
     let chat_body = |i: usize| json!({"messages": [{"role": "user", "content": format!("What is {i}+{i}?")}], "max_tokens": 1, "temperature": 0});
+    let health: Value = worker.get(&client, "/health").send().await?.json().await?;
+    let file_type = health["weights"].as_str().unwrap_or("?").to_owned();
     run(pp_body(0)).await?;
     let (mut pp, mut tg, mut ttft, mut schema_tg) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -159,6 +200,7 @@ async fn bench_ours(
         schema_decode_tps: median(schema_tg),
         ttft_ms: median(ttft),
         rss_mib: peak_rss_mib(worker.pid()).unwrap_or(0.0),
+        file_type,
     })
 }
 

@@ -14,6 +14,21 @@ pub fn flag(args: &[String], name: &str) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// Every value given after `name` (a flag that may repeat).
+pub fn flag_all(args: &[String], name: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if a == name {
+            out.push(
+                args.get(i + 1)
+                    .cloned()
+                    .with_context(|| format!("{name} needs a value"))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Arguments that are neither flags nor flag values.
 pub fn positional(args: &[String], flags_with_values: &[&str]) -> Vec<String> {
     let mut out = Vec::new();

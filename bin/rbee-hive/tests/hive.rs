@@ -734,13 +734,21 @@ async fn admission_refuses_what_does_not_fit_with_figures() {
 
 #[tokio::test]
 async fn max_workers_and_bad_model_refs_are_refused() {
-    let hive = Daemon::hive(
-        HiveOptions::default()
-            .token(TOKEN)
-            .env("WORKERS__MAX_WORKERS", 1),
+    // A GGUF of an architecture the worker does not run, in a second model directory.
+    let mut gguf = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../test-harness/testdata/arch/llama-tiny-f32.gguf"),
     )
-    .await
     .unwrap();
+    let at = gguf.windows(5).position(|w| w == b"llama").unwrap();
+    gguf[at..at + 5].copy_from_slice(b"mamba");
+    let other_models = rbee_test_harness::temp_dir("mamba");
+    std::fs::write(other_models.join("mamba.gguf"), &gguf).unwrap();
+    let mut opts = HiveOptions::default()
+        .token(TOKEN)
+        .env("WORKERS__MAX_WORKERS", 1);
+    opts.model_dirs.push(other_models);
+    let hive = Daemon::hive(opts).await.unwrap();
     let c = client();
     for (model, status, code) in [
         ("file:../etc/passwd.gguf", 400, ""),
@@ -776,6 +784,33 @@ async fn max_workers_and_bad_model_refs_are_refused() {
             "{err}"
         );
     }
+    // Refused by name at spawn, and no worker started.
+    let resp = hive
+        .post(&c, "/v1/workers", &json!({"model": "file:mamba.gguf"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "INVALID_GGUF", "{err}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`mamba`") && message.contains("gemma3"),
+        "{err}"
+    );
+    let workers: Value = hive
+        .get(&c, "/v1/workers")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        workers["workers"].as_array().map(Vec::len),
+        Some(0),
+        "{workers}"
+    );
     let no_cuda = hive
         .post(
             &c,

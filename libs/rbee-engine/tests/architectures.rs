@@ -134,3 +134,11 @@ fn an_unsupported_architecture_is_refused_by_name() {
     assert!(err.contains("`mamba` is not supported"), "{err}");
     assert!(err.contains("gemma3"), "names what is supported: {err}");
 }
+
+#[test]
+fn the_hive_and_the_engine_agree_on_what_runs() {
+    assert_eq!(
+        rbee_engine::SUPPORTED_ARCHITECTURES,
+        rbee_models::SUPPORTED_ARCHITECTURES
+    );
+}

@@ -14,6 +14,12 @@ pub const OVERHEAD_WEIGHTS_PERCENT: u64 = 10;
 /// Bytes per cached K or V element (the CPU cache is f32).
 pub const KV_ELEMENT_BYTES: u64 = 4;
 
+/// `general.architecture` values the worker runs (the engine's own list, which a test keeps
+/// equal): the hive refuses others at spawn, before any memory is spent.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "mistral", "granite", "smollm", "qwen2", "qwen3", "gemma3", "phi3",
+];
+
 /// What a GGUF file says about its model (metadata only; no tensor is loaded).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GgufSummary {
@@ -55,7 +61,8 @@ pub struct MemoryEstimate {
 }
 
 impl GgufSummary {
-    /// Reads the header and metadata of `path` (blocking; the tensors are not read).
+    /// Reads the header and metadata of `path` (blocking; the tensors are not read). A model
+    /// whose architecture the worker does not run is an error naming it.
     pub fn read(path: &Path) -> Result<GgufSummary, ModelError> {
         let mut file =
             std::fs::File::open(path).map_err(|e| ModelError::io("cannot open", path, e))?;
@@ -86,6 +93,12 @@ impl GgufSummary {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(bad("no general.architecture string".into())),
         };
+        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(bad(format!(
+                "architecture `{architecture}` is not one the worker runs (supported: {})",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )));
+        }
         let name = match content.metadata.get("general.name") {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,

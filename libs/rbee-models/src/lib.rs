@@ -22,7 +22,7 @@ pub use download::{DownloadProgress, DownloadState, ProgressError, download, fil
 pub use error::ModelError;
 pub use gguf::{
     GgufSummary, KV_ELEMENT_BYTES, MemoryEstimate, OVERHEAD_FIXED_BYTES, OVERHEAD_WEIGHTS_PERCENT,
-    estimate_memory,
+    SUPPORTED_ARCHITECTURES, estimate_memory,
 };
 pub use hub::{
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ENDPOINT,

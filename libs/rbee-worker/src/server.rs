@@ -351,6 +351,7 @@ async fn health(State(st): State<Shared>) -> Response {
         "device": st.cfg.load.device.to_string(),
         "context_length": info.map(|i| i.context_length),
         "trained_context_length": info.map(|i| i.trained_context_length),
+        "architecture": info.map(|i| i.architecture.clone()),
         "weights": info.map(|i| i.file_type.clone()),
         "busy": st.slots.available_permits() == 0,
         "slots": st.slot_count,
