@@ -276,7 +276,7 @@ pub fn bench_stack(args: &[String]) -> anyhow::Result<()> {
     let paths = runtime()?.block_on(async move {
         let mut signals = Signals::new()?;
         let stack = tokio::select! {
-            s = Stack::start(&bin, &model) => s?,
+            s = Stack::start(&bin, &model, DEMO_MODEL) => s?,
             sig = signals.recv() => bail!("{sig} during startup; stopped"),
         };
         // The standalone worker lives inside this future: it is killed (and waited for) when

