@@ -6,6 +6,13 @@
 //! cuRAND and CCCL headers beside it. They go into `<target>/cuda-toolkit`, once. An `nvcc`
 //! already on `PATH` (a real CUDA install) is used instead. There is no GPU to ask for its
 //! compute capability, so `CUDA_COMPUTE_CAP` defaults to 80 (kernels for sm_80 and newer).
+//!
+//! candle links the CUDA libraries dynamically. The wheels hold only versioned files
+//! (`libcudart.so.13`) and no driver, so `lib/stubs` gets the unversioned links the linker
+//! looks for and a stub `libcuda.so` (soname `libcuda.so.1`) defining every driver function
+//! cudarc declares, each returning `CUDA_ERROR_UNKNOWN`. A real host loads its driver's
+//! `libcuda.so.1` instead; here the stub lets the built worker start and fail at device
+//! initialisation with the driver's error, which is the check that it runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,8 +77,99 @@ fn toolkit() -> anyhow::Result<PathBuf> {
     Ok(root)
 }
 
+/// `lib/stubs` of a PyPI toolkit: unversioned links to its libraries and a stub driver.
+/// Returns the directory.
+fn link_stubs(root: &Path) -> anyhow::Result<PathBuf> {
+    let lib = root.join("lib");
+    let stubs = lib.join("stubs");
+    std::fs::create_dir_all(&stubs)?;
+    for entry in std::fs::read_dir(&lib)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        // libcudart.so.13 -> stubs/libcudart.so
+        if let Some((base, version)) = name.split_once(".so.")
+            && !version.contains('.')
+        {
+            let link = stubs.join(format!("{base}.so"));
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(lib.join(&name), &link)?;
+        }
+    }
+    let driver = stubs.join("libcuda.so");
+    if !driver.is_file() {
+        let symbols = driver_symbols()?;
+        let c: String = symbols
+            .iter()
+            .map(|s| format!("int {s}(void) {{ return 999; }}\n"))
+            .collect();
+        let src = stubs.join("cuda_stub.c");
+        std::fs::write(&src, c)?;
+        let status = Command::new("cc")
+            .args(["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o"])
+            .arg(&driver)
+            .arg(&src)
+            .status()
+            .context("running cc (a C compiler is needed for the stub driver)")?;
+        if !status.success() {
+            bail!("compiling the stub libcuda.so failed");
+        }
+        eprintln!(
+            "stub driver with {} functions: {}",
+            symbols.len(),
+            driver.display()
+        );
+    }
+    Ok(stubs)
+}
+
+/// The driver functions cudarc calls, from its own bindings (found with `cargo metadata`).
+fn driver_symbols() -> anyhow::Result<Vec<String>> {
+    let out = Command::new(cargo())
+        .current_dir(workspace_root())
+        .args(["metadata", "--format-version", "1", "--locked", "--all-features"])
+        .output()
+        .context("running cargo metadata")?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("cargo metadata")?;
+    let manifest = meta["packages"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "cudarc"))
+        .and_then(|p| p["manifest_path"].as_str())
+        .context("cudarc is not in the dependency graph")?;
+    let bindings = Path::new(manifest)
+        .parent()
+        .context("cudarc's manifest has no directory")?
+        .join("src/driver/sys/mod.rs");
+    let text = std::fs::read_to_string(&bindings)
+        .with_context(|| format!("reading {}", bindings.display()))?;
+    // Declarations inside `extern "C"` blocks: `        fn cuInit(flags: ...) -> CUresult;`
+    let mut symbols: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("fn cu"))
+        .filter_map(|rest| rest.split('(').next())
+        .map(|name| format!("cu{name}"))
+        .collect();
+    symbols.sort();
+    symbols.dedup();
+    if symbols.is_empty() {
+        bail!("no driver functions found in {}", bindings.display());
+    }
+    Ok(symbols)
+}
+
+/// Whether this machine has an NVIDIA driver library.
+fn has_driver() -> bool {
+    Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libcuda.so.1"))
+}
+
 pub fn check_gpu() -> anyhow::Result<()> {
     let root = toolkit()?;
+    let stubs = if root.join("lib").join("libcudart.so").exists() {
+        None
+    } else {
+        Some(link_stubs(&root)?)
+    };
     let bin = root.join("bin");
     let path = std::env::join_paths(
         std::iter::once(bin.clone()).chain(
@@ -94,6 +192,8 @@ pub fn check_gpu() -> anyhow::Result<()> {
         .env("CUDA_HOME", &root)
         .env("CUDA_PATH", &root)
         .env("CUDA_COMPUTE_CAP", &cap)
+        // A changed value makes cudarc's build script look for the libraries again.
+        .env("CUDA_ROOT", &root)
         .args(["build", "--release", "--locked", "-p", "llm-worker-rbee"])
         .args(["--features", "cuda", "--target-dir"])
         .arg(&out)
@@ -107,7 +207,20 @@ pub fn check_gpu() -> anyhow::Result<()> {
     // The check that it links and starts: with no GPU (or driver) it must say so and exit;
     // on a GPU host it loads a tiny model and serves (stopped after a few seconds).
     let log = out.join("check-gpu-worker.log");
-    let mut child = Command::new(&worker)
+    let mut run = Command::new(&worker);
+    if let Some(stubs) = stubs.as_ref().filter(|_| !has_driver()) {
+        // The stub driver under the name the binary asks for, then the toolkit's libraries.
+        let runtime = out.join("stub-driver");
+        std::fs::create_dir_all(&runtime)?;
+        let link = runtime.join("libcuda.so.1");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(stubs.join("libcuda.so"), &link)?;
+        run.env(
+            "LD_LIBRARY_PATH",
+            std::env::join_paths([runtime, root.join("lib")])?,
+        );
+    }
+    let mut child = run
         .args(["--device", "cuda", "--listen", "127.0.0.1:0", "--model"])
         .arg(workspace_root().join("test-harness/testdata/arch/llama-tiny-q8_0.gguf"))
         .stdout(std::fs::File::create(&log)?)
