@@ -125,7 +125,13 @@ fn link_stubs(root: &Path) -> anyhow::Result<PathBuf> {
 fn driver_symbols() -> anyhow::Result<Vec<String>> {
     let out = Command::new(cargo())
         .current_dir(workspace_root())
-        .args(["metadata", "--format-version", "1", "--locked", "--all-features"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--all-features",
+        ])
         .output()
         .context("running cargo metadata")?;
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("cargo metadata")?;
