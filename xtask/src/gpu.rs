@@ -171,10 +171,11 @@ fn has_driver() -> bool {
 
 pub fn check_gpu() -> anyhow::Result<()> {
     let root = toolkit()?;
-    let stubs = if root.join("lib").join("libcudart.so").exists() {
-        None
-    } else {
+    // Only the PyPI toolkit lacks the links and the driver; a real install is left untouched.
+    let stubs = if root.starts_with(target_dir().join("cuda-toolkit")) {
         Some(link_stubs(&root)?)
+    } else {
+        None
     };
     let bin = root.join("bin");
     let path = std::env::join_paths(
