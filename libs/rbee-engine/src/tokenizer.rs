@@ -386,18 +386,18 @@ fn spm_merges(tokens: &[String], scores: &[f32], types: &[u32]) -> Vec<[String; 
     const TOKEN_TYPE_NORMAL: u32 = 1;
     let normal =
         |id: usize| types.get(id).copied().unwrap_or(TOKEN_TYPE_NORMAL) == TOKEN_TYPE_NORMAL;
-    let ids: std::collections::HashMap<&str, usize> = tokens
+    let pieces: HashSet<&str> = tokens
         .iter()
         .enumerate()
         .filter(|(id, _)| normal(*id))
-        .map(|(id, t)| (t.as_str(), id))
+        .map(|(_, t)| t.as_str())
         .collect();
     let mut merges: Vec<(f32, usize, &str, &str)> = Vec::new();
     for (id, t) in tokens.iter().enumerate().filter(|(id, _)| normal(*id)) {
         let score = scores.get(id).copied().unwrap_or(0.0);
         for (at, _) in t.char_indices().skip(1) {
             let (l, r) = t.split_at(at);
-            if ids.contains_key(l) && ids.contains_key(r) {
+            if pieces.contains(l) && pieces.contains(r) {
                 merges.push((score, id, l, r));
             }
         }

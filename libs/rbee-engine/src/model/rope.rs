@@ -16,12 +16,8 @@ pub(crate) fn inv_freq(p: &RopeParams, n_rot: usize, factors: Option<&[f32]>) ->
         .step_by(2)
         .enumerate()
         .map(|(k, i)| {
-            let f = 1.0 / p.base.powf(i as f32 / n_rot as f32);
-            let f = if p.linear_factor == 1.0 {
-                f
-            } else {
-                f / p.linear_factor
-            };
+            // Dividing by a factor of 1 is exact: unscaled models get the plain frequencies.
+            let f = 1.0 / p.base.powf(i as f32 / n_rot as f32) / p.linear_factor;
             match factors.and_then(|ff| ff.get(k)) {
                 Some(ff) => f / ff,
                 None => f,
